@@ -1,0 +1,201 @@
+//! Certificates: built through a [`DeviceKey`] (any backend), parsed for thumbprints,
+//! validity and issuer, and signatures checked against a certificate's public key.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use der::{Decode, Encode};
+use sha1::Digest;
+use time::OffsetDateTime;
+use x509_cert::Certificate;
+
+use crate::error::{Error, Result};
+use crate::keystore::{Algorithm, DeviceKey};
+
+/// How far back `notBefore` goes, so a device whose clock is a little behind (no RTC,
+/// no NTP yet) still accepts its own certificate, and so does the cloud.
+pub const CLOCK_SKEW: time::Duration = time::Duration::hours(1);
+
+/// A self-signed X.509 v3 client certificate, CN = device id, signed through `key`.
+pub fn self_signed(key: &dyn DeviceKey, device_id: &str, days: u32) -> Result<String> {
+    let params = params(device_id, days)?;
+    Ok(params.self_signed(&key)?.pem())
+}
+
+/// A PKCS#10 request for `key`, CN = device id, asking for clientAuth.
+pub fn csr(key: &dyn DeviceKey, device_id: &str) -> Result<String> {
+    let params = params(device_id, 365)?;
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
+fn params(device_id: &str, days: u32) -> Result<rcgen::CertificateParams> {
+    let mut p = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, device_id);
+    p.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - CLOCK_SKEW;
+    p.not_after = now + time::Duration::days(i64::from(days));
+    let mut serial = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut serial)
+        .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
+    serial[0] &= 0x7f; // positive INTEGER
+    serial[0] |= 0x01; // and no leading zero byte to strip
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    p.is_ca = rcgen::IsCa::NoCa;
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(p)
+}
+
+/// What we need to know about an installed certificate.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub der: Vec<u8>,
+    /// SHA-1 of the DER, upper-case hex, no colons: what the Azure portal takes.
+    pub sha1: String,
+    pub sha256: String,
+    pub subject_cn: Option<String>,
+    pub issuer: String,
+    pub self_signed: bool,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    /// SubjectPublicKeyInfo, DER.
+    pub spki: Vec<u8>,
+    /// Further certificates in the PEM (the issuing chain of an imported cert).
+    pub chain_len: usize,
+}
+
+impl CertInfo {
+    /// Parse the first certificate of a PEM file (the rest is its chain).
+    pub fn from_pem(path: &Path, pem: &[u8]) -> Result<CertInfo> {
+        let bad = |detail: String| Error::Certificate {
+            path: path.to_owned(),
+            detail,
+        };
+        let chain = Certificate::load_pem_chain(pem)
+            .map_err(|e| bad(format!("not a PEM certificate ({e})")))?;
+        let cert = chain
+            .first()
+            .ok_or_else(|| bad("no certificate in file".into()))?;
+        let der = cert.to_der().map_err(|e| bad(e.to_string()))?;
+        let tbs = &cert.tbs_certificate;
+        let spki = tbs
+            .subject_public_key_info
+            .to_der()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(CertInfo {
+            sha1: hex::encode_upper(sha1::Sha1::digest(&der)),
+            sha256: hex::encode_upper(sha2::Sha256::digest(&der)),
+            subject_cn: common_name(&tbs.subject),
+            issuer: tbs.issuer.to_string(),
+            self_signed: tbs.issuer == tbs.subject,
+            not_before: to_offset(tbs.validity.not_before.to_system_time()),
+            not_after: to_offset(tbs.validity.not_after.to_system_time()),
+            spki,
+            chain_len: chain.len() - 1,
+            der,
+        })
+    }
+
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        Algorithm::from_spki(&self.spki)
+    }
+
+    /// `notAfter` as RFC 3339.
+    pub fn not_after_rfc3339(&self) -> String {
+        self.not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    }
+
+    /// Seconds of validity left (negative when expired).
+    pub fn remaining(&self) -> time::Duration {
+        self.not_after - OffsetDateTime::now_utc()
+    }
+
+    pub fn is_current(&self) -> bool {
+        let now = OffsetDateTime::now_utc();
+        self.not_before <= now && now <= self.not_after
+    }
+}
+
+fn to_offset(t: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from(t)
+}
+
+fn common_name(name: &x509_cert::name::Name) -> Option<String> {
+    const CN: der::asn1::ObjectIdentifier = der::asn1::ObjectIdentifier::new_unwrap("2.5.4.3");
+    name.0.iter().flat_map(|rdn| rdn.0.iter()).find_map(|atv| {
+        if atv.oid != CN {
+            return None;
+        }
+        atv.value
+            .decode_as::<der::asn1::Utf8StringRef<'_>>()
+            .map(|s| s.as_str().to_owned())
+            .or_else(|_| {
+                atv.value
+                    .decode_as::<der::asn1::PrintableStringRef<'_>>()
+                    .map(|s| s.as_str().to_owned())
+            })
+            .ok()
+    })
+}
+
+/// Check `sig` over `msg` against a SubjectPublicKeyInfo, using the signature scheme
+/// our keys sign with for `alg` (RSA PKCS#1 v1.5 SHA-256, ECDSA DER).
+pub fn verify_signature(spki_der: &[u8], alg: Algorithm, msg: &[u8], sig: &[u8]) -> bool {
+    use aws_lc_rs::signature;
+    let Ok(spki) = spki::SubjectPublicKeyInfoRef::from_der(spki_der) else {
+        return false;
+    };
+    let Some(key) = spki.subject_public_key.as_bytes() else {
+        return false;
+    };
+    let scheme: &dyn signature::VerificationAlgorithm = match alg {
+        Algorithm::Rsa2048 | Algorithm::Rsa3072 => &signature::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::EcdsaP256 => &signature::ECDSA_P256_SHA256_ASN1,
+        Algorithm::EcdsaP384 => &signature::ECDSA_P384_SHA384_ASN1,
+    };
+    signature::UnparsedPublicKey::new(scheme, key)
+        .verify(msg, sig)
+        .is_ok()
+}
+
+/// Sign a fresh random challenge with `key` and check it with `spki`: proves the key
+/// is usable and belongs to the certificate.
+pub fn key_matches(key: &dyn DeviceKey, spki: &[u8]) -> Result<bool> {
+    let mut challenge = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut challenge)
+        .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
+    let sig = key.sign(&challenge)?;
+    Ok(verify_signature(spki, key.alg(), &challenge, &sig))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keystore::{file::FileKeyStore, KeyStore, Role};
+    use crate::paths::Layout;
+
+    #[test]
+    fn file_key_cert_round_trip_all_algorithms() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ks = FileKeyStore::new(Layout::new(d.path()));
+        for alg in Algorithm::ALL {
+            let uri = ks.plan(Role::Primary, false).unwrap();
+            let key = ks.generate(&uri, alg).unwrap();
+            let pem = self_signed(key.as_ref(), "dev-1", 30).unwrap();
+            let info = CertInfo::from_pem(Path::new("x"), pem.as_bytes()).unwrap();
+            assert_eq!(info.subject_cn.as_deref(), Some("dev-1"));
+            assert!(info.self_signed && info.is_current());
+            assert_eq!(info.algorithm(), Some(alg));
+            assert_eq!(info.sha1.len(), 40);
+            assert!(key_matches(key.as_ref(), &info.spki).unwrap());
+            drop(key);
+            let reopened = ks.open(&uri).unwrap();
+            assert_eq!(reopened.alg(), alg);
+            assert!(key_matches(reopened.as_ref(), &info.spki).unwrap());
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The cloud backend: Azure DPS (ID scope) or a direct IoT Hub (connection string).
+
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::paths::{Layout, CONNECTION_STRING_FILE, ID_SCOPE_FILE};
+
+pub const MAX_VALUE_LEN: usize = 1024;
+
+/// Exactly one backend.
+#[derive(Debug, Clone)]
+pub enum Cloud {
+    Dps { id_scope: String },
+    Hub(ConnectionString),
+}
+
+impl Cloud {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Cloud::Dps { .. } => "dps",
+            Cloud::Hub(_) => "hub",
+        }
+    }
+
+    /// The manifest env entry: `ID_SCOPE=…` or `CONNECTION_STRING=…`.
+    pub fn env(&self) -> (&'static str, String) {
+        match self {
+            Cloud::Dps { id_scope } => ("ID_SCOPE", id_scope.clone()),
+            Cloud::Hub(cs) => ("CONNECTION_STRING", cs.expose().to_owned()),
+        }
+    }
+
+    /// Does the configuration hold a secret (a SharedAccessKey)?
+    pub fn has_secret(&self) -> bool {
+        matches!(self, Cloud::Hub(cs) if cs.shared_access_key)
+    }
+}
+
+/// Check an ID scope: 1–64 ASCII alphanumerics. Returns a warning when it does not
+/// look like Azure's `0ne` + 8 hex digits (not an error: Azure may change the format).
+pub fn check_id_scope(s: &str) -> std::result::Result<Option<String>, String> {
+    if s.is_empty() {
+        return Err("the ID scope is empty".into());
+    }
+    if s.len() > 64 {
+        return Err(format!(
+            "the ID scope is {} characters long, at most 64 are allowed",
+            s.len()
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii_alphanumeric()) {
+        return Err(format!(
+            "the ID scope contains {c:?}; only letters and digits are allowed"
+        ));
+    }
+    let azure_shape = s.len() == 11
+        && s[..3].eq_ignore_ascii_case("0ne")
+        && s[3..].chars().all(|c| c.is_ascii_hexdigit());
+    Ok((!azure_shape).then(|| {
+        format!("ID scope {s:?} does not look like an Azure DPS scope (0ne + 8 hex digits); using it anyway")
+    }))
+}
+
+/// A Hub device connection string. The raw text is a secret when it carries a
+/// SharedAccessKey: it is kept in a [`SecretString`] and only `Display`ed masked.
+#[derive(Clone)]
+pub struct ConnectionString {
+    raw: SecretString,
+    pub host_name: String,
+    pub device_id: String,
+    pub shared_access_key: bool,
+    pub x509: bool,
+}
+
+impl fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConnectionString({self})")
+    }
+}
+
+/// Masked form: the SharedAccessKey is never shown.
+impl fmt::Display for ConnectionString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostName={};DeviceId={}", self.host_name, self.device_id)?;
+        if self.shared_access_key {
+            f.write_str(";SharedAccessKey=***")?;
+        }
+        if self.x509 {
+            f.write_str(";x509=true")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConnectionString {
+    /// Parse and validate. Error texts never repeat the SharedAccessKey.
+    pub fn parse(s: &str) -> std::result::Result<ConnectionString, String> {
+        if s.is_empty() {
+            return Err("the connection string is empty".into());
+        }
+        if s.len() > MAX_VALUE_LEN {
+            return Err(format!(
+                "the connection string is over {MAX_VALUE_LEN} characters long"
+            ));
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("the connection string contains whitespace or control characters".into());
+        }
+        if !s.is_ascii() {
+            return Err("the connection string contains non-ASCII characters".into());
+        }
+        let (mut host, mut dev, mut key, mut x509) = (None, None, false, false);
+        for part in s.split(';').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                "the connection string must be Key=Value pairs separated by ';'".to_string()
+            })?;
+            if v.is_empty() {
+                return Err(format!("{k} has an empty value in the connection string"));
+            }
+            let dup = |seen: bool| {
+                if seen {
+                    Err(format!("{k} appears twice in the connection string"))
+                } else {
+                    Ok(())
+                }
+            };
+            match k {
+                "HostName" => {
+                    dup(host.is_some())?;
+                    if !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+                    {
+                        return Err("HostName is not a valid host name".into());
+                    }
+                    host = Some(v.to_owned());
+                }
+                "DeviceId" => {
+                    dup(dev.is_some())?;
+                    crate::device_id::validate(v).map_err(|e| format!("DeviceId: {e}"))?;
+                    dev = Some(v.to_owned());
+                }
+                "SharedAccessKey" => {
+                    dup(key)?;
+                    let b64 = v.trim_end_matches('=');
+                    let ok = v.len() - b64.len() <= 2
+                        && b64
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/'));
+                    if !ok {
+                        return Err("SharedAccessKey is not base64".into());
+                    }
+                    key = true;
+                }
+                "x509" => {
+                    dup(x509)?;
+                    if !v.eq_ignore_ascii_case("true") {
+                        return Err("x509 may only be `true`".into());
+                    }
+                    x509 = true;
+                }
+                "GatewayHostName" => {}
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?} in the connection string (expected HostName, DeviceId, SharedAccessKey, x509)"
+                    ))
+                }
+            }
+        }
+        Ok(ConnectionString {
+            raw: SecretString::from(s.to_owned()),
+            host_name: host.ok_or("the connection string has no HostName")?,
+            device_id: dev.ok_or("the connection string has no DeviceId")?,
+            shared_access_key: key,
+            x509,
+        })
+    }
+
+    /// The full string, secret included: for the 0600 file and the manifest only.
+    pub fn expose(&self) -> &str {
+        self.raw.expose_secret()
+    }
+}
+
+/// Build the cloud backend from flag values (at most one may be given; clap enforces it).
+pub fn from_flags(
+    id_scope: Option<&str>,
+    connection_string: Option<&str>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Cloud>> {
+    if let Some(s) = id_scope {
+        if let Some(w) =
+            check_id_scope(s).map_err(|e| Error::input(e, "pass a valid --id-scope"))?
+        {
+            warnings.push(w);
+        }
+        return Ok(Some(Cloud::Dps {
+            id_scope: s.to_owned(),
+        }));
+    }
+    if let Some(s) = connection_string {
+        let cs = ConnectionString::parse(s)
+            .map_err(|e| Error::input(e, "pass a valid --connection-string"))?;
+        return Ok(Some(Cloud::Hub(cs)));
+    }
+    Ok(None)
+}
+
+/// The backend configured on disk, if any.
+pub fn load(layout: &Layout) -> Result<Option<Cloud>> {
+    let scope_path = layout.host_cert_file(ID_SCOPE_FILE);
+    let cs_path = layout.host_cert_file(CONNECTION_STRING_FILE);
+    let scope = fsutil::read_optional_string(&scope_path)?;
+    let cs = fsutil::read_optional_string(&cs_path)?.map(zeroize::Zeroizing::new);
+    match (scope, cs) {
+        (Some(_), Some(_)) => Err(Error::input(
+            format!(
+                "both {} and {} exist",
+                scope_path.display(),
+                cs_path.display()
+            ),
+            "remove the one you do not want, or run `sdv-provision reset --yes`",
+        )),
+        (Some(s), None) => {
+            let s = s.trim();
+            check_id_scope(s).map_err(|e| {
+                Error::input(
+                    format!("{}: {e}", scope_path.display()),
+                    "fix the file or remove it and run sdv-provision again",
+                )
+            })?;
+            Ok(Some(Cloud::Dps {
+                id_scope: s.to_owned(),
+            }))
+        }
+        (None, Some(s)) => {
+            let cs = ConnectionString::parse(s.trim()).map_err(|e| {
+                Error::input(
+                    format!("{}: {e}", cs_path.display()),
+                    "fix the file or remove it and run sdv-provision again",
+                )
+            })?;
+            Ok(Some(Cloud::Hub(cs)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Write the backend's file (and remove the other kind's).
+pub fn save(layout: &Layout, cloud: &Cloud) -> Result<()> {
+    let scope_path = layout.host_cert_file(ID_SCOPE_FILE);
+    let cs_path = layout.host_cert_file(CONNECTION_STRING_FILE);
+    match cloud {
+        Cloud::Dps { id_scope } => {
+            fsutil::atomic_write(
+                &scope_path,
+                format!("{id_scope}\n").as_bytes(),
+                fsutil::PUBLIC,
+            )?;
+            fsutil::remove_file(&cs_path)
+        }
+        Cloud::Hub(cs) => {
+            let text = zeroize::Zeroizing::new(format!("{}\n", cs.expose()));
+            fsutil::atomic_write(&cs_path, text.as_bytes(), fsutil::SECRET)?;
+            fsutil::remove_file(&scope_path)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_scopes() {
+        assert_eq!(check_id_scope("0ne0012345A"), Ok(None));
+        assert!(check_id_scope("example").unwrap().is_some());
+        for bad in ["", "a b", "a\"b", "a;b", "a\nb", "é", &"a".repeat(65)] {
+            assert!(check_id_scope(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn connection_strings() {
+        let cs = ConnectionString::parse(
+            "HostName=hub.azure-devices.net;DeviceId=dev1;SharedAccessKey=c2VjcmV0c2VjcmV0==",
+        )
+        .unwrap();
+        assert_eq!(cs.host_name, "hub.azure-devices.net");
+        assert_eq!(cs.device_id, "dev1");
+        assert!(!cs.to_string().contains("c2Vj"));
+        assert!(!format!("{cs:?}").contains("c2Vj"));
+        assert!(
+            ConnectionString::parse("HostName=h;DeviceId=d;x509=true")
+                .unwrap()
+                .x509
+        );
+        for bad in [
+            "",
+            "HostName=h",
+            "DeviceId=d",
+            "HostName=h;DeviceId=d;SharedAccessKey=not base64",
+            "HostName=h;DeviceId=d\"",
+            "HostName=h;DeviceId=d\n",
+            "HostName=h;DeviceId=d;Foo=bar",
+            "HostName=h;HostName=i;DeviceId=d",
+            "HostName=h\";DeviceId=d",
+            "HostName=h;DeviceId=d;SharedAccessKey=a%b",
+        ] {
+            assert!(ConnectionString::parse(bad).is_err(), "{bad:?}");
+        }
+        let err =
+            ConnectionString::parse("HostName=h;DeviceId=d;SharedAccessKey=sec!ret").unwrap_err();
+        assert!(!err.contains("sec!ret"));
+    }
+}

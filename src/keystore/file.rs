@@ -1,0 +1,170 @@
+//! The fallback: keys as PKCS#8 PEM files, mode 0600, in the certificates directory.
+//!
+//! Key generation uses aws-lc (rcgen's `aws_lc_rs` backend), the one rcgen backend that
+//! can generate RSA keys. The PEM only exists in memory (zeroized on drop) and in the
+//! final directory, written through [`crate::fsutil::atomic_write`]; never in `$TMPDIR`.
+
+use std::path::PathBuf;
+
+use rcgen::{KeyPair, PublicKeyData, RsaKeySize, SigningKey};
+use zeroize::Zeroizing;
+
+use super::{Algorithm, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreKind, Role};
+use crate::fsutil;
+use crate::paths::{self, Layout};
+
+pub struct FileKeyStore {
+    layout: Layout,
+}
+
+impl FileKeyStore {
+    pub fn new(layout: Layout) -> FileKeyStore {
+        FileKeyStore { layout }
+    }
+
+    fn host_path(&self, uri: &KeyUri) -> Result<PathBuf, KeyStoreError> {
+        match uri {
+            KeyUri::File(p) => Ok(self.layout.host(p)),
+            other => Err(KeyStoreError::ForeignUri(other.to_string())),
+        }
+    }
+}
+
+/// Device path of a role's key file: `/data/var/certificates/device.key`, …
+pub fn key_path(role: Role, staged: bool) -> PathBuf {
+    Layout::cert_file(&format!("{}.key", paths::stem(role, staged)))
+}
+
+impl KeyStore for FileKeyStore {
+    fn kind(&self) -> KeystoreKind {
+        KeystoreKind::File
+    }
+
+    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
+        Ok(KeyUri::File(key_path(role, staged)))
+    }
+
+    fn generate(
+        &mut self,
+        uri: &KeyUri,
+        alg: Algorithm,
+    ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
+        let path = self.host_path(uri)?;
+        let pair = match alg {
+            Algorithm::Rsa2048 => KeyPair::generate_rsa_for(alg.rcgen(), RsaKeySize::_2048),
+            Algorithm::Rsa3072 => KeyPair::generate_rsa_for(alg.rcgen(), RsaKeySize::_3072),
+            _ => KeyPair::generate_for(alg.rcgen()),
+        }
+        .map_err(|e| KeyStoreError::backend("generate key", e.to_string()))?;
+        let pem = Zeroizing::new(pair.serialize_pem());
+        fsutil::atomic_write(&path, pem.as_bytes(), fsutil::SECRET).map_err(|e| {
+            KeyStoreError::backend(format!("write {}", path.display()), e.to_string())
+        })?;
+        Ok(Box::new(FileKey {
+            pair,
+            uri: uri.clone(),
+            alg,
+        }))
+    }
+
+    fn open(&mut self, uri: &KeyUri) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
+        let path = self.host_path(uri)?;
+        let pem = fsutil::read_optional(&path)
+            .map_err(|e| KeyStoreError::backend("read key", e.to_string()))?
+            .map(Zeroizing::new)
+            .ok_or_else(|| KeyStoreError::NotFound {
+                uri: uri.to_string(),
+            })?;
+        let text = std::str::from_utf8(&pem).map_err(|_| KeyStoreError::Rejected {
+            what: format!("{} is not a PEM private key", path.display()),
+            hint: "restore the key file or run `sdv-provision provision --force`".into(),
+        })?;
+        let pair = KeyPair::from_pem(text).map_err(|e| KeyStoreError::Rejected {
+            what: format!("{} is not a usable private key ({e})", path.display()),
+            hint: "restore the key file or run `sdv-provision provision --force`".into(),
+        })?;
+        let alg = Algorithm::from_spki(&pair.subject_public_key_info()).ok_or_else(|| {
+            KeyStoreError::Rejected {
+                what: format!(
+                    "{} holds a key type or size sdv-provision does not support",
+                    path.display()
+                ),
+                hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384".into(),
+            }
+        })?;
+        // An RSA key parsed from PEM gets rcgen's default RSA algorithm; pin it to ours
+        // so certificates always carry the algorithm we report.
+        let pair = if alg.is_rsa() && pair.algorithm() != alg.rcgen() {
+            KeyPair::from_pem_and_sign_algo(text, alg.rcgen())
+                .map_err(|e| KeyStoreError::backend("load key", e.to_string()))?
+        } else {
+            pair
+        };
+        Ok(Box::new(FileKey {
+            pair,
+            uri: uri.clone(),
+            alg,
+        }))
+    }
+
+    fn remove(&mut self, uri: &KeyUri) -> Result<(), KeyStoreError> {
+        let path = self.host_path(uri)?;
+        fsutil::remove_file(&path).map_err(|e| KeyStoreError::backend("remove key", e.to_string()))
+    }
+
+    fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
+        match uri {
+            KeyUri::File(p) => Ok(KeyRef::File {
+                key_file: p.clone(),
+            }),
+            other => Err(KeyStoreError::ForeignUri(other.to_string())),
+        }
+    }
+
+    fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
+        let to = KeyUri::File(key_path(role, false));
+        if from == &to {
+            return Ok(to);
+        }
+        let (src, dst) = (self.host_path(from)?, self.host_path(&to)?);
+        if fsutil::exists_nofollow(&src) {
+            fsutil::rename(&src, &dst)
+                .map_err(|e| KeyStoreError::backend("move key", e.to_string()))?;
+        } else if !fsutil::exists_nofollow(&dst) {
+            return Err(KeyStoreError::NotFound {
+                uri: from.to_string(),
+            });
+        }
+        Ok(to)
+    }
+}
+
+struct FileKey {
+    pair: KeyPair,
+    uri: KeyUri,
+    alg: Algorithm,
+}
+
+impl PublicKeyData for FileKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.pair.der_bytes()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.pair.algorithm()
+    }
+}
+
+impl SigningKey for FileKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.pair.sign(msg)
+    }
+}
+
+impl DeviceKey for FileKey {
+    fn uri(&self) -> KeyUri {
+        self.uri.clone()
+    }
+    fn alg(&self) -> Algorithm {
+        self.alg
+    }
+}

@@ -1,0 +1,414 @@
+//! Where device keys live, behind one abstraction.
+//!
+//! The device key *is* the signer: every backend's key implements rcgen's
+//! [`rcgen::SigningKey`], so `cert.rs` builds certificates and CSRs without knowing
+//! whether the key sits in a TPM, a PKCS#11 token or a plain file. rcgen hands `sign`
+//! the whole to-be-signed data; backends hash it (SHA-256 / SHA-384 to match the
+//! algorithm) and return ECDSA signatures as DER and RSA signatures raw.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub mod file;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+#[cfg(feature = "tpm")]
+pub mod tpm;
+mod uri;
+
+pub use uri::{KeyUri, Pkcs11Uri};
+
+/// The two identities Azure can roll over between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+impl Role {
+    pub const ALL: [Role; 2] = [Role::Primary, Role::Secondary];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which backend holds the keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KeystoreKind {
+    File,
+    Tpm,
+    Pkcs11,
+}
+
+impl KeystoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeystoreKind::File => "file",
+            KeystoreKind::Tpm => "tpm",
+            KeystoreKind::Pkcs11 => "pkcs11",
+        }
+    }
+}
+
+impl fmt::Display for KeystoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Key algorithm; also fixes the certificate's signature algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Algorithm {
+    #[serde(rename = "rsa-2048")]
+    #[value(name = "rsa-2048")]
+    Rsa2048,
+    #[serde(rename = "rsa-3072")]
+    #[value(name = "rsa-3072")]
+    Rsa3072,
+    #[serde(rename = "ecdsa-p256")]
+    #[value(name = "ecdsa-p256")]
+    EcdsaP256,
+    #[serde(rename = "ecdsa-p384")]
+    #[value(name = "ecdsa-p384")]
+    EcdsaP384,
+}
+
+impl Algorithm {
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::Rsa2048,
+        Algorithm::Rsa3072,
+        Algorithm::EcdsaP256,
+        Algorithm::EcdsaP384,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Rsa2048 => "rsa-2048",
+            Algorithm::Rsa3072 => "rsa-3072",
+            Algorithm::EcdsaP256 => "ecdsa-p256",
+            Algorithm::EcdsaP384 => "ecdsa-p384",
+        }
+    }
+
+    pub fn is_rsa(self) -> bool {
+        matches!(self, Algorithm::Rsa2048 | Algorithm::Rsa3072)
+    }
+
+    /// RSA modulus size in bits, or the curve's field size.
+    pub fn bits(self) -> usize {
+        match self {
+            Algorithm::Rsa2048 => 2048,
+            Algorithm::Rsa3072 => 3072,
+            Algorithm::EcdsaP256 => 256,
+            Algorithm::EcdsaP384 => 384,
+        }
+    }
+
+    /// The certificate signature algorithm: RSA PKCS#1 v1.5 with SHA-256 (what every
+    /// TLS stack and Azure accept), ECDSA with the curve's matching hash.
+    pub fn rcgen(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            Algorithm::Rsa2048 | Algorithm::Rsa3072 => &rcgen::PKCS_RSA_SHA256,
+            Algorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Algorithm::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        }
+    }
+
+    /// Hash the to-be-signed data the way [`Algorithm::rcgen`]'s algorithm needs.
+    pub fn digest(self, msg: &[u8]) -> Vec<u8> {
+        use sha2::Digest;
+        match self {
+            Algorithm::EcdsaP384 => sha2::Sha384::digest(msg).to_vec(),
+            _ => sha2::Sha256::digest(msg).to_vec(),
+        }
+    }
+
+    /// Recognise the algorithm of a SubjectPublicKeyInfo (DER).
+    pub fn from_spki(spki_der: &[u8]) -> Option<Algorithm> {
+        use der::Decode;
+        let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der).ok()?;
+        const RSA: der::asn1::ObjectIdentifier =
+            der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+        const EC: der::asn1::ObjectIdentifier =
+            der::asn1::ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+        const P256: der::asn1::ObjectIdentifier =
+            der::asn1::ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+        const P384: der::asn1::ObjectIdentifier =
+            der::asn1::ObjectIdentifier::new_unwrap("1.3.132.0.34");
+        if spki.algorithm.oid == RSA {
+            let key = spki.subject_public_key.as_bytes()?;
+            let rsa = RsaPublicKey::from_der(key).ok()?;
+            match rsa.modulus.as_bytes().len() * 8 {
+                2048 => Some(Algorithm::Rsa2048),
+                3072 => Some(Algorithm::Rsa3072),
+                _ => None,
+            }
+        } else if spki.algorithm.oid == EC {
+            let curve: der::asn1::ObjectIdentifier = spki.algorithm.parameters?.decode_as().ok()?;
+            match curve {
+                c if c == P256 => Some(Algorithm::EcdsaP256),
+                c if c == P384 => Some(Algorithm::EcdsaP384),
+                _ => None,
+            }
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Algorithm::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown algorithm {s:?}"))
+    }
+}
+
+/// PKCS#1 RSAPublicKey, the form rcgen's `PublicKeyData::der_bytes` takes for RSA.
+#[derive(der::Sequence)]
+pub struct RsaPublicKey<'a> {
+    pub modulus: der::asn1::UintRef<'a>,
+    pub public_exponent: der::asn1::UintRef<'a>,
+}
+
+/// DER `RSAPublicKey` from big-endian modulus and exponent.
+pub fn rsa_public_der(modulus: &[u8], exponent: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
+    use der::Encode;
+    let bad = |e: der::Error| KeyStoreError::backend("encode RSA public key", e.to_string());
+    RsaPublicKey {
+        modulus: der::asn1::UintRef::new(modulus).map_err(bad)?,
+        public_exponent: der::asn1::UintRef::new(exponent).map_err(bad)?,
+    }
+    .to_der()
+    .map_err(bad)
+}
+
+#[derive(der::Sequence)]
+struct EcdsaSig<'a> {
+    r: der::asn1::UintRef<'a>,
+    s: der::asn1::UintRef<'a>,
+}
+
+/// Convert a raw ECDSA signature `r‖s` (PKCS#11, or TPM `r`,`s` concatenated) to the
+/// DER `ECDSA-Sig-Value` X.509 needs.
+pub fn ecdsa_raw_to_der(r: &[u8], s: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
+    use der::Encode;
+    let bad = |e: der::Error| KeyStoreError::backend("encode ECDSA signature", e.to_string());
+    EcdsaSig {
+        r: der::asn1::UintRef::new(r).map_err(bad)?,
+        s: der::asn1::UintRef::new(s).map_err(bad)?,
+    }
+    .to_der()
+    .map_err(bad)
+}
+
+/// A device key: signs through its backend, names itself by URI.
+pub trait DeviceKey: rcgen::SigningKey {
+    /// The URI consumers load this key by.
+    fn uri(&self) -> KeyUri;
+    fn alg(&self) -> Algorithm;
+}
+
+/// A backend that makes, finds and destroys device keys.
+///
+/// Locations are planned before keys are made ([`KeyStore::plan`]) so a run can record
+/// its intent first; a run killed after that can then be cleaned up by the next one.
+pub trait KeyStore {
+    fn kind(&self) -> KeystoreKind;
+
+    /// The URI a new key for `role` will get. `staged` keys are built beside the live
+    /// ones while those stay in service (rotation, `--force`). Fails if the location is
+    /// taken by something this tool did not make.
+    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError>;
+
+    /// Make a key at a planned location.
+    fn generate(
+        &mut self,
+        uri: &KeyUri,
+        alg: Algorithm,
+    ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError>;
+
+    /// Open an existing key.
+    fn open(&mut self, uri: &KeyUri) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError>;
+
+    /// Destroy a key this tool made. A key that is already gone is not an error.
+    fn remove(&mut self, uri: &KeyUri) -> Result<(), KeyStoreError>;
+
+    /// Move a staged key to the live location of `role`, returning its new URI.
+    /// Idempotent, so an interrupted move can be finished by the next run.
+    fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError>;
+
+    /// Called once the key's certificate is final; PKCS#11 stores it as a token object.
+    fn attach_certificate(
+        &mut self,
+        _uri: &KeyUri,
+        _cert_der: &[u8],
+    ) -> Result<(), KeyStoreError> {
+        Ok(())
+    }
+
+    /// How the connector reaches the key at `uri` (the manifest's key entries).
+    fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError>;
+
+    /// Backend settings to record in the state file, so later runs and `status` find
+    /// the keys without flags.
+    fn record(&self) -> BackendRecord {
+        BackendRecord::default()
+    }
+}
+
+/// How the connector reaches the primary key; the manifest is written from this.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyRef {
+    /// A PKCS#8 file in the certificates directory (device path).
+    File { key_file: PathBuf },
+    /// A persistent TPM key, plus the blobs (device paths) today's connector loads
+    /// under the SRK.
+    Tpm {
+        handle: u32,
+        srk: u32,
+        pub_blob: PathBuf,
+        priv_blob: PathBuf,
+    },
+    /// A PKCS#11 token object. `pin_file` is the device path of the PIN file the
+    /// connector reads; `mounts` are extra host paths a consumer needs (module, token
+    /// store, SoftHSM config), mounted at the same path inside the container.
+    Pkcs11 {
+        uri: Pkcs11Uri,
+        module: PathBuf,
+        pin_file: PathBuf,
+        mounts: Vec<PathBuf>,
+    },
+}
+
+/// Backend settings kept in the state file (device paths).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_srk: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11_module: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+    /// Host paths mounted into the connector for this backend (outside the
+    /// certificates directory); the tool owns those mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<PathBuf>,
+}
+
+/// Keystore errors: what failed, and what the user can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyStoreError {
+    #[error("{what}; {hint}")]
+    Unavailable { what: String, hint: String },
+
+    #[error("{what} is already in use by something sdv-provision did not create; {hint}")]
+    Occupied { what: String, hint: String },
+
+    #[error("key {uri} not found; run `sdv-provision provision --force` to make a new identity")]
+    NotFound { uri: String },
+
+    #[error("{alg} is not supported by this {keystore}; choose another --algorithm")]
+    UnsupportedAlgorithm { alg: Algorithm, keystore: &'static str },
+
+    #[error("{what}; {hint}")]
+    Rejected { what: String, hint: String },
+
+    #[error("{step} failed: {detail}")]
+    Backend { step: String, detail: String },
+
+    #[error("key URI {0} does not belong to this keystore")]
+    ForeignUri(String),
+}
+
+impl KeyStoreError {
+    pub fn backend(step: impl Into<String>, detail: impl Into<String>) -> Self {
+        KeyStoreError::Backend {
+            step: step.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Convert a keystore failure inside rcgen's `sign` callback. rcgen's error type has no
+/// room for a cause, so the cause is logged here rather than dropped silently.
+pub fn sign_error(e: KeyStoreError) -> rcgen::Error {
+    tracing::error!("signing through the keystore failed: {e}");
+    rcgen::Error::RemoteKeyError
+}
+
+/// Settings that pick and configure a keystore; filled from flags and environment.
+#[derive(Debug, Clone, Default)]
+pub struct KeystoreConfig {
+    pub tcti: Option<String>,
+    pub primary_handle: Option<u32>,
+    pub secondary_handle: Option<u32>,
+    pub pkcs11_module: Option<PathBuf>,
+    pub pkcs11_token: Option<String>,
+    pub pkcs11_pin_file: Option<PathBuf>,
+    pub pkcs11_init_token: bool,
+    /// May we prompt (PIN)? False with `--non-interactive`, `--json` or no TTY.
+    pub interactive: bool,
+    /// What an earlier run recorded; used where no flag or env var says otherwise.
+    pub recorded: BackendRecord,
+}
+
+/// `--keystore auto`: a TPM if a TCTI is configured or `/dev/tpmrm0` exists; else
+/// PKCS#11 if a module is configured; else plain files (the caller warns).
+pub fn select_auto(config: &KeystoreConfig) -> KeystoreKind {
+    if cfg!(feature = "tpm")
+        && (config.tcti.is_some() || std::path::Path::new("/dev/tpmrm0").exists())
+    {
+        KeystoreKind::Tpm
+    } else if cfg!(feature = "pkcs11") && config.pkcs11_module.is_some() {
+        KeystoreKind::Pkcs11
+    } else {
+        KeystoreKind::File
+    }
+}
+
+/// Open the backend.
+#[cfg_attr(not(all(feature = "tpm", feature = "pkcs11")), allow(unused_variables))]
+pub fn open(
+    kind: KeystoreKind,
+    config: &KeystoreConfig,
+    layout: &crate::paths::Layout,
+) -> Result<Box<dyn KeyStore>, KeyStoreError> {
+    match kind {
+        KeystoreKind::File => Ok(Box::new(file::FileKeyStore::new(layout.clone()))),
+        #[cfg(feature = "tpm")]
+        KeystoreKind::Tpm => Ok(Box::new(tpm::TpmKeyStore::open(config, layout)?)),
+        #[cfg(feature = "pkcs11")]
+        KeystoreKind::Pkcs11 => Ok(Box::new(pkcs11::Pkcs11KeyStore::open(config, layout)?)),
+        #[allow(unreachable_patterns)]
+        other => Err(KeyStoreError::Unavailable {
+            what: format!("this build of sdv-provision has no {other} keystore"),
+            hint: "rebuild with the feature enabled, or pass --keystore file".into(),
+        }),
+    }
+}

@@ -1,0 +1,581 @@
+//! The cloud connector's Kanto container manifest (DESIGN §3).
+//!
+//! The manifest is edited as a JSON tree (serde_json with `preserve_order`), never by
+//! splicing strings, so no value can change its structure. The tool owns a fixed set of
+//! `config.env` keys, the mounts whose source is in the certificates directory (plus
+//! the PKCS#11 extras it added), and the `/dev/tpmrm0` device entry; everything else is
+//! kept exactly as it was, in its order. Both Leda shapes are handled as they are:
+//! Kanto's internal form (`mounts`, `CERT_PATH`/`KEY_PATH`) and the
+//! kanto-auto-deployer form (`mount_points`, `/device.crt`, `CERT_FILE`/`KEY_FILE`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+pub use crate::keystore::KeyRef;
+use crate::paths::{Layout, CERT_DIR, CONTAINER_CERT_DIR, MANIFEST, MANIFEST_TEMPLATE};
+
+/// Manifests larger than this are refused rather than parsed.
+pub const MAX_SIZE: usize = 4 << 20;
+
+pub const TPM_DEVICE: &str = "/dev/tpmrm0";
+pub const TPM_TCTI: &str = "device:/dev/tpmrm0";
+
+/// Every env key the tool owns. Anything else in `config.env` is left alone.
+pub const OWNED_ENV: &[&str] = &[
+    "ID_SCOPE",
+    "CONNECTION_STRING",
+    "CERT_FILE",
+    "CERT_PATH",
+    "KEY_URI",
+    "KEY_FILE",
+    "KEY_PATH",
+    "TPM_DEVICE",
+    "TPM_HANDLE",
+    "TPM_KEY",
+    "TPM_KEY_PUB",
+    "TPM2OPENSSL_TCTI",
+    "PKCS11_MODULE_PATH",
+];
+
+/// What the manifest should say.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    /// `("ID_SCOPE", scope)` or `("CONNECTION_STRING", cs)`.
+    pub cloud: (&'static str, String),
+    /// Device path of the primary certificate.
+    pub cert: PathBuf,
+    pub key: KeyRef,
+    /// Extra mount sources outside the certificates directory that an earlier run
+    /// added (PKCS#11) and the tool therefore owns.
+    pub previously_owned: Vec<PathBuf>,
+}
+
+/// A loaded manifest: where it lives, what it holds now, and what we start from.
+#[derive(Debug)]
+pub struct Manifest {
+    pub path: PathBuf,
+    /// Current content (None if the file does not exist yet).
+    pub current: Option<Value>,
+    /// The base for our edits: the template if there is one, else the current file.
+    pub base: Value,
+}
+
+impl Manifest {
+    /// Load the manifest under `layout`, validating it. `Ok(None)` when neither the
+    /// manifest nor its template exists (no connector installed).
+    pub fn load(layout: &Layout) -> Result<Option<Manifest>> {
+        let path = layout.host(MANIFEST);
+        let current = read_json(&path)?;
+        let template = read_json(&layout.host(MANIFEST_TEMPLATE))?;
+        let Some(base) = template.or_else(|| current.clone()) else {
+            return Ok(None);
+        };
+        Ok(Some(Manifest {
+            path,
+            current,
+            base,
+        }))
+    }
+
+    /// Compute the new content. Errors if the base has the wrong shape.
+    pub fn render(&self, want: &Desired) -> Result<Value> {
+        apply(&self.base, want).map_err(|detail| Error::InvalidManifest {
+            path: self.path.clone(),
+            detail,
+        })
+    }
+
+    /// Write `new` if it differs from the current content. Returns whether it wrote.
+    pub fn save(&self, new: &Value, secret: bool) -> Result<bool> {
+        if self.current.as_ref() == Some(new) {
+            return Ok(false);
+        }
+        fsutil::atomic_write(
+            &self.path,
+            &to_bytes(new),
+            if secret {
+                fsutil::SECRET
+            } else {
+                fsutil::PUBLIC
+            },
+        )?;
+        Ok(true)
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    let Some(bytes) = fsutil::read_optional(path)? else {
+        return Ok(None);
+    };
+    let bad = |detail: String| Error::InvalidManifest {
+        path: path.to_owned(),
+        detail,
+    };
+    if bytes.len() > MAX_SIZE {
+        return Err(bad(format!("larger than {} MiB", MAX_SIZE >> 20)));
+    }
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    check_shape(&v).map_err(bad)?;
+    Ok(Some(v))
+}
+
+/// Pretty JSON with the 4-space indent Leda's manifests use, newline-terminated.
+pub fn to_bytes(v: &Value) -> Vec<u8> {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    v.serialize(&mut ser)
+        .expect("serialising a Value cannot fail");
+    out.push(b'\n');
+    out
+}
+
+/// Refuse shapes we would have to guess about.
+fn check_shape(v: &Value) -> std::result::Result<(), String> {
+    let root = v.as_object().ok_or("the top level is not a JSON object")?;
+    if let Some(config) = root.get("config") {
+        let config = config.as_object().ok_or("`config` is not an object")?;
+        if let Some(env) = config.get("env") {
+            let env = env.as_array().ok_or("`config.env` is not a list")?;
+            if env.iter().any(|e| !e.is_string()) {
+                return Err("`config.env` holds something that is not a string".into());
+            }
+        }
+    }
+    for key in ["mounts", "mount_points"] {
+        if let Some(m) = root.get(key) {
+            let m = m.as_array().ok_or(format!("`{key}` is not a list"))?;
+            if m.iter().any(|e| !e.is_object()) {
+                return Err(format!("`{key}` holds something that is not an object"));
+            }
+        }
+    }
+    if let Some(hc) = root.get("host_config") {
+        let hc = hc.as_object().ok_or("`host_config` is not an object")?;
+        if let Some(d) = hc.get("devices") {
+            if !d.is_array() {
+                return Err("`host_config.devices` is not a list".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn in_cert_dir(source: &str) -> bool {
+    Path::new(source).starts_with(CERT_DIR)
+}
+
+fn tpm_device_entry() -> Value {
+    json!({
+        "path_on_host": TPM_DEVICE,
+        "path_in_container": TPM_DEVICE,
+        "cgroup_permissions": "rwm"
+    })
+}
+
+/// Apply the tool's owned entries to `base`. Pure: the same input gives the same output.
+pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String> {
+    check_shape(base)?;
+    let mut v = base.clone();
+    let root = v.as_object_mut().expect("checked");
+
+    // Mounts: which host files the connector needs, and where they appear inside.
+    let mut needed: Vec<(String, String)> = Vec::new(); // (source, default destination)
+    let mut need = |source: &Path, dest: Option<&Path>| {
+        let src = source.to_string_lossy().into_owned();
+        let dest = match dest {
+            Some(d) => d.to_string_lossy().into_owned(),
+            None => Path::new(CONTAINER_CERT_DIR)
+                .join(source.file_name().unwrap_or_default())
+                .to_string_lossy()
+                .into_owned(),
+        };
+        if !needed.iter().any(|(s, _)| *s == src) {
+            needed.push((src, dest));
+        }
+    };
+    need(&want.cert, None);
+    match &want.key {
+        KeyRef::File { key_file } => need(key_file, None),
+        KeyRef::Tpm {
+            pub_blob,
+            priv_blob,
+            ..
+        } => {
+            need(pub_blob, None);
+            need(priv_blob, None);
+        }
+        KeyRef::Pkcs11 {
+            module,
+            pin_file,
+            mounts,
+            ..
+        } => {
+            need(pin_file, None);
+            need(module, Some(module));
+            for m in mounts {
+                need(m, Some(m));
+            }
+        }
+    }
+    let mounts_key = if root.contains_key("mounts") {
+        "mounts"
+    } else {
+        "mount_points"
+    };
+    let owned_source = |s: &str| {
+        in_cert_dir(s)
+            || needed.iter().any(|(n, _)| n == s)
+            || want.previously_owned.iter().any(|p| p.as_os_str() == s)
+    };
+    let mounts = root
+        .entry(mounts_key)
+        .or_insert_with(|| Value::Array(Vec::new()))
+        .as_array_mut()
+        .expect("checked");
+    let mut seen: Vec<String> = Vec::new();
+    mounts.retain(|m| {
+        let Some(src) = m.get("source").and_then(Value::as_str) else {
+            return true;
+        };
+        if !owned_source(src) {
+            return true;
+        }
+        let keep = needed.iter().any(|(n, _)| n == src) && !seen.iter().any(|s| s == src);
+        seen.push(src.to_owned());
+        keep
+    });
+    let mut dest_of = std::collections::HashMap::new();
+    for (src, default_dest) in &needed {
+        let existing = mounts.iter().find_map(|m| {
+            (m.get("source").and_then(Value::as_str) == Some(src))
+                .then(|| {
+                    m.get("destination")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .flatten()
+        });
+        let dest = match existing {
+            Some(d) => d,
+            None => {
+                mounts.push(json!({
+                    "source": src,
+                    "destination": default_dest,
+                    "propagation_mode": "rprivate"
+                }));
+                default_dest.clone()
+            }
+        };
+        dest_of.insert(src.clone(), dest);
+    }
+    let dest = |p: &Path| dest_of[&*p.to_string_lossy()].clone();
+
+    // Env: the owned keys this mode needs, by value.
+    let cert_dest = dest(&want.cert);
+    let mut env_want: Vec<(&str, String)> = vec![
+        (want.cloud.0, want.cloud.1.clone()),
+        ("CERT_FILE", cert_dest.clone()),
+    ];
+    let mut only_if_present: Vec<(&str, String)> = vec![("CERT_PATH", cert_dest)];
+    match &want.key {
+        KeyRef::File { key_file } => {
+            let d = dest(key_file);
+            env_want.push(("KEY_URI", format!("file:{d}")));
+            env_want.push(("KEY_FILE", d.clone()));
+            only_if_present.push(("KEY_PATH", d));
+        }
+        KeyRef::Tpm {
+            handle,
+            srk,
+            pub_blob,
+            priv_blob,
+        } => {
+            env_want.push(("KEY_URI", format!("handle:0x{handle:08x}")));
+            env_want.push(("TPM_DEVICE", TPM_DEVICE.into()));
+            env_want.push(("TPM_HANDLE", format!("0x{srk:08x}")));
+            env_want.push(("TPM_KEY", dest(priv_blob)));
+            env_want.push(("TPM_KEY_PUB", dest(pub_blob)));
+            env_want.push(("TPM2OPENSSL_TCTI", TPM_TCTI.into()));
+        }
+        KeyRef::Pkcs11 {
+            uri,
+            module,
+            pin_file,
+            ..
+        } => {
+            env_want.push(("KEY_URI", uri.with_pin_source(&dest(pin_file))));
+            env_want.push(("PKCS11_MODULE_PATH", dest(module)));
+        }
+    }
+    let config = root
+        .entry("config")
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+        .expect("checked");
+    let env = config
+        .entry("env")
+        .or_insert_with(|| Value::Array(Vec::new()))
+        .as_array_mut()
+        .expect("checked");
+    let mut done: Vec<&str> = Vec::new();
+    let mut out: Vec<Value> = Vec::with_capacity(env.len() + env_want.len());
+    for e in env.iter() {
+        let s = e.as_str().expect("checked");
+        let key = s.split_once('=').map_or(s, |(k, _)| k);
+        let Some(owned) = OWNED_ENV.iter().find(|k| **k == key) else {
+            out.push(e.clone());
+            continue;
+        };
+        if done.contains(owned) {
+            continue; // a duplicate (the original script appended ID_SCOPE again)
+        }
+        let value = env_want
+            .iter()
+            .chain(only_if_present.iter())
+            .find(|(k, _)| k == owned);
+        if let Some((k, val)) = value {
+            out.push(Value::String(format!("{k}={val}")));
+            done.push(owned);
+        }
+    }
+    for (k, val) in &env_want {
+        if !done.contains(k) {
+            out.push(Value::String(format!("{k}={val}")));
+        }
+    }
+    *env = out;
+
+    // The TPM device node.
+    let tpm = matches!(want.key, KeyRef::Tpm { .. });
+    let ours = tpm_device_entry();
+    let has_devices = root
+        .get("host_config")
+        .and_then(|h| h.get("devices"))
+        .is_some();
+    if tpm || has_devices {
+        let hc = root
+            .entry("host_config")
+            .or_insert_with(|| Value::Object(Map::new()))
+            .as_object_mut()
+            .ok_or("`host_config` is not an object")?;
+        let devices = hc
+            .entry("devices")
+            .or_insert_with(|| Value::Array(Vec::new()))
+            .as_array_mut()
+            .expect("checked");
+        let is_ours = |d: &Value| d.get("path_on_host").and_then(Value::as_str) == Some(TPM_DEVICE);
+        if tpm {
+            if !devices.iter().any(is_ours) {
+                devices.push(ours);
+            }
+        } else {
+            devices.retain(|d| *d != ours);
+        }
+    }
+    Ok(v)
+}
+
+/// The value of an env key in a manifest, for `status`/`verify`.
+pub fn env_value<'a>(manifest: &'a Value, key: &str) -> Option<&'a str> {
+    manifest
+        .get("config")?
+        .get("env")?
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|e| e.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leda_utils() -> Value {
+        serde_json::from_str(include_str!(
+            "../tests/fixtures/cloudconnector.kanto.json.template"
+        ))
+        .unwrap()
+    }
+    fn meta_leda() -> Value {
+        serde_json::from_str(include_str!(
+            "../tests/fixtures/cloudconnector.auto-deployer.json"
+        ))
+        .unwrap()
+    }
+
+    fn file_want(scope: &str) -> Desired {
+        Desired {
+            cloud: ("ID_SCOPE", scope.into()),
+            cert: "/data/var/certificates/device.crt".into(),
+            key: KeyRef::File {
+                key_file: "/data/var/certificates/device.key".into(),
+            },
+            previously_owned: vec![],
+        }
+    }
+
+    fn env(v: &Value) -> Vec<String> {
+        v["config"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn kanto_shape_file_mode() {
+        let base = leda_utils();
+        let out = apply(&base, &file_want("0ne0012345A")).unwrap();
+        let e = env(&out);
+        assert_eq!(e[0], "CERT_PATH=/var/certificates/device.crt");
+        assert_eq!(e[1], "KEY_PATH=/var/certificates/device.key");
+        assert_eq!(e[2..e.len() - 4], env(&base)[2..]);
+        assert_eq!(
+            e[e.len() - 4..],
+            [
+                "ID_SCOPE=0ne0012345A",
+                "CERT_FILE=/var/certificates/device.crt",
+                "KEY_URI=file:/var/certificates/device.key",
+                "KEY_FILE=/var/certificates/device.key"
+            ]
+        );
+        assert_eq!(out["mounts"], base["mounts"]);
+        // Every other field is untouched and in order.
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&out), keys(&base));
+        for k in keys(&base) {
+            if k != "config" {
+                assert_eq!(out[&k], base[&k], "{k}");
+            }
+        }
+        // Idempotent.
+        assert_eq!(apply(&out, &file_want("0ne0012345A")).unwrap(), out);
+    }
+
+    #[test]
+    fn auto_deployer_shape_keeps_destinations() {
+        let base = meta_leda();
+        let out = apply(&base, &file_want("0ne0012345A")).unwrap();
+        assert_eq!(out["mount_points"], base["mount_points"]);
+        let e = env(&out);
+        assert!(e.contains(&"CERT_FILE=/device.crt".to_string()));
+        assert!(e.contains(&"KEY_FILE=/device.key".to_string()));
+        assert!(e.contains(&"KEY_URI=file:/device.key".to_string()));
+        assert!(!e
+            .iter()
+            .any(|x| x.starts_with("CERT_PATH") || x.starts_with("KEY_PATH")));
+        assert!(out["host_config"].get("devices").is_none());
+    }
+
+    #[test]
+    fn duplicates_collapse_and_stale_keys_go() {
+        let mut base = leda_utils();
+        let env_arr = base["config"]["env"].as_array_mut().unwrap();
+        env_arr.push("ID_SCOPE=old".into());
+        env_arr.push("ID_SCOPE=old".into());
+        env_arr.push("CONNECTION_STRING=HostName=x;DeviceId=y".into());
+        let out = apply(&base, &file_want("new")).unwrap();
+        let e = env(&out);
+        assert_eq!(e.iter().filter(|x| x.starts_with("ID_SCOPE=")).count(), 1);
+        assert!(e.contains(&"ID_SCOPE=new".to_string()));
+        assert!(!e.iter().any(|x| x.starts_with("CONNECTION_STRING")));
+    }
+
+    #[test]
+    fn injection_cannot_change_structure() {
+        let base = meta_leda();
+        let evil = "x\",\"KEY_FILE=/etc/shadow\"],\"privileged\":true,\"a\":[\"";
+        let out = apply(&base, &file_want(evil)).unwrap();
+        let bytes = to_bytes(&out);
+        let back: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, out);
+        assert_eq!(env_value(&back, "ID_SCOPE"), Some(evil));
+        assert_eq!(back["host_config"]["privileged"], false);
+        assert_eq!(env_value(&back, "KEY_FILE"), Some("/device.key"));
+    }
+
+    #[test]
+    fn tpm_mode() {
+        let base = leda_utils();
+        let want = Desired {
+            cloud: (
+                "CONNECTION_STRING",
+                "HostName=h;DeviceId=d;x509=true".into(),
+            ),
+            cert: "/data/var/certificates/device.crt".into(),
+            key: KeyRef::Tpm {
+                handle: 0x8100_0010,
+                srk: 0x8100_0001,
+                pub_blob: "/data/var/certificates/device.tpm.pub".into(),
+                priv_blob: "/data/var/certificates/device.tpm.priv".into(),
+            },
+            previously_owned: vec![],
+        };
+        let out = apply(&base, &want).unwrap();
+        let e = env(&out);
+        assert!(!e
+            .iter()
+            .any(|x| x.starts_with("KEY_PATH") || x.starts_with("KEY_FILE")));
+        assert_eq!(env_value(&out, "KEY_URI"), Some("handle:0x81000010"));
+        assert_eq!(env_value(&out, "TPM_HANDLE"), Some("0x81000001"));
+        assert_eq!(
+            env_value(&out, "TPM_KEY"),
+            Some("/var/certificates/device.tpm.priv")
+        );
+        let sources: Vec<&str> = out["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["source"].as_str().unwrap())
+            .collect();
+        assert!(!sources.contains(&"/data/var/certificates/device.key"));
+        assert!(sources.contains(&"/data/var/certificates/device.tpm.pub"));
+        assert_eq!(out["host_config"]["devices"], json!([tpm_device_entry()]));
+        // Back to file mode removes the TPM entries again.
+        let back = apply(&out, &file_want("s")).unwrap();
+        assert!(env_value(&back, "TPM_KEY").is_none());
+        assert_eq!(back["host_config"]["devices"], json!([]));
+    }
+
+    #[test]
+    fn wrong_shapes_are_errors() {
+        for bad in [
+            json!([]),
+            json!({"config": {"env": "x"}}),
+            json!({"config": {"env": [1]}}),
+            json!({"mounts": {}}),
+            json!({"config": []}),
+        ] {
+            assert!(apply(&bad, &file_want("s")).is_err(), "{bad}");
+        }
+    }
+
+    /// Our test fixtures must have the shapes Leda ships (../shared/fixtures), when
+    /// that directory is beside the checkout.
+    #[test]
+    fn fixtures_match_leda_shapes() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+        let pairs = [
+            ("cloudconnector.leda-utils.json.template", leda_utils()),
+            ("cloudconnector.meta-leda.json", meta_leda()),
+        ];
+        for (name, ours) in pairs {
+            let Ok(text) = std::fs::read_to_string(shared.join(name)) else {
+                continue;
+            };
+            let theirs: Value = serde_json::from_str(&text).unwrap();
+            let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+            for k in keys(&theirs) {
+                assert!(ours.get(&k).is_some(), "{name}: fixture lacks {k}");
+            }
+            let out = apply(&theirs, &file_want("0ne0012345A")).unwrap();
+            assert_eq!(apply(&out, &file_want("0ne0012345A")).unwrap(), out);
+        }
+    }
+}
