@@ -117,30 +117,22 @@ impl Pkcs11KeyStore {
             .unwrap_or_else(|| DEFAULT_TOKEN.to_owned());
         let ctx = load_module(&module)?;
 
-        let slot = match find_token(&ctx, &module, &token)? {
-            Ok(slot) => slot,
+        // The token's state is checked before the PIN is asked for, and the PIN is
+        // asked for once, also when a blank token is initialised with it.
+        let (slot, pin) = match find_token(&ctx, &module, &token)? {
+            Ok(slot) => {
+                check_user_pin_state(&ctx, slot, &token)?;
+                (slot, user_pin(config, layout, &token)?)
+            }
             Err(_) if config.pkcs11_init_token => {
                 let pin = user_pin(config, layout, &token)?;
                 init_token(&ctx, &module, &token, &pin)?;
-                find_token(&ctx, &module, &token)?
-                    .map_err(|labels| not_found(&module, &token, &labels))?
+                let slot = find_token(&ctx, &module, &token)?
+                    .map_err(|labels| not_found(&module, &token, &labels))?;
+                (slot, pin)
             }
             Err(labels) => return Err(not_found(&module, &token, &labels)),
         };
-
-        let info = ctx
-            .get_token_info(slot)
-            .map_err(|e| ck("read the token information", e))?;
-        if info.user_pin_locked() {
-            return Err(pin_locked(&token));
-        }
-        if !info.user_pin_initialized() {
-            return Err(KeyStoreError::Rejected {
-                what: format!("PKCS#11 token {token} has no user PIN yet"),
-                hint: "set one (e.g. `pkcs11-tool --init-pin --login --login-type so`), or re-run with --pkcs11-init-token on a blank token".into(),
-            });
-        }
-        let pin = user_pin(config, layout, &token)?;
         let session = ctx.open_rw_session(slot).map_err(|e| match e {
             CkError::Pkcs11(RvError::TokenWriteProtected, _) => KeyStoreError::Rejected {
                 what: format!(
@@ -151,9 +143,6 @@ impl Pkcs11KeyStore {
             },
             e => ck(format!("open a session on PKCS#11 token {token}"), e),
         })?;
-        if info.user_pin_final_try() {
-            tracing::warn!("token {token}: one wrong PIN left before it locks");
-        }
         login(&session, &token, &pin)?;
 
         let pin_file = connector_pin_file(config, layout, &pin)?;
@@ -250,7 +239,7 @@ impl KeyStore for Pkcs11KeyStore {
             .generate_key_pair(&mechanism, &public, &private)
             .map_err(|e| {
                 write_error(
-                    &format!("generate a {alg} key pair in token {}", u.token),
+                    &format!("generate the {alg} key pair {}", u.object),
                     &u.token,
                     e,
                 )
@@ -332,7 +321,7 @@ impl KeyStore for Pkcs11KeyStore {
         for class in IDENTITY_CLASSES {
             for h in find(session, &identity_template(&u.object, &u.id, class))? {
                 session.destroy_object(h).map_err(|e| {
-                    write_error(&format!("remove {uri} from token {}", u.token), &u.token, e)
+                    write_error(&format!("remove the objects of {uri}"), &u.token, e)
                 })?;
             }
         }
@@ -353,7 +342,7 @@ impl KeyStore for Pkcs11KeyStore {
             id: u.id.clone(),
         });
         let session = self.session();
-        let step = format!("move {from} to {live} in token {}", u.token);
+        let step = format!("relabel {} to {live}", u.object);
         let mut moved = 0;
         if u.object != live {
             for class in IDENTITY_CLASSES {
@@ -424,7 +413,7 @@ impl KeyStore for Pkcs11KeyStore {
             session,
             &identity_template(&u.object, &u.id, ObjectClass::CERTIFICATE),
         )?;
-        let step = format!("store the certificate of {uri} in token {}", u.token);
+        let step = format!("store the certificate of {}", u.object);
         session
             .create_object(&template)
             .map_err(|e| write_error(&step, &u.token, e))?;
@@ -669,6 +658,26 @@ fn init_token(
     Ok(())
 }
 
+/// A locked or unset user PIN is reported before any PIN is asked for or tried.
+fn check_user_pin_state(ctx: &Pkcs11, slot: Slot, token: &str) -> Result<(), KeyStoreError> {
+    let info = ctx
+        .get_token_info(slot)
+        .map_err(|e| ck(format!("read the state of PKCS#11 token {token}"), e))?;
+    if info.user_pin_locked() {
+        return Err(pin_locked(token));
+    }
+    if !info.user_pin_initialized() {
+        return Err(KeyStoreError::Rejected {
+            what: format!("PKCS#11 token {token} has no user PIN yet"),
+            hint: "set one (e.g. `pkcs11-tool --login --login-type so --init-pin`), or initialise a blank token with --pkcs11-init-token".into(),
+        });
+    }
+    if info.user_pin_final_try() {
+        tracing::warn!("PKCS#11 token {token}: one more wrong PIN locks it");
+    }
+    Ok(())
+}
+
 fn login(session: &Session, token: &str, pin: &SecretString) -> Result<(), KeyStoreError> {
     match session.login(UserType::User, Some(pin)) {
         // Login state is per process and token: another session of ours is logged in.
@@ -849,7 +858,7 @@ fn ensure_free(session: &Session, token: &str, label: &str) -> Result<(), KeySto
     } else {
         Err(KeyStoreError::Occupied {
             what: format!("label {label} in PKCS#11 token {token} ({} object(s))", taken.len()),
-            hint: format!("remove those objects (e.g. `pkcs11-tool --delete-object --label {label}`), or run `sdv-provision reset`"),
+            hint: format!("choose another token with --pkcs11-token, delete those objects (pkcs11-tool --delete-object), or run `sdv-provision reset` if an earlier run left them"),
         })
     }
 }
@@ -993,24 +1002,27 @@ fn ck(step: impl Into<String>, e: CkError) -> KeyStoreError {
     KeyStoreError::backend(step, describe(&e))
 }
 
-/// Like [`ck`] for calls that write to the token: storage errors get a hint.
+/// Like [`ck`] for calls that write to the token (`step` says what was being done,
+/// e.g. "generate an ecdsa-p256 key pair"): storage errors get a hint.
 fn write_error(step: &str, token: &str, e: CkError) -> KeyStoreError {
+    let cause = describe(&e);
     match e {
         CkError::Pkcs11(RvError::DeviceMemory, _) => KeyStoreError::Rejected {
-            what: format!("PKCS#11 token {token} is full ({step}: {})", describe(&e)),
+            what: format!("PKCS#11 token {token} is full: cannot {step} ({cause})"),
             hint: "remove unused objects from the token, or use another token".into(),
         },
         CkError::Pkcs11(RvError::TokenWriteProtected, _) => KeyStoreError::Rejected {
-            what: format!("PKCS#11 token {token} is write-protected ({step}: {})", describe(&e)),
+            what: format!("PKCS#11 token {token} is write-protected: cannot {step} ({cause})"),
             hint: "make the token writable, or choose another one with --pkcs11-token".into(),
         },
-        CkError::Pkcs11(RvError::GeneralError | RvError::DeviceError | RvError::FunctionFailed, _) => {
-            KeyStoreError::Rejected {
-                what: format!("PKCS#11 token {token} could not store the change ({step}: {})", describe(&e)),
-                hint: "check the token's storage is writable and not full (for SoftHSM: directories.tokendir in SOFTHSM2_CONF)".into(),
-            }
-        }
-        e => ck(step, e),
+        CkError::Pkcs11(
+            RvError::GeneralError | RvError::DeviceError | RvError::FunctionFailed,
+            _,
+        ) => KeyStoreError::Rejected {
+            what: format!("PKCS#11 token {token} could not store the change: cannot {step} ({cause})"),
+            hint: "check that the token's storage is writable and not full (SoftHSM: directories.tokendir in SOFTHSM2_CONF)".into(),
+        },
+        e => ck(format!("{step} in PKCS#11 token {token}"), e),
     }
 }
 
