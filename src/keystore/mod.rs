@@ -22,7 +22,9 @@ mod uri;
 pub use uri::{KeyUri, Pkcs11Uri};
 
 /// The two identities Azure can roll over between.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Primary,
@@ -270,9 +272,6 @@ pub trait KeyStore {
         Ok(())
     }
 
-    /// How the connector reaches the key at `uri` (the manifest's key entries).
-    fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError>;
-
     /// Backend settings to record in the state file, so later runs and `status` find
     /// the keys without flags.
     fn record(&self) -> BackendRecord {
@@ -281,6 +280,8 @@ pub trait KeyStore {
 }
 
 /// How the connector reaches the primary key; the manifest is written from this.
+/// Built from the state file alone (see `identity::key_ref`), so `status` never has to
+/// open a TPM or log in to a token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyRef {
     /// A PKCS#8 file in the certificates directory (device path).
@@ -304,7 +305,8 @@ pub enum KeyRef {
     },
 }
 
-/// Backend settings kept in the state file (device paths).
+/// Backend settings kept in the state file (device paths): everything needed to
+/// name the keys to a consumer without opening the keystore.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
