@@ -303,6 +303,16 @@ pub fn role_view(layout: &Layout, role: Role, key_uri: Option<KeyUri>) -> RoleVi
     }
 }
 
+/// The state the original script's files amount to (file keys at the fixed paths).
+pub fn legacy_state(device_id: &str) -> State {
+    let mut s = State::new(device_id, KeystoreKind::File, Algorithm::Rsa2048);
+    for role in Role::ALL {
+        s.keys.insert(role, KeyUri::File(key_path(role, false)));
+    }
+    s.adopted = true;
+    s
+}
+
 /// The original script's files: `device.crt` + `device.key`.
 pub fn legacy_files_present(layout: &Layout) -> bool {
     let crt = layout.host_cert_file(&paths::cert_name(Role::Primary, false));

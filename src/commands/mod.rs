@@ -15,8 +15,13 @@ use crate::manifest::{Desired, Manifest};
 use crate::output::Out;
 use crate::paths::Layout;
 
+pub mod csr;
+pub mod import_cert;
 pub mod provision;
+pub mod reset;
+pub mod rotate;
 pub mod status;
+pub mod verify;
 
 /// How long a mutating run waits for another one before giving up.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -109,7 +114,11 @@ pub fn run(cli: &Cli) -> Result<i32> {
     match &cli.command {
         None | Some(Command::Provision(_)) => provision::run(&ctx, &provision_args),
         Some(Command::Status) => status::run(&ctx),
-        Some(_) => Err(Error::input("this command is not available yet", "see `sdv-provision --help`")),
+        Some(Command::Verify) => verify::run(&ctx),
+        Some(Command::Rotate { promote }) => rotate::run(&ctx, *promote),
+        Some(Command::Csr { role, out }) => csr::run(&ctx, *role, out.as_deref()),
+        Some(Command::ImportCert { role, file }) => import_cert::run(&ctx, *role, file),
+        Some(Command::Reset { yes }) => reset::run(&ctx, *yes),
     }
 }
 
@@ -329,4 +338,27 @@ pub fn commit(
     journal.next_state = Some(next);
     journal.save(&ctx.layout)?;
     journal.roll_forward(&ctx.layout, ks, old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore))
+}
+
+/// The identity's state; for a device the original script provisioned (not adopted
+/// yet), the state its files amount to. Errors when there is no identity.
+pub fn existing_state(id: &identity::Identity) -> Result<State> {
+    if let Some(s) = &id.state {
+        return Ok(s.clone());
+    }
+    if id.legacy {
+        let dev = id
+            .role(Role::Primary)
+            .cert
+            .as_ref()
+            .ok()
+            .and_then(|c| c.subject_cn.clone())
+            .or_else(|| id.device_id.clone())
+            .unwrap_or_default();
+        return Ok(identity::legacy_state(&dev));
+    }
+    Err(Error::input(
+        "this device is not provisioned",
+        "run `sdv-provision` (provision) first",
+    ))
 }

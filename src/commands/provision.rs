@@ -130,7 +130,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
             let next = State::new(&device_id, kind, alg);
             let old_state = match old {
                 Some(s) => Some(s.clone()),
-                None if id.legacy => Some(legacy_state(&device_id)),
+                None if id.legacy => Some(crate::identity::legacy_state(&device_id)),
                 None => None,
             };
             let old_keys = old_state.as_ref().map(|s| s.keys.values().cloned().collect());
@@ -225,16 +225,6 @@ fn check_unchanged(ctx: &Ctx, args: &ProvisionArgs, kind: KeystoreKind, alg: Alg
         }
     }
     Ok(())
-}
-
-/// The state the original script's files amount to.
-fn legacy_state(device_id: &str) -> State {
-    let mut s = State::new(device_id, KeystoreKind::File, Algorithm::Rsa2048);
-    for role in Role::ALL {
-        s.keys.insert(role, KeyUri::File(keystore::file::key_path(role, false)));
-    }
-    s.adopted = true;
-    s
 }
 
 /// Adopt the original script's key/cert pairs: no new keys, same thumbprints. Each key
