@@ -81,11 +81,17 @@ impl State {
                     | (KeystoreKind::Pkcs11, KeyUri::Pkcs11(_))
             );
             if !fits {
-                return Err(bad(format!("{role} key {uri} does not fit keystore {}", s.keystore)));
+                return Err(bad(format!(
+                    "{role} key {uri} does not fit keystore {}",
+                    s.keystore
+                )));
             }
             if let KeyUri::File(p) = uri {
                 if !p.starts_with(CERT_DIR) {
-                    return Err(bad(format!("{role} key {} is outside {CERT_DIR}", p.display())));
+                    return Err(bad(format!(
+                        "{role} key {} is outside {CERT_DIR}",
+                        p.display()
+                    )));
                 }
             }
         }
@@ -356,7 +362,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let layout = Layout::new(d.path());
         let mut s = State::new("dev-1", KeystoreKind::File, Algorithm::Rsa2048);
-        s.keys.insert(Role::Primary, KeyUri::File(key_path(Role::Primary, false)));
+        s.keys
+            .insert(Role::Primary, KeyUri::File(key_path(Role::Primary, false)));
         s.save(&layout).unwrap();
         assert_eq!(State::load(&layout).unwrap(), Some(s.clone()));
 
@@ -370,8 +377,10 @@ mod tests {
             r#"{"version":2,"device_id":"d","keystore":"file","algorithm":"rsa-2048","keys":{}}"#,
         ] {
             std::fs::write(&path, bad).unwrap();
-            assert!(matches!(State::load(&layout), Err(Error::InvalidState { .. })), "{bad}");
+            assert!(
+                matches!(State::load(&layout), Err(Error::InvalidState { .. })),
+                "{bad}"
+            );
         }
     }
 }
-

@@ -16,7 +16,10 @@ pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
     let id = Identity::load(&ctx.layout)?;
     let state = existing_state(&id)?;
     let uri = state.keys.get(&role).ok_or_else(|| {
-        crate::Error::input(format!("there is no {role} key"), "run `sdv-provision` to complete the identity")
+        crate::Error::input(
+            format!("there is no {role} key"),
+            "run `sdv-provision` to complete the identity",
+        )
     })?;
     let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
     let key = ks.open(uri)?;
@@ -25,13 +28,22 @@ pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
         Some(path) => {
             fsutil::atomic_write(path, pem.as_bytes(), fsutil::PUBLIC)?;
             if ctx.json {
-                println!("{}", serde_json::json!({"role": role.as_str(), "path": path.display().to_string(), "key_uri": uri.to_string()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"role": role.as_str(), "path": path.display().to_string(), "key_uri": uri.to_string()})
+                );
             } else {
-                ctx.out.say(format!("Wrote the {role} certificate request to {}", path.display()));
+                ctx.out.say(format!(
+                    "Wrote the {role} certificate request to {}",
+                    path.display()
+                ));
             }
         }
         None if ctx.json => {
-            println!("{}", serde_json::json!({"role": role.as_str(), "csr": pem, "key_uri": uri.to_string()}));
+            println!(
+                "{}",
+                serde_json::json!({"role": role.as_str(), "csr": pem, "key_uri": uri.to_string()})
+            );
         }
         None => print!("{pem}"),
     }

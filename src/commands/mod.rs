@@ -97,7 +97,11 @@ impl Ctx {
     }
 
     /// Open a keystore; settings an earlier run recorded fill in missing flags.
-    pub fn open_keystore(&self, kind: KeystoreKind, state: Option<&State>) -> Result<Box<dyn KeyStore>> {
+    pub fn open_keystore(
+        &self,
+        kind: KeystoreKind,
+        state: Option<&State>,
+    ) -> Result<Box<dyn KeyStore>> {
         let mut cfg = self.ks_config.clone();
         if let Some(s) = state {
             cfg.recorded = s.backend.clone();
@@ -146,7 +150,11 @@ pub fn recover(ctx: &Ctx) -> Result<()> {
             };
             let mut ks = ctx.open_keystore(journal.keystore, next.as_ref().or(state.as_ref()))?;
             journal
-                .roll_forward(&ctx.layout, ks.as_mut(), old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore))
+                .roll_forward(
+                    &ctx.layout,
+                    ks.as_mut(),
+                    old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
+                )
                 .map(|_| ())
         }
     }
@@ -183,7 +191,10 @@ pub fn converge(ctx: &Ctx, state: &State, cloud: &Cloud, certs_changed: bool) ->
             let new = m.render(&want)?;
             let wrote = m.save(&new, cloud.has_secret())?;
             if wrote {
-                ctx.out.say(format!("- Updated the Cloud Connector manifest {}", m.path.display()));
+                ctx.out.say(format!(
+                    "- Updated the Cloud Connector manifest {}",
+                    m.path.display()
+                ));
             }
             wrote
         }
@@ -224,7 +235,8 @@ pub fn report(ctx: &Ctx) -> Result<bool> {
     let problems = status::problems(ctx, &id)?;
     let manifest_exists = fsutil::exists_nofollow(&ctx.layout.host(crate::paths::MANIFEST));
     if ctx.json {
-        crate::output::Report::new(&ctx.layout, &id, manifest_exists, problems.clone()).print_json();
+        crate::output::Report::new(&ctx.layout, &id, manifest_exists, problems.clone())
+            .print_json();
     } else {
         crate::output::print_identity(&ctx.out, &ctx.layout, &id);
     }
@@ -312,7 +324,9 @@ pub fn commit(
     old: Option<(&State, Vec<keystore::KeyUri>)>,
 ) -> Result<State> {
     next.backend = ks.record();
-    let staged = built.iter().any(|b| b.cert_file != crate::paths::cert_name(b.role, false));
+    let staged = built
+        .iter()
+        .any(|b| b.cert_file != crate::paths::cert_name(b.role, false));
     if !staged {
         for b in built {
             next.keys.insert(b.role, b.uri);
@@ -334,10 +348,17 @@ pub fn commit(
     journal.phase = Phase::Committed;
     journal.old_keys = old_keys;
     journal.old_keystore = Some(old_kind);
-    journal.moves = built.into_iter().map(|b| (b.uri, b.role, b.cert_file)).collect();
+    journal.moves = built
+        .into_iter()
+        .map(|b| (b.uri, b.role, b.cert_file))
+        .collect();
     journal.next_state = Some(next);
     journal.save(&ctx.layout)?;
-    journal.roll_forward(&ctx.layout, ks, old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore))
+    journal.roll_forward(
+        &ctx.layout,
+        ks,
+        old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
+    )
 }
 
 /// The identity's state; for a device the original script provisioned (not adopted

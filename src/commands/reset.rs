@@ -23,7 +23,9 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
                 flag: "--yes".into(),
             });
         }
-        if !crate::interactive::confirm("Remove this device's cloud identity (keys, certificates, cloud configuration)?")? {
+        if !crate::interactive::confirm(
+            "Remove this device's cloud identity (keys, certificates, cloud configuration)?",
+        )? {
             ctx.out.say("Nothing removed.");
             return Ok(1);
         }
@@ -38,7 +40,12 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
     };
     let manifest_changed = match Manifest::load(&ctx.layout)? {
         Some(m) => {
-            let clean = m.stripped(state.as_ref().map(|s| s.backend.mounts.as_slice()).unwrap_or(&[]))?;
+            let clean = m.stripped(
+                state
+                    .as_ref()
+                    .map(|s| s.backend.mounts.as_slice())
+                    .unwrap_or(&[]),
+            )?;
             m.save(&clean, false)?
         }
         None => false,

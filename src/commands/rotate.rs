@@ -18,17 +18,25 @@ pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
     recover(ctx)?;
     let id = Identity::load(&ctx.layout)?;
     let state = id.state.clone().ok_or_else(|| {
-        Error::input("this device has no sdv-provision identity", "run `sdv-provision` (provision) first")
+        Error::input(
+            "this device has no sdv-provision identity",
+            "run `sdv-provision` (provision) first",
+        )
     })?;
-    let cloud = id
-        .cloud
-        .clone()
-        .ok_or_else(|| Error::input("no cloud backend is configured", "run `sdv-provision` first"))?;
+    let cloud = id.cloud.clone().ok_or_else(|| {
+        Error::input(
+            "no cloud backend is configured",
+            "run `sdv-provision` first",
+        )
+    })?;
     let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
     let mut state = state;
     if promote {
         let secondary = state.keys.get(&Role::Secondary).cloned().ok_or_else(|| {
-            Error::input("there is no secondary key to promote", "run `sdv-provision rotate` first")
+            Error::input(
+                "there is no secondary key to promote",
+                "run `sdv-provision rotate` first",
+            )
         })?;
         ctx.out.say("- Promoting the secondary identity to primary");
         let mut next = state.clone();
@@ -38,17 +46,31 @@ pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
             keystore: state.keystore,
             new_keys: Vec::new(),
             new_files: Vec::new(),
-            old_keys: state.keys.get(&Role::Primary).cloned().into_iter().collect(),
+            old_keys: state
+                .keys
+                .get(&Role::Primary)
+                .cloned()
+                .into_iter()
+                .collect(),
             old_keystore: None,
             old_removed: false,
-            moves: vec![(secondary, Role::Primary, paths::cert_name(Role::Secondary, false))],
+            moves: vec![(
+                secondary,
+                Role::Primary,
+                paths::cert_name(Role::Secondary, false),
+            )],
             next_state: Some(next),
         };
         journal.save(&ctx.layout)?;
         state = journal.roll_forward(&ctx.layout, ks.as_mut(), None)?;
     }
     // A fresh secondary: built beside the live one (if any), moved in when complete.
-    let old_secondary: Vec<_> = state.keys.get(&Role::Secondary).cloned().into_iter().collect();
+    let old_secondary: Vec<_> = state
+        .keys
+        .get(&Role::Secondary)
+        .cloned()
+        .into_iter()
+        .collect();
     let staged = !old_secondary.is_empty();
     let (journal, built) = build_keys(
         ctx,
@@ -60,7 +82,7 @@ pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
         365,
     )?;
     let base: State = state.clone();
-    let old = staged.then(|| (&base, old_secondary));
+    let old = staged.then_some((&base, old_secondary));
     state = commit(ctx, ks.as_mut(), journal, built, state.clone(), old)?;
     drop(ks);
     if promote {

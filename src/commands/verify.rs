@@ -33,13 +33,28 @@ pub fn run(ctx: &Ctx) -> Result<i32> {
     let ok = checks.iter().all(|c| c.ok);
     if ctx.json {
         let mut o = std::io::stdout().lock();
-        let _ = serde_json::to_writer_pretty(&mut o, &VerifyReport { ok, checks: &checks });
+        let _ = serde_json::to_writer_pretty(
+            &mut o,
+            &VerifyReport {
+                ok,
+                checks: &checks,
+            },
+        );
         let _ = std::io::Write::write_all(&mut o, b"\n");
     } else {
         for c in &checks {
-            ctx.out.say(format!("{} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.check, c.detail));
+            ctx.out.say(format!(
+                "{} {}: {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.check,
+                c.detail
+            ));
         }
-        ctx.out.say(if ok { "Verification passed" } else { "Verification FAILED" });
+        ctx.out.say(if ok {
+            "Verification passed"
+        } else {
+            "Verification FAILED"
+        });
     }
     Ok(if ok { 0 } else { 1 })
 }
@@ -48,11 +63,16 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
     let id = Identity::load(&ctx.layout)?;
     let state = existing_state(&id)?;
     let mut checks = Vec::new();
-    let mut add = |check: String, ok: bool, detail: String| checks.push(Check { check, ok, detail });
+    let mut add =
+        |check: String, ok: bool, detail: String| checks.push(Check { check, ok, detail });
 
     match &id.cloud {
         Some(c) => add("cloud".into(), true, format!("{} configured", c.kind())),
-        None => add("cloud".into(), false, "no ID scope or connection string configured".into()),
+        None => add(
+            "cloud".into(),
+            false,
+            "no ID scope or connection string configured".into(),
+        ),
     }
     let mut ks = match ctx.open_keystore(state.keystore, Some(&state)) {
         Ok(ks) => Some(ks),
@@ -74,13 +94,22 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
         add(
             format!("{role}.certificate.subject"),
             cn_ok,
-            format!("CN {:?}, device id {:?}", cert.subject_cn.as_deref().unwrap_or(""), state.device_id),
+            format!(
+                "CN {:?}, device id {:?}",
+                cert.subject_cn.as_deref().unwrap_or(""),
+                state.device_id
+            ),
         );
         let days_left = cert.remaining().whole_days();
         let (ok, detail) = if !cert.is_current() {
-            (false, format!("not valid now (valid until {})", cert.not_after_rfc3339()))
+            (
+                false,
+                format!("not valid now (valid until {})", cert.not_after_rfc3339()),
+            )
         } else if days_left < EXPIRY_WARNING_DAYS {
-            ctx.out.warn(format!("the {role} certificate expires in {days_left} days; run `sdv-provision rotate`"));
+            ctx.out.warn(format!(
+                "the {role} certificate expires in {days_left} days; run `sdv-provision rotate`"
+            ));
             (true, format!("valid, but only {days_left} days left"))
         } else {
             (true, format!("valid until {}", cert.not_after_rfc3339()))
@@ -106,10 +135,18 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
         }
     }
     match (Manifest::load(&ctx.layout)?, &id.cloud) {
-        (None, _) => add("manifest".into(), true, "no connector manifest on this device".into()),
+        (None, _) => add(
+            "manifest".into(),
+            true,
+            "no connector manifest on this device".into(),
+        ),
         (Some(_), None) => {}
         (Some(m), Some(cloud)) => match desired_manifest(&state, cloud) {
-            None => add("manifest".into(), false, "the state lacks the primary key's settings".into()),
+            None => add(
+                "manifest".into(),
+                false,
+                "the state lacks the primary key's settings".into(),
+            ),
             Some(want) => {
                 let fresh = m.render(&want)?;
                 let ok = m.current.as_ref() == Some(&fresh);
@@ -120,7 +157,9 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
                         .iter()
                         .copied()
                         .filter(|k| {
-                            m.current.as_ref().and_then(|c| crate::manifest::env_value(c, k))
+                            m.current
+                                .as_ref()
+                                .and_then(|c| crate::manifest::env_value(c, k))
                                 != crate::manifest::env_value(&fresh, k)
                         })
                         .collect();
