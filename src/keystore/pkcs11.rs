@@ -161,6 +161,17 @@ impl Pkcs11KeyStore {
         &self.token
     }
 
+    /// How a consumer reaches the key at `uri`: the same [`KeyRef`] the manifest code
+    /// builds from [`KeyStore::record`] and the state file.
+    pub fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
+        Ok(KeyRef::Pkcs11 {
+            uri: self.uri(uri)?.clone(),
+            module: self.module.clone(),
+            pin_file: self.pin_file.clone(),
+            mounts: self.mounts.clone(),
+        })
+    }
+
     fn uri<'u>(&self, uri: &'u KeyUri) -> Result<&'u Pkcs11Uri, KeyStoreError> {
         match uri {
             KeyUri::Pkcs11(u) if u.token == self.token => Ok(u),
@@ -423,15 +434,6 @@ impl KeyStore for Pkcs11KeyStore {
                 .map_err(|e| write_error(&step, &u.token, e))?;
         }
         Ok(())
-    }
-
-    fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
-        Ok(KeyRef::Pkcs11 {
-            uri: self.uri(uri)?.clone(),
-            module: self.module.clone(),
-            pin_file: self.pin_file.clone(),
-            mounts: self.mounts.clone(),
-        })
     }
 
     fn record(&self) -> BackendRecord {
@@ -858,7 +860,7 @@ fn ensure_free(session: &Session, token: &str, label: &str) -> Result<(), KeySto
     } else {
         Err(KeyStoreError::Occupied {
             what: format!("label {label} in PKCS#11 token {token} ({} object(s))", taken.len()),
-            hint: format!("choose another token with --pkcs11-token, delete those objects (pkcs11-tool --delete-object), or run `sdv-provision reset` if an earlier run left them"),
+            hint: "choose another token with --pkcs11-token, delete those objects (pkcs11-tool --delete-object), or run `sdv-provision reset` if an earlier run left them".into(),
         })
     }
 }
