@@ -136,18 +136,7 @@ pub fn store() -> &'static Store {
             "setup-token printed {exports}"
         );
         let openssl_conf = dir.join("openssl.cnf");
-        std::fs::write(
-            &openssl_conf,
-            format!(
-                "openssl_conf = openssl_init\n\
-                 [openssl_init]\nengines = engine_section\n\
-                 [engine_section]\npkcs11 = pkcs11_section\n\
-                 [pkcs11_section]\nengine_id = pkcs11\ndynamic_path = {}\nMODULE_PATH = {}\ninit = 0\n",
-                engine_path().expect("libp11 engine").display(),
-                module.display()
-            ),
-        )
-        .unwrap();
+        write_openssl_conf(&openssl_conf, &module);
         // Set once, before any module is loaded in this process (see the module docs).
         std::env::set_var("SOFTHSM2_CONF", &conf);
         std::env::set_var("SDV_PROVISION_PKCS11_SO_PIN_FILE", &so_pin_file);
@@ -166,6 +155,100 @@ pub fn store() -> &'static Store {
             ctx,
         }
     })
+}
+
+/// An `OPENSSL_CONF` that loads libp11's `pkcs11` engine for `module` (Debian's
+/// libengine-pkcs11-openssl: `dynamic_path` is the engine, `MODULE_PATH` the token's
+/// module; `init = 0` leaves initialisation to the first use).
+pub fn write_openssl_conf(path: &Path, module: &Path) {
+    std::fs::write(
+        path,
+        format!(
+            "openssl_conf = openssl_init\n\
+             [openssl_init]\nengines = engine_section\n\
+             [engine_section]\npkcs11 = pkcs11_section\n\
+             [pkcs11_section]\nengine_id = pkcs11\ndynamic_path = {}\nMODULE_PATH = {}\ninit = 0\n",
+            engine_path().expect("libp11 engine").display(),
+            module.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// A SoftHSM store of its own, for tests that run the built binary: every child
+/// process gets this store's `SOFTHSM2_CONF` in its environment, so nothing is shared
+/// and nothing in the test process changes. Made by `softhsm/setup-token`.
+pub struct PrivateStore {
+    pub dir: TempDir,
+    pub conf: PathBuf,
+    pub module: PathBuf,
+    pub openssl_conf: PathBuf,
+    /// [`USER_PIN`] plus a newline.
+    pub pin_file: PathBuf,
+    pub label: String,
+}
+
+impl PrivateStore {
+    pub fn new(label: &str) -> PrivateStore {
+        let dir = tempfile::tempdir().unwrap();
+        let hsm = dir.path().join("hsm");
+        let module = module_path().expect("SoftHSM module");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm/setup-token");
+        super::run_ok(
+            Command::new(&script)
+                .arg(&hsm)
+                .arg(label)
+                .env("PKCS11_MODULE_PATH", &module)
+                .env("SDV_PROVISION_PKCS11_PIN", USER_PIN)
+                .env("SDV_PROVISION_PKCS11_SO_PIN", SO_PIN),
+        );
+        let pin_file = dir.path().join("user.pin");
+        std::fs::write(&pin_file, format!("{USER_PIN}\n")).unwrap();
+        let openssl_conf = dir.path().join("openssl.cnf");
+        write_openssl_conf(&openssl_conf, &module);
+        PrivateStore {
+            conf: hsm.join("softhsm2.conf"),
+            module,
+            openssl_conf,
+            pin_file,
+            label: label.to_owned(),
+            dir,
+        }
+    }
+
+    pub fn tokendir(&self) -> PathBuf {
+        self.dir.path().join("hsm/tokens")
+    }
+
+    /// Environment for any process using this store (the binary, OpenSSL, pkcs11-tool).
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("SOFTHSM2_CONF", self.conf.display().to_string()),
+            ("OPENSSL_CONF", self.openssl_conf.display().to_string()),
+        ]
+    }
+
+    /// Labels of all objects in the token, one per object, as `pkcs11-tool` lists them.
+    pub fn object_labels(&self) -> Vec<String> {
+        let out = super::run_ok(
+            Command::new("pkcs11-tool")
+                .arg("--module")
+                .arg(&self.module)
+                .args([
+                    "--token-label",
+                    &self.label,
+                    "--login",
+                    "--list-objects",
+                    "--pin",
+                ])
+                .arg(USER_PIN)
+                .env("SOFTHSM2_CONF", &self.conf),
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("label:").map(|v| v.trim().to_owned()))
+            .collect()
+    }
 }
 
 /// Stores of earlier test runs whose process is gone.
