@@ -53,6 +53,9 @@ const SHA256_DIGEST_INFO: &[u8] = &[
     0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
     0x00, 0x04, 0x20,
 ];
+/// How to point the tool at a module.
+const MODULE_HINT: &str = "pass --pkcs11-module (or set PKCS11_MODULE_PATH) to the token's \
+                           PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so";
 /// The object classes that make up one identity.
 const IDENTITY_CLASSES: [ObjectClass; 3] = [
     ObjectClass::PRIVATE_KEY,
@@ -108,7 +111,7 @@ impl Pkcs11KeyStore {
             .or_else(|| config.recorded.pkcs11_module.clone())
             .ok_or_else(|| KeyStoreError::Unavailable {
                 what: "no PKCS#11 module configured".into(),
-                hint: "pass --pkcs11-module (or set PKCS11_MODULE_PATH) to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so".into(),
+                hint: MODULE_HINT.into(),
             })?;
         let token = config
             .pkcs11_token
@@ -284,13 +287,16 @@ impl KeyStore for Pkcs11KeyStore {
         let not_found = || KeyStoreError::NotFound {
             uri: uri.to_string(),
         };
-        let private = match find(session, &identity_template(&u.object, &u.id, ObjectClass::PRIVATE_KEY))?[..] {
+        let template = identity_template(&u.object, &u.id, ObjectClass::PRIVATE_KEY);
+        let private = match find(session, &template)?[..] {
             [] => return Err(not_found()),
             [h] => h,
             _ => {
                 return Err(KeyStoreError::Rejected {
                     what: format!("token {} holds several private keys for {uri}", u.token),
-                    hint: "remove the duplicates (pkcs11-tool --delete-object), or run `sdv-provision reset`".into(),
+                    hint: "remove the duplicates (pkcs11-tool --delete-object), \
+                           or run `sdv-provision reset`"
+                        .into(),
                 })
             }
         };
@@ -532,7 +538,7 @@ fn load_module(path: &Path) -> Result<Pkcs11, KeyStoreError> {
     if let Some(ctx) = modules.get(path) {
         return Ok(ctx.clone());
     }
-    let hint = "pass --pkcs11-module (or PKCS11_MODULE_PATH) with the path of your token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so";
+    let hint = MODULE_HINT;
     if !path.is_file() {
         return Err(KeyStoreError::Unavailable {
             what: format!("PKCS#11 module {} does not exist", path.display()),
@@ -551,8 +557,14 @@ fn load_module(path: &Path) -> Result<Pkcs11, KeyStoreError> {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => {
             return Err(KeyStoreError::Unavailable {
-                what: format!("PKCS#11 module {} failed to start ({})", path.display(), describe(&e)),
-                hint: "check the module's configuration (for SoftHSM: SOFTHSM2_CONF and its directories.tokendir)".into(),
+                what: format!(
+                    "PKCS#11 module {} failed to start ({})",
+                    path.display(),
+                    describe(&e)
+                ),
+                hint: "check the module's configuration \
+                       (for SoftHSM: SOFTHSM2_CONF and its directories.tokendir)"
+                    .into(),
             })
         }
     }
@@ -597,8 +609,14 @@ fn not_found(module: &Path, token: &str, labels: &[String]) -> KeyStoreError {
         format!("tokens found: {}", labels.join(", "))
     };
     KeyStoreError::Unavailable {
-        what: format!("no PKCS#11 token labelled {token} in {} ({found})", module.display()),
-        hint: format!("pass --pkcs11-token with one of those labels, or --pkcs11-init-token to initialise a blank slot as {token} (SO PIN from {SO_PIN_ENV} or {SO_PIN_FILE_ENV})"),
+        what: format!(
+            "no PKCS#11 token labelled {token} in {} ({found})",
+            module.display()
+        ),
+        hint: format!(
+            "pass --pkcs11-token with one of those labels, or --pkcs11-init-token to \
+             initialise a blank slot as {token} (SO PIN from {SO_PIN_ENV} or {SO_PIN_FILE_ENV})"
+        ),
     }
 }
 
@@ -671,7 +689,9 @@ fn check_user_pin_state(ctx: &Pkcs11, slot: Slot, token: &str) -> Result<(), Key
     if !info.user_pin_initialized() {
         return Err(KeyStoreError::Rejected {
             what: format!("PKCS#11 token {token} has no user PIN yet"),
-            hint: "set one (e.g. `pkcs11-tool --login --login-type so --init-pin`), or initialise a blank token with --pkcs11-init-token".into(),
+            hint: "set one (e.g. `pkcs11-tool --login --login-type so --init-pin`), \
+                   or initialise a blank token with --pkcs11-init-token"
+                .into(),
         });
     }
     if info.user_pin_final_try() {
@@ -685,22 +705,40 @@ fn login(session: &Session, token: &str, pin: &SecretString) -> Result<(), KeySt
         // Login state is per process and token: another session of ours is logged in.
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(e @ CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(KeyStoreError::Rejected {
-            what: format!("the PIN was rejected by PKCS#11 token {token} ({})", describe(&e)),
-            hint: format!("check --pkcs11-pin-file / {PIN_ENV}; sdv-provision does not retry, because tokens lock after a few wrong PINs"),
+            what: format!(
+                "the PIN was rejected by PKCS#11 token {token} ({})",
+                describe(&e)
+            ),
+            hint: format!(
+                "check --pkcs11-pin-file / {PIN_ENV}; sdv-provision does not retry, \
+                 because tokens lock after a few wrong PINs"
+            ),
         }),
         Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(pin_locked(token)),
-        Err(e @ CkError::Pkcs11(RvError::PinLenRange | RvError::PinInvalid, _)) => Err(KeyStoreError::Rejected {
-            what: format!("PKCS#11 token {token} does not accept a PIN of this form ({})", describe(&e)),
-            hint: format!("check --pkcs11-pin-file / {PIN_ENV} (the file's one trailing newline is ignored)"),
-        }),
+        Err(e @ CkError::Pkcs11(RvError::PinLenRange | RvError::PinInvalid, _)) => {
+            Err(KeyStoreError::Rejected {
+                what: format!(
+                    "PKCS#11 token {token} does not accept a PIN of this form ({})",
+                    describe(&e)
+                ),
+                hint: format!(
+                    "check --pkcs11-pin-file / {PIN_ENV} \
+                     (one trailing newline in the file is ignored)"
+                ),
+            })
+        }
         Err(e) => Err(ck(format!("log in to PKCS#11 token {token}"), e)),
     }
 }
 
 fn pin_locked(token: &str) -> KeyStoreError {
     KeyStoreError::Rejected {
-        what: format!("the user PIN of PKCS#11 token {token} is locked after too many wrong attempts"),
-        hint: "unlock it with the SO PIN (e.g. `pkcs11-tool --login --login-type so --init-pin`) or re-initialise the token".into(),
+        what: format!(
+            "the user PIN of PKCS#11 token {token} is locked after too many wrong attempts"
+        ),
+        hint: "unlock it with the SO PIN (e.g. `pkcs11-tool --login --login-type so --init-pin`) \
+               or re-initialise the token"
+            .into(),
     }
 }
 
@@ -859,8 +897,14 @@ fn ensure_free(session: &Session, token: &str, label: &str) -> Result<(), KeySto
         Ok(())
     } else {
         Err(KeyStoreError::Occupied {
-            what: format!("label {label} in PKCS#11 token {token} ({} object(s))", taken.len()),
-            hint: "choose another token with --pkcs11-token, delete those objects (pkcs11-tool --delete-object), or run `sdv-provision reset` if an earlier run left them".into(),
+            what: format!(
+                "label {label} in PKCS#11 token {token} ({} object(s))",
+                taken.len()
+            ),
+            hint: "choose another token with --pkcs11-token, delete those objects \
+                   (pkcs11-tool --delete-object), or run `sdv-provision reset` if an \
+                   earlier run left them"
+                .into(),
         })
     }
 }
@@ -917,11 +961,11 @@ fn key_algorithm(session: &Session, key: ObjectHandle) -> Result<Algorithm, KeyS
             _ => {}
         }
     }
-    let unsupported = || {
-        KeyStoreError::Rejected {
+    let unsupported = || KeyStoreError::Rejected {
         what: "the key's type or size is not one sdv-provision supports".into(),
-        hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384; run `sdv-provision provision --force`".into(),
-    }
+        hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384; \
+               run `sdv-provision provision --force`"
+            .into(),
     };
     match kt {
         Some(KeyType::RSA) => {
@@ -1021,8 +1065,12 @@ fn write_error(step: &str, token: &str, e: CkError) -> KeyStoreError {
             RvError::GeneralError | RvError::DeviceError | RvError::FunctionFailed,
             _,
         ) => KeyStoreError::Rejected {
-            what: format!("PKCS#11 token {token} could not store the change: cannot {step} ({cause})"),
-            hint: "check that the token's storage is writable and not full (SoftHSM: directories.tokendir in SOFTHSM2_CONF)".into(),
+            what: format!(
+                "PKCS#11 token {token} could not store the change: cannot {step} ({cause})"
+            ),
+            hint: "check that the token's storage is writable and not full \
+                   (SoftHSM: directories.tokendir in SOFTHSM2_CONF)"
+                .into(),
         },
         e => ck(format!("{step} in PKCS#11 token {token}"), e),
     }
