@@ -365,3 +365,40 @@ fn reset_removes_the_token_objects() {
     assert!(store.object_labels().is_empty());
     assert!(!root.join(CERT_DIR).join("pkcs11.pin").exists());
 }
+
+/// With a terminal and no PIN source, the PIN is asked for once, hidden.
+#[test]
+fn interactive_pin_prompt_is_hidden() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let mut cmd = tool(&store, &root);
+    cmd.args(["--keystore", "pkcs11", "--pkcs11-module"])
+        .arg(&store.module)
+        .args(["--no-restart", "provision", "--id-scope", "0ne0012345A"])
+        .args(["--device-id", "dev-pty", "--algorithm", "ecdsa-p256"]);
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).unwrap();
+    p.exp_string("User PIN of PKCS#11 token leda").unwrap();
+    p.send_line(USER_PIN).unwrap();
+    let rest = p.exp_eof().unwrap();
+    assert!(rest.contains("thumbprint"), "{rest}");
+    assert!(!rest.contains(USER_PIN), "the PIN was echoed: {rest}");
+    // dialoguer redraws the answered prompt as "[hidden]"; a second prompt would also
+    // stall exp_eof until the timeout.
+    assert!(
+        rest.matches("User PIN of").count() <= 1,
+        "asked twice: {rest}"
+    );
+    match p.process.wait().unwrap() {
+        rexpect::process::wait::WaitStatus::Exited(_, 0) => {}
+        other => panic!("{other:?}: {rest}"),
+    }
+    assert_eq!(store.object_labels().len(), 6);
+    // The accepted PIN is what the connector's PIN file holds.
+    assert_eq!(
+        std::fs::read_to_string(root.join(CERT_DIR).join("pkcs11.pin")).unwrap(),
+        USER_PIN
+    );
+}
