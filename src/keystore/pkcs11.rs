@@ -196,10 +196,7 @@ impl KeyStore for Pkcs11KeyStore {
         let label = label(role, staged);
         let token = self.token.clone();
         ensure_free(self.session(), &token, label)?;
-        let mut id = vec![0u8; 16];
-        aws_lc_rs::rand::fill(&mut id).map_err(|_| {
-            KeyStoreError::backend("make a random CKA_ID", "no randomness available")
-        })?;
+        let id = random_id()?;
         Ok(KeyUri::Pkcs11(Pkcs11Uri {
             token,
             object: label.to_owned(),
@@ -890,6 +887,20 @@ fn consumer_mounts(ctx: &Pkcs11) -> Vec<PathBuf> {
     mounts
 }
 
+/// A fresh 16-byte CKA_ID from the kernel's RNG. The id only has to be unique, not
+/// secret; reading `/dev/urandom` costs microseconds, while the first use of aws-lc's
+/// DRBG costs ~45 ms of seeding, most of a PKCS#11 run on a fast token.
+fn random_id() -> Result<Vec<u8>, KeyStoreError> {
+    use std::io::Read;
+    let mut id = vec![0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(|e| {
+            KeyStoreError::backend("make a random CKA_ID from /dev/urandom", e.to_string())
+        })?;
+    Ok(id)
+}
+
 /// `plan`/`generate` refuse a label something already uses.
 fn ensure_free(session: &Session, token: &str, label: &str) -> Result<(), KeyStoreError> {
     let taken = find(session, &[Attribute::Label(label.as_bytes().to_vec())])?;
@@ -1113,6 +1124,13 @@ mod tests {
             cryptoki::context::Function::GenerateKeyPair,
         );
         assert_eq!(describe(&e), "C_GenerateKeyPair: CKR_TOKEN_WRITE_PROTECTED");
+    }
+
+    #[test]
+    fn random_ids_differ() {
+        let (a, b) = (random_id().unwrap(), random_id().unwrap());
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
     }
 
     #[test]
