@@ -475,6 +475,13 @@ impl Pkcs11Key<'_> {
         let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         let step = format!("sign with {}", self.uri);
         if self.alg.is_rsa() {
+            // Our RSA certificates are always sha256WithRSAEncryption (Algorithm::rcgen).
+            if digest.len() != 32 {
+                return Err(KeyStoreError::backend(
+                    step,
+                    "RSA signing expects a SHA-256 digest",
+                ));
+            }
             let mut info = SHA256_DIGEST_INFO.to_vec();
             info.extend_from_slice(&digest);
             session
