@@ -324,16 +324,15 @@ pub fn commit(
     old: Option<(&State, Vec<keystore::KeyUri>)>,
 ) -> Result<State> {
     next.backend = ks.record();
-    let staged = built
-        .iter()
-        .any(|b| b.cert_file != crate::paths::cert_name(b.role, false));
-    if !staged {
-        for b in built {
-            next.keys.insert(b.role, b.uri);
-        }
-        next.save(&ctx.layout)?;
-        Journal::clear(&ctx.layout)?;
-        return Ok(next);
+    // Fresh roles go straight into the next state; staged ones are moved into
+    // place by the roll-forward. Either way the committed journal, not the state
+    // file, is the commit point: a kill between writing the state and clearing a
+    // "prepared" journal would otherwise roll back keys the state already names.
+    let (fresh, staged): (Vec<Built>, Vec<Built>) = built
+        .into_iter()
+        .partition(|b| b.cert_file == crate::paths::cert_name(b.role, false));
+    for b in fresh {
+        next.keys.insert(b.role, b.uri);
     }
     let (old_kind, old_keys) = match &old {
         Some((s, keys)) => (s.keystore, keys.clone()),
@@ -348,17 +347,18 @@ pub fn commit(
     journal.phase = Phase::Committed;
     journal.old_keys = old_keys;
     journal.old_keystore = Some(old_kind);
-    journal.moves = built
+    journal.moves = staged
         .into_iter()
         .map(|b| (b.uri, b.role, b.cert_file))
         .collect();
     journal.next_state = Some(next);
     journal.save(&ctx.layout)?;
-    journal.roll_forward(
+    let state = journal.roll_forward(
         &ctx.layout,
         ks,
         old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
-    )
+    )?;
+    Ok(state.expect("a journal with a next state yields it"))
 }
 
 /// The identity's state; for a device the original script provisioned (not adopted
