@@ -90,10 +90,16 @@ impl Ctx {
         Ok(())
     }
 
-    /// Take the run lock (mutating commands only; `status` never blocks).
+    /// Take the run lock (mutating commands only; `status` never blocks). The wait
+    /// can be changed with env `SDV_PROVISION_LOCK_TIMEOUT` (seconds; 0 = fail at once).
     pub fn lock(&self) -> Result<RunLock> {
         self.check_root()?;
-        RunLock::acquire(self.layout.root(), LOCK_TIMEOUT)
+        let timeout = std::env::var("SDV_PROVISION_LOCK_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(LOCK_TIMEOUT);
+        RunLock::acquire(self.layout.root(), timeout)
     }
 
     /// Open a keystore; settings an earlier run recorded fill in missing flags.
