@@ -579,6 +579,16 @@ fn promote_relabels_replaces_and_is_idempotent() {
     assert_eq!(objs.len(), 3, "the staged key, public key and certificate");
     for h in objs {
         assert_eq!(id_of(&s, h), pk(&next).id, "the old primary was replaced");
+        if class_of(&s, h) == ObjectClass::PRIVATE_KEY {
+            // The moved key keeps what it was born with (it is copied, not re-made).
+            let b = |t| bool_attr(&s, h, t);
+            assert_eq!(b(AttributeType::Sensitive), Some(true));
+            assert_eq!(b(AttributeType::Extractable), Some(false));
+            assert_eq!(b(AttributeType::Decrypt), Some(false));
+            assert_eq!(b(AttributeType::Local), Some(true));
+            assert_eq!(b(AttributeType::AlwaysSensitive), Some(true));
+            assert_eq!(b(AttributeType::NeverExtractable), Some(true));
+        }
     }
     assert!(matches!(ks.open(&old), Err(KeyStoreError::NotFound { .. })));
     let key = ks.open(&live).unwrap();

@@ -342,11 +342,18 @@ impl KeyStore for Pkcs11KeyStore {
         Ok(())
     }
 
-    /// Relabel the staged objects to the live label, keeping their CKA_ID. Like the
-    /// file keystore's rename, the move *replaces* what is at the destination: objects
-    /// with the live label and another CKA_ID (the previous key of that role) are
-    /// destroyed, but only after the new ones carry the live label, so at every
-    /// instant some complete key answers to the live label.
+    /// Move the staged objects to the live label, keeping their CKA_ID. Like the file
+    /// keystore's rename, the move *replaces* what is at the destination: objects with
+    /// the live label and another CKA_ID (the previous key of that role) are destroyed
+    /// last, once the new ones carry the live label.
+    ///
+    /// Each object is **copied** under the live label (`C_CopyObject`) and the staged
+    /// one destroyed, rather than relabelled in place (`C_SetAttributeValue`): a token
+    /// that rewrites an object file non-atomically (SoftHSM truncates, then writes)
+    /// loses the object if the process dies mid-update, while a copy is a new object and
+    /// a destroy is an unlink. Every step is idempotent: for each class, the staged
+    /// object, its live copy, or both exist at every instant, and a re-run finishes
+    /// the move. Tokens that refuse to copy keys fall back to relabelling.
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
         let u = self.uri(from)?.clone();
         let live = label(role, false);
@@ -356,37 +363,54 @@ impl KeyStore for Pkcs11KeyStore {
             id: u.id.clone(),
         });
         let session = self.session();
-        let step = format!("relabel {} to {live}", u.object);
-        let mut moved = 0;
+        let step = format!("move {} to {live}", u.object);
+        let live_label = Attribute::Label(live.as_bytes().to_vec());
         if u.object != live {
             for class in IDENTITY_CLASSES {
-                for h in find(session, &identity_template(&u.object, &u.id, class))? {
+                let staged = find(session, &identity_template(&u.object, &u.id, class))?;
+                let Some(&first) = staged.first() else {
+                    continue;
+                };
+                if find(session, &identity_template(live, &u.id, class))?.is_empty() {
+                    match session.copy_object(first, std::slice::from_ref(&live_label)) {
+                        Ok(_) => {}
+                        Err(CkError::Pkcs11(
+                            RvError::FunctionNotSupported
+                            | RvError::ActionProhibited
+                            | RvError::AttributeReadOnly
+                            | RvError::TemplateInconsistent,
+                            _,
+                        )) => {
+                            // No copies on this token: relabel in place instead.
+                            for h in &staged {
+                                session
+                                    .update_attributes(*h, std::slice::from_ref(&live_label))
+                                    .map_err(|e| write_error(&step, &u.token, e))?;
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(write_error(&step, &u.token, e)),
+                    }
+                }
+                for h in staged {
                     session
-                        .update_attributes(h, &[Attribute::Label(live.as_bytes().to_vec())])
+                        .destroy_object(h)
                         .map_err(|e| write_error(&step, &u.token, e))?;
-                    moved += 1;
                 }
             }
         }
-        if moved == 0
-            && find(
-                session,
-                &identity_template(live, &u.id, ObjectClass::PRIVATE_KEY),
-            )?
-            .is_empty()
+        if find(
+            session,
+            &identity_template(live, &u.id, ObjectClass::PRIVATE_KEY),
+        )?
+        .is_empty()
         {
             return Err(KeyStoreError::NotFound {
                 uri: from.to_string(),
             });
         }
         for class in IDENTITY_CLASSES {
-            for h in find(
-                session,
-                &[
-                    Attribute::Class(class),
-                    Attribute::Label(live.as_bytes().to_vec()),
-                ],
-            )? {
+            for h in find(session, &[Attribute::Class(class), live_label.clone()])? {
                 if object_id(session, h)?.as_deref() != Some(&u.id[..]) {
                     session
                         .destroy_object(h)
