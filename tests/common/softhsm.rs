@@ -246,7 +246,15 @@ impl PrivateStore {
         );
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter_map(|l| l.trim().strip_prefix("label:").map(|v| v.trim().to_owned()))
+            .filter_map(|l| l.trim().strip_prefix("label:").map(str::trim))
+            // pkcs11-tool prints a data object's missing label as "<empty>".
+            .map(|v| {
+                if v == "<empty>" {
+                    String::new()
+                } else {
+                    v.to_owned()
+                }
+            })
             .collect()
     }
 }
