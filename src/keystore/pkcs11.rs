@@ -7,8 +7,12 @@
 //!   `device-secondary`, `….next` while staged) and a random CKA_ID: a sign-only,
 //!   sensitive, non-extractable private key, its public key, and (once final) its
 //!   X.509 certificate, so URI-aware consumers (libp11) load key and cert from the token.
-//! - The PIN comes from a file, the environment or a hidden prompt; never argv. A wrong
-//!   PIN is reported once and never retried: real tokens lock after a few attempts.
+//! - The PIN comes from `--pkcs11-pin-file`, `SDV_PROVISION_PKCS11_PIN`, the PIN file
+//!   an earlier run recorded, or a hidden prompt; never argv. A wrong PIN is reported
+//!   once and never retried: real tokens lock after a few attempts.
+//! - Objects are created and destroyed, never rewritten in place (promotion copies,
+//!   then destroys): SoftHSM rewrites an object file by truncating it first, so a
+//!   process killed mid-update would lose the object (`tests/pkcs11_crash.rs`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -358,7 +358,7 @@ impl SoftHsm {
         self.store.ctx.get_token_info(self.slot()).unwrap()
     }
 
-    /// All objects labelled `label`, with their (class, id).
+    /// Handles of all objects labelled `label`, whatever their class.
     pub fn objects(&self, session: &Session, label: &str) -> Vec<ObjectHandle> {
         session
             .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
@@ -409,7 +409,7 @@ pub fn find_slot(ctx: &Pkcs11, label: &str) -> Option<Slot> {
     })
 }
 
-/// Boolean and byte attributes of an object, by type.
+/// The attributes of an object, by type (those the token reveals).
 pub fn attrs(session: &Session, h: ObjectHandle, types: &[AttributeType]) -> Vec<Attribute> {
     session.get_attributes(h, types).unwrap()
 }
