@@ -18,7 +18,7 @@
 //!   connector, size-prefixed as `tpm2_create -u/-r` writes them.
 
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use tss_esapi::constants::response_code::Tss2ResponseCodeKind as Rc;
@@ -288,8 +288,12 @@ impl TpmKeyStore {
         }
     }
 
+    /// Release an ESYS resource we looked up. ESYS hands out the *same* resource for
+    /// every lookup of one TPM handle, so the cached SRK resource is never closed here.
     fn close(&mut self, mut object: ObjectHandle) {
-        let _ = self.ctx().tr_close(&mut object);
+        if Some(object) != self.srk_object {
+            let _ = self.ctx().tr_close(&mut object);
+        }
     }
 
     /// The SRK, checked (an existing one must be a storage key) or created and
@@ -368,13 +372,23 @@ impl TpmKeyStore {
     }
 
     /// Evict persistent handle `h` (whose ESYS resource is `object`).
+    ///
+    /// ESYS keeps its resource (with the evicted key's name) after `EvictControl` and
+    /// would later refuse a new key at the same handle ("name mismatch"), so the
+    /// resource is closed too. tss-esapi has already forgotten it: the error is moot.
     fn evict(&mut self, object: ObjectHandle, h: u32) -> Result<(), KeyStoreError> {
-        self.persist(object, h).map(|_| ()).map_err(|e| match e {
+        self.persist(object, h).map_err(|e| match e {
             KeyStoreError::Backend { detail, .. } => {
                 KeyStoreError::backend(format!("evict TPM handle 0x{h:08x}"), detail)
             }
             other => other,
-        })
+        })?;
+        let mut stale = object;
+        let _ = self.ctx().tr_close(&mut stale);
+        if Some(object) == self.srk_object {
+            self.srk_object = None;
+        }
+        Ok(())
     }
 
     /// Load a key (public + private blob) under the SRK and persist it at `h`. What
@@ -446,7 +460,7 @@ impl TpmKeyStore {
         Ok(())
     }
 
-    fn read_public_blob(&self, path: &PathBuf) -> Result<Option<Public>, KeyStoreError> {
+    fn read_public_blob(&self, path: &Path) -> Result<Option<Public>, KeyStoreError> {
         let Some(bytes) = fsutil::read_optional(path)
             .map_err(|e| KeyStoreError::backend("read the key blob", e.to_string()))?
         else {
@@ -460,7 +474,7 @@ impl TpmKeyStore {
             })
     }
 
-    fn read_private_blob(&self, path: &PathBuf) -> Result<Private, KeyStoreError> {
+    fn read_private_blob(&self, path: &Path) -> Result<Private, KeyStoreError> {
         let bytes = fsutil::read_optional(path)
             .map_err(|e| KeyStoreError::backend("read the key blob", e.to_string()))?
             .ok_or_else(|| KeyStoreError::Rejected {
