@@ -36,7 +36,9 @@ pub enum Error {
     #[error("{path} is not valid JSON ({detail}); fix or restore the file, it was left untouched")]
     InvalidManifest { path: PathBuf, detail: String },
 
-    #[error("another sdv-provision is running on this root (lock {path} is held); wait for it to finish")]
+    #[error(
+        "another sdv-provision is running on root {path}; wait for it to finish and try again"
+    )]
     Locked { path: PathBuf },
 
     #[error("{path} is a symbolic link; refusing to follow it. Remove the link and re-run")]
@@ -71,6 +73,10 @@ pub enum Error {
     #[error("prompt failed: {0}")]
     Prompt(String),
 
+    /// A command-line usage error (exit 2).
+    #[error("{0}")]
+    Usage(String),
+
     /// `status` / `verify` found the identity incomplete or wrong; already reported.
     #[error("{0}")]
     Incomplete(String),
@@ -102,7 +108,7 @@ impl Error {
     /// Process exit code: 2 for usage errors, 1 for everything else (DESIGN §5).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::MissingAnswer { .. } => 2,
+            Error::MissingAnswer { .. } | Error::Usage(_) => 2,
             _ => 1,
         }
     }

@@ -154,39 +154,32 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Exclusive lock for mutating commands. Held until dropped.
+/// Exclusive lock for mutating commands, held until dropped.
 ///
-/// Waits up to `timeout` for a concurrent run, then fails with a clear message.
+/// The lock is an advisory `flock` on the `--root` directory itself: it always exists,
+/// so taking the lock creates no file and a run that fails on bad input leaves the
+/// tree exactly as it was; and parallel runs on different roots (tests, image builds)
+/// do not block each other. Waits up to `timeout`, then fails with a clear message.
 pub struct RunLock {
-    _file: File,
+    _dir: File,
 }
 
 impl RunLock {
-    pub fn acquire(path: &Path, timeout: Duration) -> Result<RunLock> {
-        if let Some(dir) = path.parent() {
-            ensure_dir(dir)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(SECRET)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| Error::write(path, e))?;
+    pub fn acquire(dir: &Path, timeout: Duration) -> Result<RunLock> {
+        let file = File::open(dir).map_err(|e| Error::read(dir, e))?;
         let deadline = Instant::now() + timeout;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(RunLock { _file: file }),
+                Ok(()) => return Ok(RunLock { _dir: file }),
                 Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(fs::TryLockError::WouldBlock) => {
                     return Err(Error::Locked {
-                        path: path.to_owned(),
+                        path: dir.to_owned(),
                     })
                 }
-                Err(fs::TryLockError::Error(e)) => return Err(Error::write(path, e)),
+                Err(fs::TryLockError::Error(e)) => return Err(Error::write(dir, e)),
             }
         }
     }
@@ -239,10 +232,10 @@ mod tests {
     #[test]
     fn lock_is_exclusive() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("lock");
-        let _held = RunLock::acquire(&p, Duration::from_millis(10)).unwrap();
+        let p = d.path();
+        let _held = RunLock::acquire(p, Duration::from_millis(10)).unwrap();
         assert!(matches!(
-            RunLock::acquire(&p, Duration::from_millis(100)),
+            RunLock::acquire(p, Duration::from_millis(100)),
             Err(Error::Locked { .. })
         ));
     }

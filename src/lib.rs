@@ -13,3 +13,18 @@ pub mod manifest;
 pub mod paths;
 
 pub use error::{Error, Result};
+pub mod cli;
+pub mod commands;
+pub mod connector;
+pub mod identity;
+pub mod interactive;
+pub mod output;
+pub mod progress;
+
+/// Find a program on PATH.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|p| p.join(program))
+        .find(|p| p.is_file())
+}

@@ -18,7 +18,6 @@ pub const MANIFEST_TEMPLATE: &str = "/data/var/containers/manifests/cloudconnect
 pub const SYS_CLASS_NET: &str = "/sys/class/net";
 /// Our state file: keystore, algorithm, key URIs, handles, in-flight work.
 pub const STATE_FILE: &str = "sdv-provision.state.json";
-pub const LOCK_FILE: &str = ".sdv-provision.lock";
 pub const ID_SCOPE_FILE: &str = "azure.idscope";
 pub const CONNECTION_STRING_FILE: &str = "azure.connectionstring";
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use rcgen::{KeyPair, PublicKeyData, RsaKeySize, SigningKey};
 use zeroize::Zeroizing;
 
-use super::{Algorithm, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreKind, Role};
+use super::{Algorithm, DeviceKey, KeyStore, KeyStoreError, KeyUri, KeystoreKind, Role};
 use crate::fsutil;
 use crate::paths::{self, Layout};
 
@@ -110,15 +110,6 @@ impl KeyStore for FileKeyStore {
     fn remove(&mut self, uri: &KeyUri) -> Result<(), KeyStoreError> {
         let path = self.host_path(uri)?;
         fsutil::remove_file(&path).map_err(|e| KeyStoreError::backend("remove key", e.to_string()))
-    }
-
-    fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
-        match uri {
-            KeyUri::File(p) => Ok(KeyRef::File {
-                key_file: p.clone(),
-            }),
-            other => Err(KeyStoreError::ForeignUri(other.to_string())),
-        }
     }
 
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {

@@ -22,7 +22,19 @@ mod uri;
 pub use uri::{KeyUri, Pkcs11Uri};
 
 /// The two identities Azure can roll over between.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Primary,
@@ -262,16 +274,9 @@ pub trait KeyStore {
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError>;
 
     /// Called once the key's certificate is final; PKCS#11 stores it as a token object.
-    fn attach_certificate(
-        &mut self,
-        _uri: &KeyUri,
-        _cert_der: &[u8],
-    ) -> Result<(), KeyStoreError> {
+    fn attach_certificate(&mut self, _uri: &KeyUri, _cert_der: &[u8]) -> Result<(), KeyStoreError> {
         Ok(())
     }
-
-    /// How the connector reaches the key at `uri` (the manifest's key entries).
-    fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError>;
 
     /// Backend settings to record in the state file, so later runs and `status` find
     /// the keys without flags.
@@ -281,6 +286,8 @@ pub trait KeyStore {
 }
 
 /// How the connector reaches the primary key; the manifest is written from this.
+/// Built from the state file alone (see `identity::key_ref`), so `status` never has to
+/// open a TPM or log in to a token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyRef {
     /// A PKCS#8 file in the certificates directory (device path).
@@ -304,7 +311,8 @@ pub enum KeyRef {
     },
 }
 
-/// Backend settings kept in the state file (device paths).
+/// Backend settings kept in the state file (device paths): everything needed to
+/// name the keys to a consumer without opening the keystore.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -334,7 +342,10 @@ pub enum KeyStoreError {
     NotFound { uri: String },
 
     #[error("{alg} is not supported by this {keystore}; choose another --algorithm")]
-    UnsupportedAlgorithm { alg: Algorithm, keystore: &'static str },
+    UnsupportedAlgorithm {
+        alg: Algorithm,
+        keystore: &'static str,
+    },
 
     #[error("{what}; {hint}")]
     Rejected { what: String, hint: String },

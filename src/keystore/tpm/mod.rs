@@ -487,6 +487,26 @@ impl TpmKeyStore {
         })
     }
 
+    /// How the connector reaches the key at `uri`: handle, SRK and blob paths (device
+    /// paths). The stem follows the handle, so a staged key names its `.next` blobs.
+    pub fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
+            what: format!(
+                "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
+            ),
+            hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when provisioning"
+                .into(),
+        })?;
+        let (p, s) = Self::blob_names(role, staged);
+        Ok(KeyRef::Tpm {
+            handle: h,
+            srk: self.srk,
+            pub_blob: Layout::cert_file(&p),
+            priv_blob: Layout::cert_file(&s),
+        })
+    }
+
     fn key(
         &self,
         object: ObjectHandle,
@@ -682,13 +702,18 @@ impl KeyStore for TpmKeyStore {
         if from_h == to_h {
             return Ok(to);
         }
-        let Some((from_role, true)) = self.slot_of(from_h) else {
+        // Usually a staged key; `rotate --promote` also moves the live secondary.
+        let Some((from_role, from_staged)) = self.slot_of(from_h) else {
             return Err(KeyStoreError::Rejected {
-                what: format!("TPM handle 0x{from_h:08x} is not a staging slot"),
-                hint: "only a staged key (handle + 0x100) can be promoted".into(),
+                what: format!(
+                    "TPM handle 0x{from_h:08x} is not one of the handles configured for device keys"
+                ),
+                hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when \
+                       provisioning"
+                    .into(),
             });
         };
-        let (staged_pub, staged_priv) = self.host_blobs(from_role, true);
+        let (staged_pub, staged_priv) = self.host_blobs(from_role, from_staged);
         let (live_pub, live_priv) = self.host_blobs(role, false);
 
         let staged = self.read_persistent(from_h)?;
@@ -772,24 +797,6 @@ impl KeyStore for TpmKeyStore {
                 hint: "run `sdv-provision provision --force` to make a new identity".into(),
             }),
         }
-    }
-
-    fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
-        let h = tpm_handle(uri)?;
-        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
-            what: format!(
-                "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
-            ),
-            hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when provisioning"
-                .into(),
-        })?;
-        let (p, s) = Self::blob_names(role, staged);
-        Ok(KeyRef::Tpm {
-            handle: h,
-            srk: self.srk,
-            pub_blob: Layout::cert_file(&p),
-            priv_blob: Layout::cert_file(&s),
-        })
     }
 
     fn record(&self) -> BackendRecord {

@@ -1,0 +1,268 @@
+//! The command line (clap derive only). `build.rs`-free: man page and completions are
+//! generated from [`Cli::command`] by `sdv-provision` itself (see `xtask` notes in the
+//! README).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::keystore::{Algorithm, Role};
+
+/// Give this Eclipse Leda device its Azure IoT identity.
+///
+/// Without a subcommand, runs `provision`: device id, cloud backend, primary and
+/// secondary keys and certificates, thumbprints, connector manifest, restart.
+#[derive(Debug, Parser)]
+#[command(name = "sdv-provision", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Flags of `provision`, accepted without the subcommand word too.
+    #[command(flatten)]
+    pub provision: ProvisionArgs,
+}
+
+impl Cli {
+    /// The provision flags in effect, or a usage error when provision flags were
+    /// given together with another subcommand.
+    pub fn provision_args(&self) -> Result<ProvisionArgs, String> {
+        let top = &self.provision;
+        let top_given = top.id_scope.is_some()
+            || top.connection_string_file.is_some()
+            || top.algorithm.is_some()
+            || top.device_id.is_some()
+            || top.force
+            || top.days != ProvisionArgs::DEFAULT_DAYS;
+        match &self.command {
+            None => Ok(top.clone()),
+            Some(Command::Provision(sub)) if !top_given => {
+                let mut a = sub.clone();
+                // An env-provided connection string lands on the top-level copy.
+                if a.connection_string.is_none() && a.id_scope.is_none() && a.connection_string_file.is_none() {
+                    a.connection_string = top.connection_string.clone();
+                }
+                Ok(a)
+            }
+            Some(Command::Provision(_)) => Err("give provision flags after `provision`, not before it".into()),
+            Some(_) if top_given => Err("provision flags (--id-scope, --algorithm, --device-id, ...) only go with `provision`".into()),
+            Some(_) => Ok(top.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeystoreChoice {
+    /// TPM if present, else PKCS#11 if a module is configured, else files.
+    Auto,
+    Tpm,
+    Pkcs11,
+    File,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Prefix for every path the tool reads or writes (scratch trees, image builds).
+    #[arg(
+        long,
+        global = true,
+        env = "SDV_PROVISION_ROOT",
+        default_value = "/",
+        value_name = "DIR"
+    )]
+    pub root: PathBuf,
+
+    /// Where device keys are generated and kept.
+    #[arg(long, global = true, value_enum, default_value_t = KeystoreChoice::Auto)]
+    pub keystore: KeystoreChoice,
+
+    /// Print exactly one JSON document on stdout, nothing else.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Never prompt (also implied when stdin is not a terminal).
+    #[arg(long, global = true)]
+    pub non_interactive: bool,
+
+    /// Do not stop, recreate or restart the cloud connector container.
+    #[arg(long, global = true)]
+    pub no_restart: bool,
+
+    /// TPM TCTI, e.g. `device:/dev/tpmrm0` or `swtpm:path=/run/swtpm.sock`
+    /// [env: TPM2TOOLS_TCTI, TCTI; default: device:/dev/tpmrm0]
+    #[arg(long, global = true, value_name = "TCTI")]
+    pub tcti: Option<String>,
+
+    /// Persistent handle for the primary TPM key [default: 0x81000010].
+    #[arg(long, global = true, value_name = "HANDLE", value_parser = parse_handle)]
+    pub tpm_primary_handle: Option<u32>,
+
+    /// Persistent handle for the secondary TPM key [default: 0x81000011].
+    #[arg(long, global = true, value_name = "HANDLE", value_parser = parse_handle)]
+    pub tpm_secondary_handle: Option<u32>,
+
+    /// PKCS#11 module (shared library).
+    #[arg(long, global = true, env = "PKCS11_MODULE_PATH", value_name = "FILE")]
+    pub pkcs11_module: Option<PathBuf>,
+
+    /// Label of the PKCS#11 token [default: leda].
+    #[arg(long, global = true, value_name = "LABEL")]
+    pub pkcs11_token: Option<String>,
+
+    /// File holding the token's user PIN (else env SDV_PROVISION_PKCS11_PIN, else a
+    /// hidden prompt). PINs are never taken from the command line.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+
+    /// Initialise an uninitialised token slot with --pkcs11-token's label (SO PIN from
+    /// env SDV_PROVISION_PKCS11_SO_PIN or the file in SDV_PROVISION_PKCS11_SO_PIN_FILE).
+    #[arg(long, global = true)]
+    pub pkcs11_init_token: bool,
+
+    /// More logging on stderr (-v: steps and timings, -vv: debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Print only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Provision the device (the default).
+    Provision(ProvisionArgs),
+    /// Print what is configured; exit 0 if complete, 1 if not.
+    Status,
+    /// Prove every key signs and matches its certificate, and the manifest agrees.
+    Verify,
+    /// Make a new secondary key and certificate; --promote swaps it into primary.
+    Rotate {
+        /// Make the secondary the primary (manifest updated, connector restarted),
+        /// then create a fresh secondary.
+        #[arg(long)]
+        promote: bool,
+    },
+    /// Write a PKCS#10 request for a role's key, signed through the key.
+    Csr {
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Output file (PEM); stdout if absent.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Install a CA-issued certificate (with its chain) for a role.
+    ImportCert {
+        #[arg(long, value_enum)]
+        role: Role,
+        /// PEM file: the certificate, then its chain.
+        file: PathBuf,
+    },
+    /// Remove the identity: certificates, keys, token objects, TPM handles, manifest entries.
+    Reset {
+        /// Do not ask for confirmation (required when not on a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProvisionArgs {
+    /// Azure DPS ID scope (DPS backend).
+    #[arg(long, value_name = "SCOPE", conflicts_with_all = ["connection_string", "connection_string_file"])]
+    pub id_scope: Option<String>,
+
+    /// Azure IoT Hub device connection string (Hub backend). A SharedAccessKey on the
+    /// command line is visible to other local users; prefer
+    /// --connection-string-file or env SDV_PROVISION_CONNECTION_STRING.
+    #[arg(
+        long,
+        value_name = "STRING",
+        env = "SDV_PROVISION_CONNECTION_STRING",
+        hide_env_values = true,
+        conflicts_with = "connection_string_file"
+    )]
+    pub connection_string: Option<String>,
+
+    /// Read the Hub connection string from a file.
+    #[arg(long, value_name = "FILE")]
+    pub connection_string_file: Option<PathBuf>,
+
+    /// Key algorithm [default: rsa-2048, what today's connector signs with].
+    #[arg(long, value_enum)]
+    pub algorithm: Option<Algorithm>,
+
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = ProvisionArgs::DEFAULT_DAYS, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
+
+    /// Device id (certificate CN, Hub device id, DPS registration id).
+    #[arg(long, value_name = "ID")]
+    pub device_id: Option<String>,
+
+    /// Build a new identity even if one exists; the old keys are removed only after
+    /// the new ones are in place.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl ProvisionArgs {
+    pub const DEFAULT_DAYS: u32 = 365;
+}
+
+fn parse_handle(s: &str) -> Result<u32, String> {
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .ok_or("write the handle in hex, e.g. 0x81000010")?;
+    let v = u32::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
+    if !(0x8100_0000..=0x817f_ffff).contains(&v) {
+        return Err("not an owner-hierarchy persistent handle (0x81000000-0x817fffff)".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn provision_flags_work_with_and_without_subcommand() {
+        let a = Cli::try_parse_from(["sdv-provision", "--id-scope", "x", "--no-restart"]).unwrap();
+        assert!(a.command.is_none());
+        assert_eq!(a.provision.id_scope.as_deref(), Some("x"));
+        let b = Cli::try_parse_from(["sdv-provision", "--json", "provision", "--id-scope", "x"])
+            .unwrap();
+        assert_eq!(b.provision_args().unwrap().id_scope.as_deref(), Some("x"));
+        assert!(b.global.json);
+        let c =
+            Cli::try_parse_from(["sdv-provision", "status", "--root", "/tmp", "--json"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Status)));
+        let d = Cli::try_parse_from(["sdv-provision", "--id-scope", "x", "status"]).unwrap();
+        assert!(d.provision_args().is_err());
+        assert!(Cli::try_parse_from([
+            "sdv-provision",
+            "--id-scope",
+            "x",
+            "--connection-string",
+            "y"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn handles() {
+        assert_eq!(parse_handle("0x81000010"), Ok(0x8100_0010));
+        assert!(parse_handle("81000010").is_err());
+        assert!(parse_handle("0x01000010").is_err());
+    }
+}

@@ -1,0 +1,351 @@
+//! `provision`: the whole flow of DESIGN §1, idempotent.
+//!
+//! Inputs are validated before anything is touched; keys are made under the journal;
+//! the identity is committed through the state file; the manifest and the connector
+//! follow. Re-running with everything in place changes nothing and restarts nothing.
+
+use crate::cli::ProvisionArgs;
+use crate::cloud::{self, Cloud};
+use crate::device_id::{self, Source};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::identity::{Identity, State};
+use crate::keystore::{self, file::FileKeyStore, Algorithm, KeyStore, KeyUri, KeystoreKind, Role};
+use crate::manifest::Manifest;
+use crate::paths::DEVICE_ID_FILE;
+
+use super::{build_keys, commit, compatibility_warnings, converge, recover, report, Ctx};
+
+pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
+    let out = &ctx.out;
+    let layout = &ctx.layout;
+    ctx.check_root()?;
+
+    // Flags first: a bad value stops the run before anything is read or written.
+    let mut warnings = Vec::new();
+    let cs_text = match &args.connection_string_file {
+        Some(f) => Some(zeroize::Zeroizing::new(
+            fsutil::read_optional_string(f)?
+                .ok_or_else(|| {
+                    Error::input(
+                        format!("{} does not exist", f.display()),
+                        "pass an existing --connection-string-file",
+                    )
+                })?
+                .trim()
+                .to_owned(),
+        )),
+        None => args.connection_string.clone().map(zeroize::Zeroizing::new),
+    };
+    let flag_cloud = cloud::from_flags(
+        args.id_scope.as_deref(),
+        cs_text.as_deref().map(|s| s.as_str()),
+        &mut warnings,
+    )?;
+    if let Some(id) = &args.device_id {
+        device_id::check_flag(id)?;
+    }
+
+    let _lock = ctx.lock()?;
+    recover(ctx)?;
+    out.say("Checking Eclipse Leda Device Provisioning configuration...");
+    let id = Identity::load(layout)?;
+    // Parse (and so validate) the manifest before making anything.
+    Manifest::load(layout)?;
+    if layout.host_cert_dir().is_dir() {
+        out.say("- Certificates directory exists");
+    } else {
+        out.say("- Creating the certificates directory");
+    }
+    let rebuild = args.force && (id.state.is_some() || id.legacy);
+
+    // 1. Device id.
+    out.say("Checking Device ID");
+    let device_id = resolve_device_id(ctx, args, &id, rebuild, &mut warnings)?;
+    out.say(format!("- Device ID: {device_id}"));
+
+    // 2. Cloud backend.
+    out.say("Checking whether either IdScope or ConnectionString is configured");
+    let cloud = match (flag_cloud, &id.cloud) {
+        (Some(c), _) => c,
+        (None, Some(c)) => {
+            out.say(match c {
+                Cloud::Dps { .. } => " - Id Scope file found",
+                Cloud::Hub(_) => " - ConnectionString file found",
+            });
+            c.clone()
+        }
+        (None, None) if ctx.interactive => crate::interactive::ask_cloud(out, &device_id)?,
+        (None, None) => {
+            return Err(Error::MissingAnswer {
+                what: "the cloud backend (DPS ID scope or IoT Hub connection string)".into(),
+                flag: "--id-scope or --connection-string".into(),
+            })
+        }
+    };
+    if let Cloud::Hub(cs) = &cloud {
+        if cs.device_id != device_id {
+            return Err(Error::input(
+                format!(
+                    "the connection string's DeviceId {:?} differs from the device id {device_id:?} (X.509 authentication needs CN == DeviceId)",
+                    cs.device_id
+                ),
+                format!("pass --device-id {} or use this device's connection string", cs.device_id),
+            ));
+        }
+    }
+    for w in warnings.drain(..) {
+        out.warn(w);
+    }
+
+    // 3. Keys and certificates.
+    let mut certs_changed = false;
+    let state = match (&id.state, id.legacy, rebuild) {
+        (Some(s), _, false) => {
+            check_unchanged(ctx, args, s.keystore, s.algorithm)?;
+            let missing: Vec<Role> = Role::ALL
+                .into_iter()
+                .filter(|r| !s.keys.contains_key(r))
+                .collect();
+            if missing.is_empty() {
+                s.clone()
+            } else {
+                certs_changed = true;
+                let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
+                let (journal, built) = build_keys(
+                    ctx,
+                    ks.as_mut(),
+                    &missing,
+                    false,
+                    s.algorithm,
+                    &device_id,
+                    args.days,
+                )?;
+                commit(ctx, ks.as_mut(), journal, built, s.clone(), None)?
+            }
+        }
+        (None, true, false) => {
+            let (adopted, missing) = adopt(ctx, &id, &device_id)?;
+            check_unchanged(ctx, args, KeystoreKind::File, adopted.algorithm)?;
+            out.say(
+                "- Adopted the keys and certificates left by the original sdv-provision script",
+            );
+            if missing.is_empty() {
+                adopted.save(layout)?;
+                adopted
+            } else {
+                certs_changed = true;
+                let mut ks: Box<dyn KeyStore> = Box::new(FileKeyStore::new(layout.clone()));
+                let (journal, built) = build_keys(
+                    ctx,
+                    ks.as_mut(),
+                    &missing,
+                    false,
+                    adopted.algorithm,
+                    &device_id,
+                    args.days,
+                )?;
+                commit(ctx, ks.as_mut(), journal, built, adopted, None)?
+            }
+        }
+        (old, _, _) => {
+            certs_changed = true;
+            let kind = ctx
+                .keystore
+                .unwrap_or_else(|| keystore::select_auto(&ctx.ks_config));
+            let alg = args.algorithm.unwrap_or(Algorithm::Rsa2048);
+            if kind == KeystoreKind::File {
+                out.warn("the device keys are plain files (no TPM or PKCS#11 token found); anyone who can read /data/var/certificates can copy this identity");
+            }
+            let mut ks = ctx.open_keystore(kind, old.as_ref().filter(|s| s.keystore == kind))?;
+            let (journal, built) = build_keys(
+                ctx,
+                ks.as_mut(),
+                &Role::ALL,
+                rebuild,
+                alg,
+                &device_id,
+                args.days,
+            )?;
+            let next = State::new(&device_id, kind, alg);
+            let old_state = match old {
+                Some(s) => Some(s.clone()),
+                None if id.legacy => Some(crate::identity::legacy_state(&device_id)),
+                None => None,
+            };
+            let old_keys = old_state
+                .as_ref()
+                .map(|s| s.keys.values().cloned().collect());
+            commit(
+                ctx,
+                ks.as_mut(),
+                journal,
+                built,
+                next,
+                old_state.as_ref().zip(old_keys),
+            )?
+        }
+    };
+
+    // 4. Device id and cloud files.
+    let id_path = layout.host(DEVICE_ID_FILE);
+    if fsutil::read_optional_string(&id_path)
+        .ok()
+        .flatten()
+        .as_deref()
+        .map(str::trim)
+        != Some(device_id.as_str())
+    {
+        if let Err(e) = fsutil::atomic_write(
+            &id_path,
+            format!("{device_id}\n").as_bytes(),
+            fsutil::PUBLIC,
+        ) {
+            out.warn(format!("could not store the device id ({e}); continuing"));
+        }
+    }
+    let cloud_changed = match (&id.cloud, &cloud) {
+        (Some(Cloud::Dps { id_scope: a }), Cloud::Dps { id_scope: b }) => a != b,
+        (Some(Cloud::Hub(a)), Cloud::Hub(b)) => a.expose() != b.expose(),
+        _ => true,
+    };
+    if cloud_changed {
+        cloud::save(layout, &cloud)?;
+    }
+
+    // 5 and 6. Manifest and connector.
+    compatibility_warnings(ctx, &state, &cloud);
+    converge(ctx, &state, &cloud, certs_changed)?;
+    let complete = report(ctx)?;
+    Ok(if complete { 0 } else { 1 })
+}
+
+fn resolve_device_id(
+    ctx: &Ctx,
+    args: &ProvisionArgs,
+    id: &Identity,
+    rebuild: bool,
+    warnings: &mut Vec<String>,
+) -> Result<String> {
+    let existing = if rebuild {
+        None
+    } else if let Some(s) = &id.state {
+        Some(s.device_id.clone())
+    } else if id.legacy {
+        let view = id.role(Role::Primary);
+        let cn = view
+            .cert
+            .as_ref()
+            .ok()
+            .and_then(|c| c.subject_cn.clone())
+            .unwrap_or_default();
+        device_id::validate(&cn).map_err(|why| {
+            Error::input(
+                format!(
+                    "the existing {} cannot be adopted: its CN is not a valid device id ({why})",
+                    view.cert_path.display()
+                ),
+                "run `sdv-provision provision --force` to build a new identity",
+            )
+        })?;
+        Some(cn)
+    } else {
+        None
+    };
+    if let Some(existing) = existing {
+        if let Some(flag) = &args.device_id {
+            if *flag != existing {
+                return Err(Error::input(
+                    format!("this device already has an identity for device id {existing:?}"),
+                    format!("pass --force to build a new identity for {flag:?}"),
+                ));
+            }
+        }
+        ctx.out.say("- Based on the existing identity");
+        return Ok(existing);
+    }
+    let (dev, source) = device_id::resolve(&ctx.layout, args.device_id.as_deref(), warnings)?;
+    ctx.out.say(match source {
+        Source::Flag => "- Given by --device-id".to_string(),
+        Source::File => format!("- Read from {DEVICE_ID_FILE}"),
+        Source::Interface(i) => format!("- Based on network device: {i}"),
+    });
+    Ok(dev)
+}
+
+/// An existing identity keeps its keystore and algorithm unless `--force` is given.
+fn check_unchanged(
+    ctx: &Ctx,
+    args: &ProvisionArgs,
+    kind: KeystoreKind,
+    alg: Algorithm,
+) -> Result<()> {
+    if let Some(want) = ctx.keystore {
+        if want != kind {
+            return Err(Error::input(
+                format!("the existing identity uses the {kind} keystore, not {want}"),
+                format!("pass --force to build a new identity in the {want} keystore"),
+            ));
+        }
+    }
+    if let Some(want) = args.algorithm {
+        if want != alg {
+            return Err(Error::input(
+                format!("the existing identity uses {alg}, not {want}"),
+                format!("pass --force to build a new identity with {want}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Adopt the original script's key/cert pairs: no new keys, same thumbprints. Each key
+/// must match its certificate. Returns the state and the roles still missing.
+fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)> {
+    let mut ks = FileKeyStore::new(ctx.layout.clone());
+    let mut state: Option<State> = None;
+    let mut missing = Vec::new();
+    for role in Role::ALL {
+        let uri = KeyUri::File(keystore::file::key_path(role, false));
+        let view = id.role(role);
+        let key_present =
+            fsutil::exists_nofollow(&ctx.layout.host(keystore::file::key_path(role, false)));
+        if !key_present && role == Role::Secondary {
+            missing.push(role);
+            continue;
+        }
+        let cert = view.cert.as_ref().map_err(|e| {
+            Error::input(
+                format!("cannot adopt the existing {role} identity: {e}"),
+                "restore the file, or run `sdv-provision provision --force` to build a new identity",
+            )
+        })?;
+        let key = ks.open(&uri)?;
+        if !crate::cert::key_matches(key.as_ref(), &cert.spki)? {
+            return Err(Error::input(
+                format!("{} does not belong to {}", ctx.layout.host(keystore::file::key_path(role, false)).display(), view.cert_path.display()),
+                "restore the matching pair, or run `sdv-provision provision --force` to build a new identity",
+            ));
+        }
+        let s = state.get_or_insert_with(|| {
+            let mut s = State::new(device_id, KeystoreKind::File, key.alg());
+            s.adopted = true;
+            s
+        });
+        if key.alg() != s.algorithm {
+            return Err(Error::input(
+                format!(
+                    "the existing keys use different algorithms ({} and {})",
+                    s.algorithm,
+                    key.alg()
+                ),
+                "run `sdv-provision provision --force` to build a new identity",
+            ));
+        }
+        s.keys.insert(role, uri);
+    }
+    Ok((
+        state.expect("the primary is adopted or an error was returned"),
+        missing,
+    ))
+}

@@ -1,0 +1,71 @@
+//! Restarting the cloud connector container after its identity changed (DESIGN §1.6).
+//!
+//! Children get fixed argument lists: no secret ever goes into a child's argv.
+
+use std::process::{Command, Stdio};
+
+use crate::output::Out;
+
+pub const CONTAINER: &str = "cloudconnector";
+
+/// What changed in this run, which decides how hard to restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Nothing,
+    /// Certificates or keys changed, the manifest did not: stop and start.
+    Certificates,
+    /// The manifest changed: the container must be recreated from it.
+    Manifest,
+}
+
+/// The exact command sequence for a change.
+pub fn plan(change: Change) -> Vec<(&'static str, Vec<&'static str>)> {
+    let stop = (
+        "kanto-cm",
+        vec!["stop", "-n", CONTAINER, "-f", "--timeout", "5"],
+    );
+    match change {
+        Change::Nothing => vec![],
+        Change::Certificates => vec![stop, ("kanto-cm", vec!["start", "-n", CONTAINER])],
+        Change::Manifest => vec![
+            stop,
+            ("kanto-cm", vec!["remove", "-n", CONTAINER]),
+            ("systemctl", vec!["restart", "kanto-auto-deployer"]),
+        ],
+    }
+}
+
+/// Run the restart sequence. Failures are warnings: the identity is already complete
+/// on disk, and the user can restart the connector by hand.
+pub fn restart(change: Change, out: &Out) {
+    let steps = plan(change);
+    if steps.is_empty() {
+        return;
+    }
+    if crate::which("kanto-cm").is_none() {
+        out.warn(
+            "kanto-cm is not on PATH; restart the cloud connector yourself (or pass --no-restart)",
+        );
+        return;
+    }
+    out.say(match change {
+        Change::Manifest => "Recreating the Cloud Connector container...",
+        _ => "Restarting the Cloud Connector container...",
+    });
+    let _spinner = crate::progress::spinner(out, "Restarting the cloud connector");
+    for (program, args) in steps {
+        let t = std::time::Instant::now();
+        let status = Command::new(program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        tracing::info!(program, ?args, elapsed = ?t.elapsed(), ?status, "connector step");
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => out.warn(format!("{program} {} exited with {s}", args.join(" "))),
+            Err(e) => out.warn(format!("cannot run {program}: {e}")),
+        }
+    }
+}
