@@ -67,55 +67,20 @@ fn spki_of(cert_path: &Path) -> Vec<u8> {
     CertInfo::from_pem(cert_path, &pem).unwrap().spki
 }
 
-/// `tpm2_readpublic -f pem` of a handle.
-fn tpm_pubkey_pem(tpm: &Swtpm, handle: u32, dir: &Path) -> String {
-    let out = dir.join(format!("{handle:08x}.pub.pem"));
-    common::run_ok(
-        tpm.tool("tpm2_readpublic")
-            .arg("-c")
-            .arg(format!("0x{handle:08x}"))
-            .args(["-f", "pem", "-o"])
-            .arg(&out),
-    );
-    std::fs::read_to_string(out).unwrap()
+fn tpm_pubkey_pem(tpm: &Swtpm, handle: u32) -> String {
+    tpm.public_pem(handle)
 }
 
-/// `tpm2_load` the blobs under the SRK, then flush: no resource manager here, so a
-/// loaded object would otherwise hold one of the TPM's few object slots.
 fn tpm2_load_blobs(tpm: &Swtpm, root: &Path, stem: &str) {
-    let ctx = tpm.dir().join(format!("{stem}.ctx"));
-    common::run_ok(
-        tpm.tool("tpm2_load")
-            .arg("-C")
-            .arg(format!("0x{SRK:08x}"))
-            .arg("-u")
-            .arg(cert_file(root, &format!("{stem}.tpm.pub")))
-            .arg("-r")
-            .arg(cert_file(root, &format!("{stem}.tpm.priv")))
-            .arg("-c")
-            .arg(&ctx),
+    tpm.load_blobs(
+        SRK,
+        &cert_file(root, &format!("{stem}.tpm.pub")),
+        &cert_file(root, &format!("{stem}.tpm.priv")),
     );
-    common::run_ok(tpm.tool("tpm2_flushcontext").arg("-t"));
 }
 
-/// Put a key that sdv-provision did not make at `handle`, with tpm2-tools.
 fn foreign_key_at(tpm: &Swtpm, handle: u32, signing: bool) {
-    let ctx = tpm.dir().join(format!("foreign-{handle:08x}.ctx"));
-    let mut create = tpm.tool("tpm2_createprimary");
-    create.args(["-C", "o", "-c"]).arg(&ctx);
-    if signing {
-        create
-            .args(["-G", "ecc256:ecdsa-sha256", "-a"])
-            .arg("fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign");
-    }
-    common::run_ok(&mut create);
-    common::run_ok(
-        tpm.tool("tpm2_evictcontrol")
-            .args(["-C", "o", "-c"])
-            .arg(&ctx)
-            .arg(format!("0x{handle:08x}")),
-    );
-    common::run_ok(tpm.tool("tpm2_flushcontext").arg("-t"));
+    tpm.foreign_key_at(handle, signing);
 }
 
 fn mode(path: &Path) -> u32 {
@@ -159,7 +124,7 @@ fn algorithm_round_trip(alg: Algorithm) {
     for (h, crt) in [(PRIMARY, &p_crt), (SECONDARY, &s_crt)] {
         assert_eq!(
             common::openssl_cert_pubkey(crt),
-            tpm_pubkey_pem(&tpm, h, tpm.dir()),
+            tpm_pubkey_pem(&tpm, h),
             "certificate key differs from the TPM's key at 0x{h:08x}"
         );
         common::openssl_verify(crt);
@@ -257,7 +222,7 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
     }
     let tpm = Swtpm::start();
     foreign_key_at(&tpm, PRIMARY, true);
-    let before = tpm_pubkey_pem(&tpm, PRIMARY, tpm.dir());
+    let before = tpm_pubkey_pem(&tpm, PRIMARY);
     let root = tempfile::tempdir().unwrap();
     let mut ks = open(&tpm, root.path());
     let err = ks.plan(Role::Primary, false).unwrap_err();
@@ -278,7 +243,7 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
         KeyUri::TpmHandle(SECONDARY)
     );
     drop(ks);
-    assert_eq!(tpm_pubkey_pem(&tpm, PRIMARY, tpm.dir()), before);
+    assert_eq!(tpm_pubkey_pem(&tpm, PRIMARY), before);
     assert!(!cert_file(root.path(), "device.tpm.pub").exists());
 
     // With another handle chosen (what --tpm-primary-handle sets), it works.
@@ -510,7 +475,7 @@ fn promote_moves_a_staged_key_to_the_live_handle() {
     assert_eq!(handles, vec![SRK, PRIMARY]);
     assert_eq!(
         common::openssl_cert_pubkey(&staged_crt),
-        tpm_pubkey_pem(&tpm, PRIMARY, tpm.dir())
+        tpm_pubkey_pem(&tpm, PRIMARY)
     );
     tpm2_load_blobs(&tpm, root.path(), "device");
 }

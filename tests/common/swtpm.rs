@@ -95,6 +95,60 @@ impl Swtpm {
     }
 }
 
+impl Swtpm {
+    /// Put a key that sdv-provision did not make at `handle` (tpm2-tools), as another
+    /// TPM user on the device would.
+    pub fn foreign_key_at(&self, handle: u32, signing: bool) {
+        let ctx = self.dir().join(format!("foreign-{handle:08x}.ctx"));
+        let mut create = self.tool("tpm2_createprimary");
+        create.args(["-C", "o", "-c"]).arg(&ctx);
+        if signing {
+            create
+                .args(["-G", "ecc256:ecdsa-sha256", "-a"])
+                .arg("fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign");
+        }
+        super::run_ok(&mut create);
+        super::run_ok(
+            self.tool("tpm2_evictcontrol")
+                .args(["-C", "o", "-c"])
+                .arg(&ctx)
+                .arg(format!("0x{handle:08x}")),
+        );
+        super::run_ok(self.tool("tpm2_flushcontext").arg("-t"));
+    }
+
+    /// `tpm2_readpublic -f pem` of a persistent handle.
+    pub fn public_pem(&self, handle: u32) -> String {
+        let out = self.dir().join(format!("{handle:08x}.pub.pem"));
+        super::run_ok(
+            self.tool("tpm2_readpublic")
+                .arg("-c")
+                .arg(format!("0x{handle:08x}"))
+                .args(["-f", "pem", "-o"])
+                .arg(&out),
+        );
+        std::fs::read_to_string(out).unwrap()
+    }
+
+    /// `tpm2_load` key blobs under `parent`, then flush: without a resource manager a
+    /// loaded object would keep one of the TPM's few object slots.
+    pub fn load_blobs(&self, parent: u32, public: &Path, private: &Path) {
+        let ctx = self.dir().join("loaded.ctx");
+        super::run_ok(
+            self.tool("tpm2_load")
+                .arg("-C")
+                .arg(format!("0x{parent:08x}"))
+                .arg("-u")
+                .arg(public)
+                .arg("-r")
+                .arg(private)
+                .arg("-c")
+                .arg(&ctx),
+        );
+        super::run_ok(self.tool("tpm2_flushcontext").arg("-t"));
+    }
+}
+
 impl Drop for Swtpm {
     fn drop(&mut self) {
         let _ = self.child.kill();
