@@ -299,6 +299,10 @@ fn unreachable_tcti_gives_one_clear_error() {
         "{msg}"
     );
     assert!(!msg.contains('\n'), "one line: {msg}");
+    assert!(
+        msg.contains("nothing answers at 127.0.0.1:"),
+        "says why: {msg}"
+    );
 
     let err = TpmKeyStore::open(
         &config("device:/nonexistent/tpmrm0"),
@@ -306,9 +310,10 @@ fn unreachable_tcti_gives_one_clear_error() {
     )
     .err()
     .expect("must fail");
+    let msg = err.to_string();
     assert!(
-        err.to_string().contains("device:/nonexistent/tpmrm0"),
-        "{err}"
+        msg.contains("device:/nonexistent/tpmrm0") && msg.contains("does not exist"),
+        "{msg}"
     );
 }
 

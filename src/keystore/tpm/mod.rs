@@ -181,7 +181,10 @@ impl TpmKeyStore {
 
         tcti::quiet_tss_logging();
         let unreachable = |e: tss_esapi::Error| KeyStoreError::Unavailable {
-            what: format!("cannot reach the TPM at {tcti_str} ({e})"),
+            what: match tcti::diagnose(&tcti_str) {
+                Some(why) => format!("cannot reach the TPM at {tcti_str}: {why}"),
+                None => format!("cannot reach the TPM at {tcti_str} ({e})"),
+            },
             hint: "is the TPM enabled and accessible to this user? pass --tcti to use another \
                    TPM, or --keystore file to keep the keys in files"
                 .into(),

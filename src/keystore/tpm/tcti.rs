@@ -80,6 +80,51 @@ pub fn parse(tcti: &str) -> Result<TctiNameConf, KeyStoreError> {
     TctiNameConf::from_str(tcti).map_err(|e| bad(e.to_string()))
 }
 
+/// Why the TPM at `tcti` could not be reached, in words the TSS does not give (its
+/// TCTI errors print as "response code not recognized"). Asked only after a failure.
+pub fn diagnose(tcti: &str) -> Option<String> {
+    let (name, conf) = tcti.split_once(':').unwrap_or((tcti, ""));
+    match name {
+        "device" => {
+            let path = if conf.is_empty() { "/dev/tpm0" } else { conf };
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Some(format!("{path} does not exist"))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(format!(
+                    "no permission to open {path} (run as root or as a member of the tss group)"
+                )),
+                Err(e) => Some(format!("cannot open {path}: {e}")),
+                Ok(_) => None,
+            }
+        }
+        "swtpm" | "mssim" => {
+            let (mut host, mut port) = ("localhost", 2321u16);
+            for (k, v) in conf.split(',').filter_map(|o| o.split_once('=')) {
+                match k {
+                    "host" => host = v,
+                    "port" => port = v.parse().ok()?,
+                    _ => {}
+                }
+            }
+            let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).ok()?;
+            let mut last = None;
+            for a in addrs {
+                match std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)) {
+                    Ok(_) => return None,
+                    Err(e) => last = Some(e),
+                }
+            }
+            last.map(|e| format!("nothing answers at {host}:{port} ({e})"))
+        }
+        _ => None,
+    }
+}
+
 /// Silence the TSS's own stderr logging unless the user asked for it.
 ///
 /// Looking up a handle that is not there is a normal question for us (is 0x81000010
