@@ -316,3 +316,83 @@ fn unreachable_tpm_is_one_clear_error() {
     );
     assert!(!manifest_path(root.path()).exists(), "nothing written");
 }
+
+/// A TPM whose owner hierarchy has a password: without it (or with a wrong one) the
+/// error names where to give it; from a file it works; it never shows up in output
+/// or files.
+#[test]
+fn owner_hierarchy_password_from_env_or_file() {
+    if !have_tools() {
+        return;
+    }
+    const PASSWORD: &str = "s3cret-owner-pw";
+    let tpm = Swtpm::start();
+    common::run_ok(tpm.tool("tpm2_changeauth").args(["-c", "owner", PASSWORD]));
+    let root = device_root();
+    let args = ["--id-scope", "0ne0012345A", "--device-id", "dev-e2e-5"];
+    let run = |env: &[(&str, &str)]| {
+        let mut c = Command::new(common::bin());
+        c.args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
+            .arg(root.path())
+            .args(["--no-restart", "--non-interactive"])
+            .args(args)
+            .env_remove("SDV_PROVISION_TPM_OWNER_AUTH")
+            .env_remove("SDV_PROVISION_TPM_OWNER_AUTH_FILE");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let mut seen = String::new();
+    for env in [vec![], vec![("SDV_PROVISION_TPM_OWNER_AUTH", "wrong")]] {
+        let out = run(&env);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("SDV_PROVISION_TPM_OWNER_AUTH")
+                && stderr.contains("SDV_PROVISION_TPM_OWNER_AUTH_FILE"),
+            "{stderr}"
+        );
+        assert!(tpm.persistent_handles().is_empty(), "nothing made");
+        seen.push_str(&stderr);
+    }
+    let pw_file = tpm.dir().join("owner.pw");
+    std::fs::write(&pw_file, format!("{PASSWORD}\n")).unwrap();
+    let out = run(&[(
+        "SDV_PROVISION_TPM_OWNER_AUTH_FILE",
+        pw_file.to_str().unwrap(),
+    )]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    seen.push_str(&String::from_utf8_lossy(&out.stdout));
+    seen.push_str(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        sorted(tpm.persistent_handles()),
+        vec![SRK, PRIMARY, SECONDARY]
+    );
+    assert!(!seen.contains(PASSWORD), "the password was printed");
+    for entry in walk(root.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(PASSWORD),
+            "the password is in {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
