@@ -288,6 +288,19 @@ fn occupied_handle_is_refused_and_nothing_is_left_half_made() {
     let json = provision_json(&tpm, root.path(), &["--tpm-secondary-handle", "0x81000021"]);
     assert_eq!(json["certificates"][1]["key_uri"], "handle:0x81000021");
     assert_eq!(tpm.public_pem(SECONDARY), foreign);
+
+    // Later runs remember the chosen handle without the flag: rotation stages at
+    // 0x81000121 and lands back on 0x81000021; the foreign key is never touched.
+    sdv_ok(&tpm, root.path(), &["rotate"]);
+    assert_eq!(
+        sorted(tpm.persistent_handles()),
+        vec![SRK, PRIMARY, SECONDARY, 0x8100_0021]
+    );
+    sdv_ok(&tpm, root.path(), &["verify"]);
+    sdv_ok(&tpm, root.path(), &["reset", "--yes"]);
+    assert_eq!(sorted(tpm.persistent_handles()), vec![SRK, SECONDARY]);
+    assert_eq!(tpm.public_pem(SECONDARY), foreign);
+    assert!(!cert_file(root.path(), "device2.tpm.pub").exists());
 }
 
 #[test]

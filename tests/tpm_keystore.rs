@@ -484,3 +484,33 @@ fn promote_moves_a_staged_key_to_the_live_handle() {
     );
     tpm2_load_blobs(&tpm, root.path(), "device");
 }
+
+/// A key made at a handle chosen by flag, removed by a run without the flag (and
+/// without a record of it): the handle is evicted and its blobs, found by their public
+/// area, go too.
+#[test]
+fn remove_finds_the_blobs_of_a_handle_outside_the_configured_slots() {
+    if !have_tools() {
+        return;
+    }
+    let tpm = Swtpm::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut cfg = config(&tpm.tcti());
+    cfg.primary_handle = Some(0x8100_0030);
+    let mut ks = TpmKeyStore::open(&cfg, &Layout::new(root.path())).unwrap();
+    let (uri, _) = provision(
+        &mut ks,
+        root.path(),
+        Role::Primary,
+        false,
+        Algorithm::EcdsaP256,
+    );
+    assert_eq!(ks.record().tpm_primary_handle, Some(0x8100_0030));
+    drop(ks);
+    let mut ks = open(&tpm, root.path());
+    ks.remove(&uri).unwrap();
+    drop(ks);
+    assert_eq!(tpm.persistent_handles(), vec![SRK]);
+    assert!(!cert_file(root.path(), "device.tpm.pub").exists());
+    assert!(!cert_file(root.path(), "device.tpm.priv").exists());
+}

@@ -174,8 +174,13 @@ impl TpmKeyStore {
         let tcti_str = config.tcti.clone().unwrap_or_else(|| DEFAULT_TCTI.into());
         let conf = tcti::parse(&tcti_str)?;
         let srk = config.recorded.tpm_srk.unwrap_or(DEFAULT_SRK);
-        let primary = config.primary_handle.unwrap_or(DEFAULT_PRIMARY);
-        let secondary = config.secondary_handle.unwrap_or(DEFAULT_SECONDARY);
+        // A flag wins; else what an earlier run chose; else the defaults.
+        let primary = (config.primary_handle)
+            .or(config.recorded.tpm_primary_handle)
+            .unwrap_or(DEFAULT_PRIMARY);
+        let secondary = (config.secondary_handle)
+            .or(config.recorded.tpm_secondary_handle)
+            .unwrap_or(DEFAULT_SECONDARY);
         check_handles(srk, primary, secondary)?;
         let owner_auth = tcti::owner_auth()?;
 
@@ -685,10 +690,27 @@ impl KeyStore for TpmKeyStore {
                 hint: "only device keys are removed".into(),
             });
         }
-        if let Some((object, _)) = self.read_persistent(h)? {
+        let present = self.read_persistent(h)?;
+        // The blobs follow the handle. A handle outside the configured slots (chosen
+        // by a flag on an earlier run) keeps the blobs whose public area is its key.
+        let slots: Vec<(Role, bool)> = match (self.slot_of(h), &present) {
+            (Some(slot), _) => vec![slot],
+            (None, Some((_, public))) => {
+                let mut found = Vec::new();
+                for slot in Role::ALL.into_iter().flat_map(|r| [(r, false), (r, true)]) {
+                    let (p, _) = self.host_blobs(slot.0, slot.1);
+                    if matches!(self.read_public_blob(&p), Ok(Some(b)) if &b == public) {
+                        found.push(slot);
+                    }
+                }
+                found
+            }
+            (None, None) => Vec::new(),
+        };
+        if let Some((object, _)) = present {
             self.evict(object, h)?;
         }
-        if let Some((role, staged)) = self.slot_of(h) {
+        for (role, staged) in slots {
             let (p, s) = self.host_blobs(role, staged);
             for f in [s, p] {
                 fsutil::remove_file(&f)
@@ -803,8 +825,12 @@ impl KeyStore for TpmKeyStore {
     }
 
     fn record(&self) -> BackendRecord {
+        // Non-default handles only, so a state file stays minimal in the common case.
+        let chosen = |h: u32, default: u32| (h != default).then_some(h);
         BackendRecord {
             tpm_srk: Some(self.srk),
+            tpm_primary_handle: chosen(self.primary, DEFAULT_PRIMARY),
+            tpm_secondary_handle: chosen(self.secondary, DEFAULT_SECONDARY),
             ..BackendRecord::default()
         }
     }
