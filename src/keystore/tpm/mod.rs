@@ -175,10 +175,12 @@ impl TpmKeyStore {
         let conf = tcti::parse(&tcti_str)?;
         let srk = config.recorded.tpm_srk.unwrap_or(DEFAULT_SRK);
         // A flag wins; else what an earlier run chose; else the defaults.
-        let primary = (config.primary_handle)
+        let primary = config
+            .primary_handle
             .or(config.recorded.tpm_primary_handle)
             .unwrap_or(DEFAULT_PRIMARY);
-        let secondary = (config.secondary_handle)
+        let secondary = config
+            .secondary_handle
             .or(config.recorded.tpm_secondary_handle)
             .unwrap_or(DEFAULT_SECONDARY);
         check_handles(srk, primary, secondary)?;
@@ -515,20 +517,14 @@ impl TpmKeyStore {
         })
     }
 
-    fn key(
-        &self,
-        object: ObjectHandle,
-        h: u32,
-        alg: Algorithm,
-        public: &Public,
-    ) -> Result<TpmKey<'_>, KeyStoreError> {
-        Ok(TpmKey {
+    fn key(&self, object: ObjectHandle, h: u32, alg: Algorithm, public_der: Vec<u8>) -> TpmKey<'_> {
+        TpmKey {
             ctx: &self.ctx,
             object,
             handle: h,
             alg,
-            public_der: key::public_der(public, alg)?,
-        })
+            public_der,
+        }
     }
 }
 
@@ -627,8 +623,8 @@ impl KeyStore for TpmKeyStore {
                     tss_error("create the device key (TPM2_Create)", e)
                 }
             })?;
-        // Checked before anything is persisted, so a bad public area leaves nothing.
-        key::public_der(&created.out_public, alg)?;
+        // Computed before anything is persisted, so a bad public area leaves nothing.
+        let public_der = key::public_der(&created.out_public, alg)?;
 
         let mut undo = Undo::default();
         let installed = self
@@ -650,7 +646,7 @@ impl KeyStore for TpmKeyStore {
                 .map(|()| object)
             });
         match installed {
-            Ok(object) => Ok(Box::new(self.key(object, h, alg, &created.out_public)?)),
+            Ok(object) => Ok(Box::new(self.key(object, h, alg, public_der))),
             Err(e) => {
                 self.rollback(undo);
                 Err(e)
@@ -676,9 +672,12 @@ impl KeyStore for TpmKeyStore {
                     .into(),
             });
         };
-        match self.key(object, h, alg, &public) {
-            Ok(k) => Ok(Box::new(k)),
-            Err(e) => Err(e), // TpmKey was never built: its drop cannot close `object`
+        match key::public_der(&public, alg) {
+            Ok(der) => Ok(Box::new(self.key(object, h, alg, der))),
+            Err(e) => {
+                self.close(object);
+                Err(e)
+            }
         }
     }
 
