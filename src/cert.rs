@@ -24,7 +24,8 @@ pub fn self_signed(key: &dyn DeviceKey, device_id: &str, days: u32) -> Result<St
 
 /// A PKCS#10 request for `key`, CN = device id, asking for clientAuth.
 pub fn csr(key: &dyn DeviceKey, device_id: &str) -> Result<String> {
-    let params = params(device_id, 365)?;
+    let mut params = params(device_id, 365)?;
+    params.serial_number = None; // the CA picks the serial; rcgen refuses one in a CSR
     Ok(params.serialize_request(&key)?.pem()?)
 }
 

@@ -66,7 +66,13 @@ pub enum KeystoreChoice {
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
     /// Prefix for every path the tool reads or writes (scratch trees, image builds).
-    #[arg(long, global = true, env = "SDV_PROVISION_ROOT", default_value = "/", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "SDV_PROVISION_ROOT",
+        default_value = "/",
+        value_name = "DIR"
+    )]
     pub root: PathBuf,
 
     /// Where device keys are generated and kept.
@@ -172,7 +178,13 @@ pub struct ProvisionArgs {
     /// Azure IoT Hub device connection string (Hub backend). A SharedAccessKey on the
     /// command line is visible to other local users; prefer
     /// --connection-string-file or env SDV_PROVISION_CONNECTION_STRING.
-    #[arg(long, value_name = "STRING", env = "SDV_PROVISION_CONNECTION_STRING", hide_env_values = true, conflicts_with = "connection_string_file")]
+    #[arg(
+        long,
+        value_name = "STRING",
+        env = "SDV_PROVISION_CONNECTION_STRING",
+        hide_env_values = true,
+        conflicts_with = "connection_string_file"
+    )]
     pub connection_string: Option<String>,
 
     /// Read the Hub connection string from a file.
@@ -228,14 +240,23 @@ mod tests {
         let a = Cli::try_parse_from(["sdv-provision", "--id-scope", "x", "--no-restart"]).unwrap();
         assert!(a.command.is_none());
         assert_eq!(a.provision.id_scope.as_deref(), Some("x"));
-        let b = Cli::try_parse_from(["sdv-provision", "--json", "provision", "--id-scope", "x"]).unwrap();
+        let b = Cli::try_parse_from(["sdv-provision", "--json", "provision", "--id-scope", "x"])
+            .unwrap();
         assert_eq!(b.provision_args().unwrap().id_scope.as_deref(), Some("x"));
         assert!(b.global.json);
-        let c = Cli::try_parse_from(["sdv-provision", "status", "--root", "/tmp", "--json"]).unwrap();
+        let c =
+            Cli::try_parse_from(["sdv-provision", "status", "--root", "/tmp", "--json"]).unwrap();
         assert!(matches!(c.command, Some(Command::Status)));
         let d = Cli::try_parse_from(["sdv-provision", "--id-scope", "x", "status"]).unwrap();
         assert!(d.provision_args().is_err());
-        assert!(Cli::try_parse_from(["sdv-provision", "--id-scope", "x", "--connection-string", "y"]).is_err());
+        assert!(Cli::try_parse_from([
+            "sdv-provision",
+            "--id-scope",
+            "x",
+            "--connection-string",
+            "y"
+        ])
+        .is_err());
     }
 
     #[test]

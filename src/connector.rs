@@ -43,7 +43,9 @@ pub fn restart(change: Change, out: &Out) {
         return;
     }
     if crate::which("kanto-cm").is_none() {
-        out.warn("kanto-cm is not on PATH; restart the cloud connector yourself (or pass --no-restart)");
+        out.warn(
+            "kanto-cm is not on PATH; restart the cloud connector yourself (or pass --no-restart)",
+        );
         return;
     }
     out.say(match change {
@@ -66,5 +68,4 @@ pub fn restart(change: Change, out: &Out) {
             Err(e) => out.warn(format!("cannot run {program}: {e}")),
         }
     }
-
 }

@@ -36,7 +36,9 @@ pub enum Error {
     #[error("{path} is not valid JSON ({detail}); fix or restore the file, it was left untouched")]
     InvalidManifest { path: PathBuf, detail: String },
 
-    #[error("another sdv-provision is running on root {path}; wait for it to finish and try again")]
+    #[error(
+        "another sdv-provision is running on root {path}; wait for it to finish and try again"
+    )]
     Locked { path: PathBuf },
 
     #[error("{path} is a symbolic link; refusing to follow it. Remove the link and re-run")]

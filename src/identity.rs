@@ -81,11 +81,17 @@ impl State {
                     | (KeystoreKind::Pkcs11, KeyUri::Pkcs11(_))
             );
             if !fits {
-                return Err(bad(format!("{role} key {uri} does not fit keystore {}", s.keystore)));
+                return Err(bad(format!(
+                    "{role} key {uri} does not fit keystore {}",
+                    s.keystore
+                )));
             }
             if let KeyUri::File(p) = uri {
                 if !p.starts_with(CERT_DIR) {
-                    return Err(bad(format!("{role} key {} is outside {CERT_DIR}", p.display())));
+                    return Err(bad(format!(
+                        "{role} key {} is outside {CERT_DIR}",
+                        p.display()
+                    )));
                 }
             }
         }
@@ -303,6 +309,16 @@ pub fn role_view(layout: &Layout, role: Role, key_uri: Option<KeyUri>) -> RoleVi
     }
 }
 
+/// The state the original script's files amount to (file keys at the fixed paths).
+pub fn legacy_state(device_id: &str) -> State {
+    let mut s = State::new(device_id, KeystoreKind::File, Algorithm::Rsa2048);
+    for role in Role::ALL {
+        s.keys.insert(role, KeyUri::File(key_path(role, false)));
+    }
+    s.adopted = true;
+    s
+}
+
 /// The original script's files: `device.crt` + `device.key`.
 pub fn legacy_files_present(layout: &Layout) -> bool {
     let crt = layout.host_cert_file(&paths::cert_name(Role::Primary, false));
@@ -346,7 +362,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let layout = Layout::new(d.path());
         let mut s = State::new("dev-1", KeystoreKind::File, Algorithm::Rsa2048);
-        s.keys.insert(Role::Primary, KeyUri::File(key_path(Role::Primary, false)));
+        s.keys
+            .insert(Role::Primary, KeyUri::File(key_path(Role::Primary, false)));
         s.save(&layout).unwrap();
         assert_eq!(State::load(&layout).unwrap(), Some(s.clone()));
 
@@ -360,8 +377,10 @@ mod tests {
             r#"{"version":2,"device_id":"d","keystore":"file","algorithm":"rsa-2048","keys":{}}"#,
         ] {
             std::fs::write(&path, bad).unwrap();
-            assert!(matches!(State::load(&layout), Err(Error::InvalidState { .. })), "{bad}");
+            assert!(
+                matches!(State::load(&layout), Err(Error::InvalidState { .. })),
+                "{bad}"
+            );
         }
     }
 }
-

@@ -61,6 +61,7 @@ pub struct Manifest {
     pub current: Option<Value>,
     /// The base for our edits: the template if there is one, else the current file.
     pub base: Value,
+    pub from_template: bool,
 }
 
 impl Manifest {
@@ -70,6 +71,7 @@ impl Manifest {
         let path = layout.host(MANIFEST);
         let current = read_json(&path)?;
         let template = read_json(&layout.host(MANIFEST_TEMPLATE))?;
+        let from_template = template.is_some();
         let Some(base) = template.or_else(|| current.clone()) else {
             return Ok(None);
         };
@@ -77,6 +79,7 @@ impl Manifest {
             path,
             current,
             base,
+            from_template,
         }))
     }
 
@@ -86,6 +89,44 @@ impl Manifest {
             path: self.path.clone(),
             detail,
         })
+    }
+
+    /// The manifest without the tool's entries: the template when there is one, else
+    /// the current content with owned env keys, owned mounts and the TPM device removed.
+    pub fn stripped(&self, previously_owned: &[PathBuf]) -> Result<Value> {
+        let mut v = self.base.clone();
+        if self.from_template {
+            return Ok(v);
+        }
+        let root = v.as_object_mut().expect("checked when loaded");
+        if let Some(env) = root
+            .get_mut("config")
+            .and_then(|c| c.get_mut("env"))
+            .and_then(Value::as_array_mut)
+        {
+            env.retain(|e| {
+                let s = e.as_str().unwrap_or_default();
+                let key = s.split_once('=').map_or(s, |(k, _)| k);
+                !OWNED_ENV.contains(&key)
+            });
+        }
+        for key in ["mounts", "mount_points"] {
+            if let Some(m) = root.get_mut(key).and_then(Value::as_array_mut) {
+                m.retain(|m| {
+                    let src = m.get("source").and_then(Value::as_str).unwrap_or_default();
+                    !(in_cert_dir(src) || previously_owned.iter().any(|p| p.as_os_str() == src))
+                });
+            }
+        }
+        if let Some(d) = root
+            .get_mut("host_config")
+            .and_then(|h| h.get_mut("devices"))
+            .and_then(Value::as_array_mut)
+        {
+            let ours = tpm_device_entry();
+            d.retain(|e| *e != ours);
+        }
+        Ok(v)
     }
 
     /// Write `new` if it differs from the current content. Returns whether it wrote.

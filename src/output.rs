@@ -51,8 +51,13 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum CloudReport {
-    Dps { id_scope: String },
-    Hub { host_name: String, device_id: String },
+    Dps {
+        id_scope: String,
+    },
+    Hub {
+        host_name: String,
+        device_id: String,
+    },
 }
 
 impl From<&Cloud> for CloudReport {
@@ -91,7 +96,12 @@ pub fn host_uri(layout: &Layout, uri: &KeyUri) -> String {
 }
 
 impl Report {
-    pub fn new(layout: &Layout, id: &Identity, manifest_exists: bool, problems: Vec<String>) -> Report {
+    pub fn new(
+        layout: &Layout,
+        id: &Identity,
+        manifest_exists: bool,
+        problems: Vec<String>,
+    ) -> Report {
         Report {
             provisioned: problems.is_empty(),
             device_id: id.device_id.clone(),
@@ -131,7 +141,13 @@ fn cert_report(layout: &Layout, r: &RoleView) -> CertReport {
 
 /// The human summary of an identity (what re-running prints, like the original).
 pub fn print_identity(out: &Out, layout: &Layout, id: &Identity) {
-    let name = |r: &RoleView| if r.role == crate::keystore::Role::Primary { "Primary" } else { "Secondary" };
+    let name = |r: &RoleView| {
+        if r.role == crate::keystore::Role::Primary {
+            "Primary"
+        } else {
+            "Secondary"
+        }
+    };
     out.say("Checking device certificates");
     if let Some(s) = &id.state {
         out.say(format!("- Keystore: {} ({})", s.keystore, s.algorithm));
@@ -139,17 +155,31 @@ pub fn print_identity(out: &Out, layout: &Layout, id: &Identity) {
         out.say("- Keystore: file (keys left by the original sdv-provision script)");
     }
     for r in &id.roles {
-        out.say(format!("- {} device certificate: {}", name(r), r.cert_path.display()));
+        out.say(format!(
+            "- {} device certificate: {}",
+            name(r),
+            r.cert_path.display()
+        ));
         if let Some(u) = &r.key_uri {
             out.say(format!("- {} device key: {}", name(r), host_uri(layout, u)));
         }
         if let Ok(c) = &r.cert {
-            let issuer = if c.self_signed { "self-signed".to_string() } else { c.issuer.clone() };
-            out.say(format!("  issuer: {issuer}; valid until {}", c.not_after_rfc3339()));
+            let issuer = if c.self_signed {
+                "self-signed".to_string()
+            } else {
+                c.issuer.clone()
+            };
+            out.say(format!(
+                "  issuer: {issuer}; valid until {}",
+                c.not_after_rfc3339()
+            ));
         }
     }
-    let thumbs: Vec<(&RoleView, &crate::cert::CertInfo)> =
-        id.roles.iter().filter_map(|r| r.cert.as_ref().ok().map(|c| (r, c))).collect();
+    let thumbs: Vec<(&RoleView, &crate::cert::CertInfo)> = id
+        .roles
+        .iter()
+        .filter_map(|r| r.cert.as_ref().ok().map(|c| (r, c)))
+        .collect();
     if thumbs.is_empty() {
         return;
     }

@@ -13,7 +13,9 @@ fn mtls_with_file_key() {
     let crt = d.path().join("dev.crt");
     common::run_ok(
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=dev"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=dev",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -35,7 +37,19 @@ fn mtls_with_wrong_key_fails() {
         let crt = d.path().join(format!("{name}.crt"));
         common::run_ok(
             Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=dev"])
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=dev",
+                ])
                 .arg("-keyout")
                 .arg(&key)
                 .arg("-out")
@@ -47,5 +61,16 @@ fn mtls_with_wrong_key_fails() {
     let (crt_b, key_b) = gen("b");
     // The client presents b's cert and key, but the server only trusts a.
     let _ = crt_b;
-    common::mtls_handshake(d.path(), &crt_a, &["-cert", crt_b.to_str().unwrap(), "-key", key_b.to_str().unwrap()], true, &[]);
+    common::mtls_handshake(
+        d.path(),
+        &crt_a,
+        &[
+            "-cert",
+            crt_b.to_str().unwrap(),
+            "-key",
+            key_b.to_str().unwrap(),
+        ],
+        true,
+        &[],
+    );
 }

@@ -15,8 +15,13 @@ use crate::manifest::{Desired, Manifest};
 use crate::output::Out;
 use crate::paths::Layout;
 
+pub mod csr;
+pub mod import_cert;
 pub mod provision;
+pub mod reset;
+pub mod rotate;
 pub mod status;
+pub mod verify;
 
 /// How long a mutating run waits for another one before giving up.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -92,7 +97,11 @@ impl Ctx {
     }
 
     /// Open a keystore; settings an earlier run recorded fill in missing flags.
-    pub fn open_keystore(&self, kind: KeystoreKind, state: Option<&State>) -> Result<Box<dyn KeyStore>> {
+    pub fn open_keystore(
+        &self,
+        kind: KeystoreKind,
+        state: Option<&State>,
+    ) -> Result<Box<dyn KeyStore>> {
         let mut cfg = self.ks_config.clone();
         if let Some(s) = state {
             cfg.recorded = s.backend.clone();
@@ -109,7 +118,11 @@ pub fn run(cli: &Cli) -> Result<i32> {
     match &cli.command {
         None | Some(Command::Provision(_)) => provision::run(&ctx, &provision_args),
         Some(Command::Status) => status::run(&ctx),
-        Some(_) => Err(Error::input("this command is not available yet", "see `sdv-provision --help`")),
+        Some(Command::Verify) => verify::run(&ctx),
+        Some(Command::Rotate { promote }) => rotate::run(&ctx, *promote),
+        Some(Command::Csr { role, out }) => csr::run(&ctx, *role, out.as_deref()),
+        Some(Command::ImportCert { role, file }) => import_cert::run(&ctx, *role, file),
+        Some(Command::Reset { yes }) => reset::run(&ctx, *yes),
     }
 }
 
@@ -137,7 +150,11 @@ pub fn recover(ctx: &Ctx) -> Result<()> {
             };
             let mut ks = ctx.open_keystore(journal.keystore, next.as_ref().or(state.as_ref()))?;
             journal
-                .roll_forward(&ctx.layout, ks.as_mut(), old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore))
+                .roll_forward(
+                    &ctx.layout,
+                    ks.as_mut(),
+                    old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
+                )
                 .map(|_| ())
         }
     }
@@ -174,7 +191,10 @@ pub fn converge(ctx: &Ctx, state: &State, cloud: &Cloud, certs_changed: bool) ->
             let new = m.render(&want)?;
             let wrote = m.save(&new, cloud.has_secret())?;
             if wrote {
-                ctx.out.say(format!("- Updated the Cloud Connector manifest {}", m.path.display()));
+                ctx.out.say(format!(
+                    "- Updated the Cloud Connector manifest {}",
+                    m.path.display()
+                ));
             }
             wrote
         }
@@ -215,7 +235,8 @@ pub fn report(ctx: &Ctx) -> Result<bool> {
     let problems = status::problems(ctx, &id)?;
     let manifest_exists = fsutil::exists_nofollow(&ctx.layout.host(crate::paths::MANIFEST));
     if ctx.json {
-        crate::output::Report::new(&ctx.layout, &id, manifest_exists, problems.clone()).print_json();
+        crate::output::Report::new(&ctx.layout, &id, manifest_exists, problems.clone())
+            .print_json();
     } else {
         crate::output::print_identity(&ctx.out, &ctx.layout, &id);
     }
@@ -303,7 +324,9 @@ pub fn commit(
     old: Option<(&State, Vec<keystore::KeyUri>)>,
 ) -> Result<State> {
     next.backend = ks.record();
-    let staged = built.iter().any(|b| b.cert_file != crate::paths::cert_name(b.role, false));
+    let staged = built
+        .iter()
+        .any(|b| b.cert_file != crate::paths::cert_name(b.role, false));
     if !staged {
         for b in built {
             next.keys.insert(b.role, b.uri);
@@ -325,8 +348,38 @@ pub fn commit(
     journal.phase = Phase::Committed;
     journal.old_keys = old_keys;
     journal.old_keystore = Some(old_kind);
-    journal.moves = built.into_iter().map(|b| (b.uri, b.role, b.cert_file)).collect();
+    journal.moves = built
+        .into_iter()
+        .map(|b| (b.uri, b.role, b.cert_file))
+        .collect();
     journal.next_state = Some(next);
     journal.save(&ctx.layout)?;
-    journal.roll_forward(&ctx.layout, ks, old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore))
+    journal.roll_forward(
+        &ctx.layout,
+        ks,
+        old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
+    )
+}
+
+/// The identity's state; for a device the original script provisioned (not adopted
+/// yet), the state its files amount to. Errors when there is no identity.
+pub fn existing_state(id: &identity::Identity) -> Result<State> {
+    if let Some(s) = &id.state {
+        return Ok(s.clone());
+    }
+    if id.legacy {
+        let dev = id
+            .role(Role::Primary)
+            .cert
+            .as_ref()
+            .ok()
+            .and_then(|c| c.subject_cn.clone())
+            .or_else(|| id.device_id.clone())
+            .unwrap_or_default();
+        return Ok(identity::legacy_state(&dev));
+    }
+    Err(Error::input(
+        "this device is not provisioned",
+        "run `sdv-provision` (provision) first",
+    ))
 }

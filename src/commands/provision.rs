@@ -26,13 +26,22 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let cs_text = match &args.connection_string_file {
         Some(f) => Some(zeroize::Zeroizing::new(
             fsutil::read_optional_string(f)?
-                .ok_or_else(|| Error::input(format!("{} does not exist", f.display()), "pass an existing --connection-string-file"))?
+                .ok_or_else(|| {
+                    Error::input(
+                        format!("{} does not exist", f.display()),
+                        "pass an existing --connection-string-file",
+                    )
+                })?
                 .trim()
                 .to_owned(),
         )),
         None => args.connection_string.clone().map(zeroize::Zeroizing::new),
     };
-    let flag_cloud = cloud::from_flags(args.id_scope.as_deref(), cs_text.as_deref().map(|s| s.as_str()), &mut warnings)?;
+    let flag_cloud = cloud::from_flags(
+        args.id_scope.as_deref(),
+        cs_text.as_deref().map(|s| s.as_str()),
+        &mut warnings,
+    )?;
     if let Some(id) = &args.device_id {
         device_id::check_flag(id)?;
     }
@@ -94,54 +103,105 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let state = match (&id.state, id.legacy, rebuild) {
         (Some(s), _, false) => {
             check_unchanged(ctx, args, s.keystore, s.algorithm)?;
-            let missing: Vec<Role> = Role::ALL.into_iter().filter(|r| !s.keys.contains_key(r)).collect();
+            let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
+            certs_changed |= check_certificates(ctx, ks.as_mut(), s, &id, args.days)?;
+            let missing: Vec<Role> = Role::ALL
+                .into_iter()
+                .filter(|r| !s.keys.contains_key(r))
+                .collect();
             if missing.is_empty() {
                 s.clone()
             } else {
                 certs_changed = true;
-                let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
-                let (journal, built) = build_keys(ctx, ks.as_mut(), &missing, false, s.algorithm, &device_id, args.days)?;
+                let (journal, built) = build_keys(
+                    ctx,
+                    ks.as_mut(),
+                    &missing,
+                    false,
+                    s.algorithm,
+                    &device_id,
+                    args.days,
+                )?;
                 commit(ctx, ks.as_mut(), journal, built, s.clone(), None)?
             }
         }
         (None, true, false) => {
             let (adopted, missing) = adopt(ctx, &id, &device_id)?;
             check_unchanged(ctx, args, KeystoreKind::File, adopted.algorithm)?;
-            out.say("- Adopted the keys and certificates left by the original sdv-provision script");
+            out.say(
+                "- Adopted the keys and certificates left by the original sdv-provision script",
+            );
             if missing.is_empty() {
                 adopted.save(layout)?;
                 adopted
             } else {
                 certs_changed = true;
                 let mut ks: Box<dyn KeyStore> = Box::new(FileKeyStore::new(layout.clone()));
-                let (journal, built) = build_keys(ctx, ks.as_mut(), &missing, false, adopted.algorithm, &device_id, args.days)?;
+                let (journal, built) = build_keys(
+                    ctx,
+                    ks.as_mut(),
+                    &missing,
+                    false,
+                    adopted.algorithm,
+                    &device_id,
+                    args.days,
+                )?;
                 commit(ctx, ks.as_mut(), journal, built, adopted, None)?
             }
         }
         (old, _, _) => {
             certs_changed = true;
-            let kind = ctx.keystore.unwrap_or_else(|| keystore::select_auto(&ctx.ks_config));
+            let kind = ctx
+                .keystore
+                .unwrap_or_else(|| keystore::select_auto(&ctx.ks_config));
             let alg = args.algorithm.unwrap_or(Algorithm::Rsa2048);
             if kind == KeystoreKind::File {
                 out.warn("the device keys are plain files (no TPM or PKCS#11 token found); anyone who can read /data/var/certificates can copy this identity");
             }
             let mut ks = ctx.open_keystore(kind, old.as_ref().filter(|s| s.keystore == kind))?;
-            let (journal, built) = build_keys(ctx, ks.as_mut(), &Role::ALL, rebuild, alg, &device_id, args.days)?;
+            let (journal, built) = build_keys(
+                ctx,
+                ks.as_mut(),
+                &Role::ALL,
+                rebuild,
+                alg,
+                &device_id,
+                args.days,
+            )?;
             let next = State::new(&device_id, kind, alg);
             let old_state = match old {
                 Some(s) => Some(s.clone()),
-                None if id.legacy => Some(legacy_state(&device_id)),
+                None if id.legacy => Some(crate::identity::legacy_state(&device_id)),
                 None => None,
             };
-            let old_keys = old_state.as_ref().map(|s| s.keys.values().cloned().collect());
-            commit(ctx, ks.as_mut(), journal, built, next, old_state.as_ref().zip(old_keys))?
+            let old_keys = old_state
+                .as_ref()
+                .map(|s| s.keys.values().cloned().collect());
+            commit(
+                ctx,
+                ks.as_mut(),
+                journal,
+                built,
+                next,
+                old_state.as_ref().zip(old_keys),
+            )?
         }
     };
 
     // 4. Device id and cloud files.
     let id_path = layout.host(DEVICE_ID_FILE);
-    if fsutil::read_optional_string(&id_path).ok().flatten().as_deref().map(str::trim) != Some(device_id.as_str()) {
-        if let Err(e) = fsutil::atomic_write(&id_path, format!("{device_id}\n").as_bytes(), fsutil::PUBLIC) {
+    if fsutil::read_optional_string(&id_path)
+        .ok()
+        .flatten()
+        .as_deref()
+        .map(str::trim)
+        != Some(device_id.as_str())
+    {
+        if let Err(e) = fsutil::atomic_write(
+            &id_path,
+            format!("{device_id}\n").as_bytes(),
+            fsutil::PUBLIC,
+        ) {
             out.warn(format!("could not store the device id ({e}); continuing"));
         }
     }
@@ -174,10 +234,18 @@ fn resolve_device_id(
         Some(s.device_id.clone())
     } else if id.legacy {
         let view = id.role(Role::Primary);
-        let cn = view.cert.as_ref().ok().and_then(|c| c.subject_cn.clone()).unwrap_or_default();
+        let cn = view
+            .cert
+            .as_ref()
+            .ok()
+            .and_then(|c| c.subject_cn.clone())
+            .unwrap_or_default();
         device_id::validate(&cn).map_err(|why| {
             Error::input(
-                format!("the existing {} cannot be adopted: its CN is not a valid device id ({why})", view.cert_path.display()),
+                format!(
+                    "the existing {} cannot be adopted: its CN is not a valid device id ({why})",
+                    view.cert_path.display()
+                ),
                 "run `sdv-provision provision --force` to build a new identity",
             )
         })?;
@@ -207,7 +275,12 @@ fn resolve_device_id(
 }
 
 /// An existing identity keeps its keystore and algorithm unless `--force` is given.
-fn check_unchanged(ctx: &Ctx, args: &ProvisionArgs, kind: KeystoreKind, alg: Algorithm) -> Result<()> {
+fn check_unchanged(
+    ctx: &Ctx,
+    args: &ProvisionArgs,
+    kind: KeystoreKind,
+    alg: Algorithm,
+) -> Result<()> {
     if let Some(want) = ctx.keystore {
         if want != kind {
             return Err(Error::input(
@@ -227,16 +300,6 @@ fn check_unchanged(ctx: &Ctx, args: &ProvisionArgs, kind: KeystoreKind, alg: Alg
     Ok(())
 }
 
-/// The state the original script's files amount to.
-fn legacy_state(device_id: &str) -> State {
-    let mut s = State::new(device_id, KeystoreKind::File, Algorithm::Rsa2048);
-    for role in Role::ALL {
-        s.keys.insert(role, KeyUri::File(keystore::file::key_path(role, false)));
-    }
-    s.adopted = true;
-    s
-}
-
 /// Adopt the original script's key/cert pairs: no new keys, same thumbprints. Each key
 /// must match its certificate. Returns the state and the roles still missing.
 fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)> {
@@ -246,7 +309,8 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
     for role in Role::ALL {
         let uri = KeyUri::File(keystore::file::key_path(role, false));
         let view = id.role(role);
-        let key_present = fsutil::exists_nofollow(&ctx.layout.host(keystore::file::key_path(role, false)));
+        let key_present =
+            fsutil::exists_nofollow(&ctx.layout.host(keystore::file::key_path(role, false)));
         if !key_present && role == Role::Secondary {
             missing.push(role);
             continue;
@@ -271,11 +335,71 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
         });
         if key.alg() != s.algorithm {
             return Err(Error::input(
-                format!("the existing keys use different algorithms ({} and {})", s.algorithm, key.alg()),
+                format!(
+                    "the existing keys use different algorithms ({} and {})",
+                    s.algorithm,
+                    key.alg()
+                ),
                 "run `sdv-provision provision --force` to build a new identity",
             ));
         }
         s.keys.insert(role, uri);
     }
-    Ok((state.expect("the primary is adopted or an error was returned"), missing))
+    Ok((
+        state.expect("the primary is adopted or an error was returned"),
+        missing,
+    ))
+}
+
+/// Each recorded key must still be there and match its certificate. A missing
+/// certificate is re-issued from the existing key (its thumbprint changes, so the
+/// user is told); a damaged or foreign one is an error, and nothing is changed.
+/// Returns whether a certificate was re-issued.
+fn check_certificates(
+    ctx: &Ctx,
+    ks: &mut dyn KeyStore,
+    state: &State,
+    id: &Identity,
+    days: u32,
+) -> Result<bool> {
+    let mut reissued = false;
+    for (role, uri) in &state.keys {
+        let view = id.role(*role);
+        let key = ks.open(uri)?;
+        match &view.cert {
+            Ok(c) => {
+                let matches = key.subject_public_key_info() == c.spki
+                    || crate::cert::key_matches(key.as_ref(), &c.spki)?;
+                if !matches || c.subject_cn.as_deref() != Some(state.device_id.as_str()) {
+                    return Err(Error::input(
+                        format!(
+                            "{} does not belong to the {role} key {uri} of device {}",
+                            view.cert_path.display(),
+                            state.device_id
+                        ),
+                        "restore the right certificate (or `sdv-provision import-cert`), or run `sdv-provision provision --force`",
+                    ));
+                }
+            }
+            Err(e) if fsutil::exists_nofollow(&view.cert_path) => {
+                return Err(Error::input(
+                    e.clone(),
+                    "restore the file, or run `sdv-provision provision --force`",
+                ));
+            }
+            Err(_) => {
+                let pem = crate::cert::self_signed(key.as_ref(), &state.device_id, days)?;
+                drop(key);
+                fsutil::atomic_write(&view.cert_path, pem.as_bytes(), fsutil::PUBLIC)?;
+                let info = crate::cert::CertInfo::from_pem(&view.cert_path, pem.as_bytes())?;
+                ks.attach_certificate(uri, &info.der)?;
+                ctx.out.warn(format!(
+                    "re-issued the missing {role} certificate from its existing key; register its new thumbprint {}",
+                    info.sha1
+                ));
+                reissued = true;
+            }
+        }
+    }
+    Ok(reissued)
 }

@@ -29,6 +29,9 @@ pub fn run(ctx: &Ctx) -> Result<i32> {
 /// Everything that keeps the identity from being complete and consistent.
 pub fn problems(ctx: &Ctx, id: &Identity) -> Result<Vec<String>> {
     let mut p = Vec::new();
+    if crate::fsutil::exists_nofollow(&ctx.layout.host_cert_file(crate::identity::JOURNAL_FILE)) {
+        p.push("an interrupted run is not finished yet (run sdv-provision)".to_string());
+    }
     if id.device_id.is_none() {
         p.push("no device id".to_string());
     }
@@ -38,7 +41,10 @@ pub fn problems(ctx: &Ctx, id: &Identity) -> Result<Vec<String>> {
     };
     if let (Cloud::Hub(cs), Some(dev)) = (cloud, &id.device_id) {
         if &cs.device_id != dev {
-            p.push(format!("the connection string's DeviceId {} differs from the device id {dev}", cs.device_id));
+            p.push(format!(
+                "the connection string's DeviceId {} differs from the device id {dev}",
+                cs.device_id
+            ));
         }
     }
     let Some(state) = &id.state else {
@@ -52,10 +58,18 @@ pub fn problems(ctx: &Ctx, id: &Identity) -> Result<Vec<String>> {
             Err(e) => p.push(e.clone()),
             Ok(c) => {
                 if c.subject_cn.as_deref() != Some(state.device_id.as_str()) {
-                    p.push(format!("{}: its CN is not the device id {}", r.cert_path.display(), state.device_id));
+                    p.push(format!(
+                        "{}: its CN is not the device id {}",
+                        r.cert_path.display(),
+                        state.device_id
+                    ));
                 }
                 if !c.is_current() {
-                    p.push(format!("{}: not valid now (valid until {})", r.cert_path.display(), c.not_after_rfc3339()));
+                    p.push(format!(
+                        "{}: not valid now (valid until {})",
+                        r.cert_path.display(),
+                        c.not_after_rfc3339()
+                    ));
                 }
             }
         }
@@ -66,7 +80,10 @@ pub fn problems(ctx: &Ctx, id: &Identity) -> Result<Vec<String>> {
             Some(want) => {
                 let fresh = m.render(&want)?;
                 if m.current.as_ref() != Some(&fresh) {
-                    p.push(format!("the connector manifest {} is not up to date (run sdv-provision)", m.path.display()));
+                    p.push(format!(
+                        "the connector manifest {} is not up to date (run sdv-provision)",
+                        m.path.display()
+                    ));
                 }
             }
         }

@@ -23,7 +23,17 @@ pub use uri::{KeyUri, Pkcs11Uri};
 
 /// The two identities Azure can roll over between.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -264,11 +274,7 @@ pub trait KeyStore {
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError>;
 
     /// Called once the key's certificate is final; PKCS#11 stores it as a token object.
-    fn attach_certificate(
-        &mut self,
-        _uri: &KeyUri,
-        _cert_der: &[u8],
-    ) -> Result<(), KeyStoreError> {
+    fn attach_certificate(&mut self, _uri: &KeyUri, _cert_der: &[u8]) -> Result<(), KeyStoreError> {
         Ok(())
     }
 
@@ -336,7 +342,10 @@ pub enum KeyStoreError {
     NotFound { uri: String },
 
     #[error("{alg} is not supported by this {keystore}; choose another --algorithm")]
-    UnsupportedAlgorithm { alg: Algorithm, keystore: &'static str },
+    UnsupportedAlgorithm {
+        alg: Algorithm,
+        keystore: &'static str,
+    },
 
     #[error("{what}; {hint}")]
     Rejected { what: String, hint: String },

@@ -50,7 +50,9 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 
 /// Run a command, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
@@ -97,7 +99,13 @@ pub fn wait_for_path(path: &Path, deadline: Duration) {
 
 /// `openssl verify -CAfile cert cert` must pass.
 pub fn openssl_verify(cert: &Path) {
-    let out = run_ok(Command::new("openssl").arg("verify").arg("-CAfile").arg(cert).arg(cert));
+    let out = run_ok(
+        Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(cert)
+            .arg(cert),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(": OK"));
 }
 
@@ -131,7 +139,14 @@ pub fn server_identity(dir: &Path) -> (PathBuf, PathBuf) {
     let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
     run_ok(
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
             .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout"])
             .arg(&key)
             .arg("-out")
@@ -161,7 +176,14 @@ pub fn mtls_handshake(
         .arg(&srv_crt)
         .arg("-key")
         .arg(&srv_key)
-        .args(["-Verify", "1", "-verify_return_error", "-naccept", "1", version])
+        .args([
+            "-Verify",
+            "1",
+            "-verify_return_error",
+            "-naccept",
+            "1",
+            version,
+        ])
         .arg("-CAfile")
         .arg(device_cert)
         // s_server shuts down on EOF of its stdin: keep it open until the end.

@@ -1,0 +1,51 @@
+//! `csr`: a PKCS#10 request for a role's existing key, signed through the key. Lets a
+//! fleet use DPS enrollment groups with CA-issued certificates instead of per-device
+//! thumbprints.
+
+use std::path::Path;
+
+use crate::error::Result;
+use crate::fsutil;
+use crate::identity::Identity;
+use crate::keystore::Role;
+
+use super::{existing_state, Ctx};
+
+pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
+    ctx.check_root()?;
+    let id = Identity::load(&ctx.layout)?;
+    let state = existing_state(&id)?;
+    let uri = state.keys.get(&role).ok_or_else(|| {
+        crate::Error::input(
+            format!("there is no {role} key"),
+            "run `sdv-provision` to complete the identity",
+        )
+    })?;
+    let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
+    let key = ks.open(uri)?;
+    let pem = crate::cert::csr(key.as_ref(), &state.device_id)?;
+    match out {
+        Some(path) => {
+            fsutil::atomic_write(path, pem.as_bytes(), fsutil::PUBLIC)?;
+            if ctx.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"role": role.as_str(), "path": path.display().to_string(), "key_uri": uri.to_string()})
+                );
+            } else {
+                ctx.out.say(format!(
+                    "Wrote the {role} certificate request to {}",
+                    path.display()
+                ));
+            }
+        }
+        None if ctx.json => {
+            println!(
+                "{}",
+                serde_json::json!({"role": role.as_str(), "csr": pem, "key_uri": uri.to_string()})
+            );
+        }
+        None => print!("{pem}"),
+    }
+    Ok(0)
+}

@@ -1,0 +1,83 @@
+//! `import-cert`: install a CA-issued certificate (with its chain) for a role.
+//!
+//! Refused unless the certificate's public key is the role's key (proved by a
+//! signature, not by comparing encodings), it is valid now, and its CN is the device
+//! id. The file is installed whole (leaf first, then chain), atomically.
+
+use std::path::Path;
+
+use crate::cert::{key_matches, CertInfo};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::identity::Identity;
+use crate::keystore::Role;
+use crate::paths;
+
+use super::{converge, existing_state, recover, report, Ctx};
+
+pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
+    let pem = fsutil::read_optional(file)?.ok_or_else(|| {
+        Error::input(
+            format!("{} does not exist", file.display()),
+            "pass the PEM file of the issued certificate",
+        )
+    })?;
+    let new = CertInfo::from_pem(file, &pem)?;
+    let _lock = ctx.lock()?;
+    recover(ctx)?;
+    let id = Identity::load(&ctx.layout)?;
+    let state = existing_state(&id)?;
+    if state.adopted && id.state.is_none() {
+        return Err(Error::input(
+            "the identity left by the original script is not adopted yet",
+            "run `sdv-provision` first",
+        ));
+    }
+    let refuse = |why: String| {
+        Error::input(
+            format!("refusing {}: {why}", file.display()),
+            "import the certificate issued for this device's key",
+        )
+    };
+    if new.subject_cn.as_deref() != Some(state.device_id.as_str()) {
+        return Err(refuse(format!(
+            "its CN {:?} is not the device id {:?}",
+            new.subject_cn.as_deref().unwrap_or(""),
+            state.device_id
+        )));
+    }
+    if !new.is_current() {
+        return Err(refuse(format!(
+            "it is not valid now (valid until {})",
+            new.not_after_rfc3339()
+        )));
+    }
+    let uri = state.keys.get(&role).ok_or_else(|| {
+        Error::input(
+            format!("there is no {role} key"),
+            "run `sdv-provision` to complete the identity",
+        )
+    })?;
+    let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
+    {
+        let key = ks.open(uri)?;
+        if !key_matches(key.as_ref(), &new.spki)? {
+            return Err(refuse(format!(
+                "its public key is not the {role} key {uri}"
+            )));
+        }
+    }
+    let path = ctx.layout.host_cert_file(&paths::cert_name(role, false));
+    fsutil::atomic_write(&path, &pem, fsutil::PUBLIC)?;
+    ks.attach_certificate(uri, &new.der)?;
+    ctx.out.say(format!(
+        "Installed the {role} certificate issued by {} ({} chain certificate(s))",
+        new.issuer, new.chain_len
+    ));
+    if let Some(cloud) = &id.cloud {
+        // The connector only presents the primary certificate.
+        converge(ctx, &state, cloud, role == Role::Primary)?;
+    }
+    report(ctx)?;
+    Ok(0)
+}

@@ -1,0 +1,101 @@
+//! `rotate`: a new secondary identity, or (`--promote`) the secondary becomes the
+//! primary and a fresh secondary follows.
+//!
+//! Both go through the journal: the new secondary is built beside the old one and
+//! moved into place only when complete; a promotion is journaled as committed before
+//! the old primary is removed, so a crash leaves a usable identity and the next run
+//! finishes the move (and `provision` then makes the missing secondary).
+
+use crate::error::{Error, Result};
+use crate::identity::{Identity, Journal, Phase, State};
+use crate::keystore::Role;
+use crate::paths;
+
+use super::{build_keys, commit, converge, recover, report, Ctx};
+
+pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
+    let _lock = ctx.lock()?;
+    recover(ctx)?;
+    let id = Identity::load(&ctx.layout)?;
+    let state = id.state.clone().ok_or_else(|| {
+        Error::input(
+            "this device has no sdv-provision identity",
+            "run `sdv-provision` (provision) first",
+        )
+    })?;
+    let cloud = id.cloud.clone().ok_or_else(|| {
+        Error::input(
+            "no cloud backend is configured",
+            "run `sdv-provision` first",
+        )
+    })?;
+    let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
+    let mut state = state;
+    if promote {
+        let secondary = state.keys.get(&Role::Secondary).cloned().ok_or_else(|| {
+            Error::input(
+                "there is no secondary key to promote",
+                "run `sdv-provision rotate` first",
+            )
+        })?;
+        ctx.out.say("- Promoting the secondary identity to primary");
+        let mut next = state.clone();
+        next.keys.remove(&Role::Secondary);
+        let journal = Journal {
+            phase: Phase::Committed,
+            keystore: state.keystore,
+            new_keys: Vec::new(),
+            new_files: Vec::new(),
+            old_keys: state
+                .keys
+                .get(&Role::Primary)
+                .cloned()
+                .into_iter()
+                .collect(),
+            old_keystore: None,
+            old_removed: false,
+            moves: vec![(
+                secondary,
+                Role::Primary,
+                paths::cert_name(Role::Secondary, false),
+            )],
+            next_state: Some(next),
+        };
+        journal.save(&ctx.layout)?;
+        state = journal.roll_forward(&ctx.layout, ks.as_mut(), None)?;
+    }
+    // A fresh secondary: built beside the live one (if any), moved in when complete.
+    let old_secondary: Vec<_> = state
+        .keys
+        .get(&Role::Secondary)
+        .cloned()
+        .into_iter()
+        .collect();
+    let staged = !old_secondary.is_empty();
+    let (journal, built) = build_keys(
+        ctx,
+        ks.as_mut(),
+        &[Role::Secondary],
+        staged,
+        state.algorithm,
+        &state.device_id,
+        365,
+    )?;
+    let base: State = state.clone();
+    let old = staged.then_some((&base, old_secondary));
+    state = commit(ctx, ks.as_mut(), journal, built, state.clone(), old)?;
+    drop(ks);
+    if promote {
+        // The primary changed: the manifest follows and the connector restarts.
+        converge(ctx, &state, &cloud, true)?;
+    }
+    let id = Identity::load(&ctx.layout)?;
+    if let Ok(c) = &id.role(Role::Secondary).cert {
+        ctx.out.say(format!(
+            "New secondary thumbprint (register it before promoting): {}",
+            c.sha1
+        ));
+    }
+    report(ctx)?;
+    Ok(0)
+}
