@@ -152,12 +152,52 @@ fn dps_flow_default_algorithm() {
     );
     // A new manifest: the container is recreated, exactly as DESIGN §1.6 says.
     assert_eq!(fr.calls(), recreate());
+    // Paths written into files are device paths: the scratch prefix appears nowhere.
+    let prefix = fr.root().to_string_lossy().into_owned();
+    for (p, bytes) in files_under(&fr.root()) {
+        assert!(
+            !contains(&bytes, &prefix),
+            "{} holds a --root-prefixed path",
+            p.display()
+        );
+    }
     // Keys are never written to a temp dir (the original left copies in /tmp).
     assert_eq!(
         fs::read_dir(tmp.path()).unwrap().count(),
         0,
         "something was left in TMPDIR"
     );
+}
+
+/// With `--root`, the host's own `/etc` and `/data` are never touched.
+#[test]
+fn host_paths_untouched_with_root() {
+    if !openssl() {
+        return;
+    }
+    let watch = [
+        "/etc/deviceid",
+        "/data",
+        "/data/var/certificates",
+        "/data/var/certificates/device.key",
+        "/data/var/containers/manifests/cloudconnector.json",
+    ];
+    let state = || {
+        watch
+            .iter()
+            .map(|p| {
+                fs::symlink_metadata(p)
+                    .ok()
+                    .map(|m| (m.len(), m.modified().ok()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = state();
+    let fr = FakeRoot::with_template();
+    fr.provision_dps("ecdsa-p256", &[]);
+    fr.run(&["status"]).ok();
+    fr.run(&["--keystore", "file", "--force"]).ok();
+    assert_eq!(before, state(), "a host path changed");
 }
 
 fn assert_hub_outcome(fr: &FakeRoot, run: &Run) {
