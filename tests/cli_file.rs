@@ -237,6 +237,7 @@ fn assert_hub_outcome(fr: &FakeRoot, run: &Run) {
     let status = fr.run(&["status", "--json"]).ok();
     assert!(!status.all().contains(SECRET_KEY));
     let doc = status.json();
+    check_schema(fr, &doc, "ecdsa-p256", "hub");
     assert_eq!(
         doc["cloud"],
         serde_json::json!({"kind": "hub", "host_name": "hub.azure-devices.net", "device_id": ETH0_ID})
