@@ -13,6 +13,7 @@
 //!   (see [`Device::check_token`]).
 //!
 //! `SDV_CRASH_SEED=<n>` replays a run; `SDV_CRASH_KILLS=<n>` sets the rounds (default 25).
+#![cfg(feature = "pkcs11")]
 mod common;
 
 use std::path::{Path, PathBuf};

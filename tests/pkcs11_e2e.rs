@@ -1,6 +1,7 @@
 //! `sdv-provision --keystore pkcs11` end to end: the built binary against a SoftHSM2
 //! store of its own, then a mutual-TLS handshake in which `openssl s_client` loads the
 //! key by the `KEY_URI` **read from the manifest the tool wrote**.
+#![cfg(feature = "pkcs11")]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@
 //! independently with `pkcs11-tool`), and a mutual-TLS handshake in which
 //! `openssl s_client` loads the key through libp11 **by the URI the keystore reports**.
 //! Then the failure paths SoftHSM can simulate, and cleanup.
+#![cfg(feature = "pkcs11")]
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -20,6 +20,7 @@
 //! itself, with the default `leda` token, is made by `softhsm/setup-token` before the
 //! module is loaded, which also exercises that script.
 #![allow(dead_code)]
+#![cfg(feature = "pkcs11")]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
