@@ -1114,7 +1114,6 @@ fn adopts_original_script_device() {
 /// The original copied keys around with default permissions; an adopted key is a
 /// file-keystore key and must end up 0600 like every other (DESIGN §2, §6).
 #[test]
-#[ignore = "BUG: adopt() in src/commands/provision.rs keeps a 0644 legacy key as it is; it must chmod adopted keys to 0600"]
 fn adoption_tightens_key_permissions() {
     if !openssl() {
         return;
