@@ -37,11 +37,8 @@ fn params(device_id: &str, days: u32) -> Result<rcgen::CertificateParams> {
     let now = OffsetDateTime::now_utc();
     p.not_before = now - CLOCK_SKEW;
     p.not_after = now + time::Duration::days(i64::from(days));
-    // The serial must be unique, not secret: the kernel RNG, read directly, spares a
-    // hardware-key run the ~45 ms aws-lc spends seeding its DRBG on first use.
     let mut serial = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut serial))
+    aws_lc_rs::rand::fill(&mut serial)
         .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
     serial[0] &= 0x7f; // positive INTEGER
     serial[0] |= 0x01; // and no leading zero byte to strip
