@@ -922,17 +922,12 @@ fn consumer_mounts(ctx: &Pkcs11) -> Vec<PathBuf> {
     mounts
 }
 
-/// A fresh 16-byte CKA_ID from the kernel's RNG. The id only has to be unique, not
-/// secret; reading `/dev/urandom` costs microseconds, while the first use of aws-lc's
-/// DRBG costs ~45 ms of seeding, most of a PKCS#11 run on a fast token.
+/// A fresh random 16-byte CKA_ID. It only has to be unique: the URI names the key by
+/// label *and* id, and a staged key must never be mistaken for the live one.
 fn random_id() -> Result<Vec<u8>, KeyStoreError> {
-    use std::io::Read;
     let mut id = vec![0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .map_err(|e| {
-            KeyStoreError::backend("make a random CKA_ID from /dev/urandom", e.to_string())
-        })?;
+    aws_lc_rs::rand::fill(&mut id)
+        .map_err(|_| KeyStoreError::backend("make a random CKA_ID", "no randomness available"))?;
     Ok(id)
 }
 
