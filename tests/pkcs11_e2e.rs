@@ -403,3 +403,47 @@ fn interactive_pin_prompt_is_hidden() {
         USER_PIN
     );
 }
+
+/// `--pkcs11-init-token` on a blank slot, SO PIN from a file named by the environment;
+/// never from argv. Without an SO PIN the error names where to put it.
+#[test]
+fn init_token_from_the_command_line() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let mut args = provision_args(&store, "ecdsa-p256");
+    args.splice(
+        0..0,
+        ["--pkcs11-token", "fresh", "--pkcs11-init-token"].map(String::from),
+    );
+
+    let out = tool(&store, &root).args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SDV_PROVISION_PKCS11_SO_PIN_FILE"),
+        "{stderr}"
+    );
+
+    let so_pin = store.dir.path().join("so.pin");
+    std::fs::write(&so_pin, format!("{}\n", common::softhsm::SO_PIN)).unwrap();
+    let out = tool(&store, &root)
+        .env("SDV_PROVISION_PKCS11_SO_PIN_FILE", &so_pin)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["certificates"][0]["key_uri"]
+        .as_str()
+        .unwrap()
+        .starts_with("pkcs11:token=fresh;"));
+    // The new token is an ordinary token now: later commands need no SO PIN.
+    let verify = tool(&store, &root)
+        .args(["--non-interactive", "verify"])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", text(&verify));
+}
