@@ -447,3 +447,80 @@ fn init_token_from_the_command_line() {
         .unwrap();
     assert!(verify.status.success(), "{}", text(&verify));
 }
+
+/// The manifest cannot be written (its directory is immutable) after the keys were
+/// made. Every object left in the token must belong to the identity the state file
+/// records (no orphans), and the next run finishes the job with those same keys.
+#[test]
+fn manifest_write_failure_leaves_no_orphans() {
+    if !available() || !common::require("chattr", "an unwritable manifest directory") {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let manifests = root.join("data/var/containers/manifests");
+    struct Mutable(PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+    }
+    let set = Command::new("chattr")
+        .arg("+i")
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    if !set.status.success() {
+        eprintln!("SKIPPED: cannot make {} immutable", manifests.display());
+        return;
+    }
+    let guard = Mutable(manifests.clone());
+    let out = tool(&store, &root)
+        .args(provision_args(&store, "ecdsa-p256"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    drop(guard);
+
+    let state_path = root.join(CERT_DIR).join("sdv-provision.state.json");
+    let recorded: Vec<String> = match std::fs::read(&state_path) {
+        Ok(bytes) => {
+            let state: Value = serde_json::from_slice(&bytes).unwrap();
+            ["primary", "secondary"]
+                .iter()
+                .filter_map(|r| state["keys"][r].as_str().map(String::from))
+                .collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    let labels = store.object_labels();
+    for l in &labels {
+        assert!(
+            recorded
+                .iter()
+                .any(|u| u.contains(&format!(";object={l};"))),
+            "object {l:?} is not part of the recorded identity {recorded:?}"
+        );
+    }
+    assert_eq!(
+        labels.len(),
+        3 * recorded.len(),
+        "{labels:?} vs {recorded:?}"
+    );
+
+    let again = tool(&store, &root)
+        .args(provision_args(&store, "ecdsa-p256"))
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
+    let key_uri = env_entry(&manifest, "KEY_URI").unwrap();
+    if let Some(primary) = recorded.first() {
+        assert!(
+            key_uri.starts_with(primary.as_str()),
+            "{key_uri} vs {primary}"
+        );
+    }
+    assert_eq!(store.object_labels().len(), 6);
+}
