@@ -27,8 +27,9 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// The provision flags in effect, or a usage error when provision flags were
-    /// given together with another subcommand.
+    /// The provision flags in effect. Flags may stand before or after the
+    /// `provision` word; giving one both ways with different values, or giving
+    /// provision flags with another subcommand, is a usage error.
     pub fn provision_args(&self) -> Result<ProvisionArgs, String> {
         let top = &self.provision;
         let top_given = top.id_scope.is_some()
@@ -37,20 +38,47 @@ impl Cli {
             || top.device_id.is_some()
             || top.force
             || top.days != ProvisionArgs::DEFAULT_DAYS;
-        match &self.command {
-            None => Ok(top.clone()),
-            Some(Command::Provision(sub)) if !top_given => {
-                let mut a = sub.clone();
-                // An env-provided connection string lands on the top-level copy.
-                if a.connection_string.is_none() && a.id_scope.is_none() && a.connection_string_file.is_none() {
-                    a.connection_string = top.connection_string.clone();
-                }
-                Ok(a)
+        let sub = match &self.command {
+            None => return Ok(top.clone()),
+            Some(Command::Provision(sub)) => sub,
+            Some(_) if top_given => {
+                return Err("provision flags (--id-scope, --algorithm, --device-id, ...) only go with `provision`".into())
             }
-            Some(Command::Provision(_)) => Err("give provision flags after `provision`, not before it".into()),
-            Some(_) if top_given => Err("provision flags (--id-scope, --algorithm, --device-id, ...) only go with `provision`".into()),
-            Some(_) => Ok(top.clone()),
+            Some(_) => return Ok(top.clone()),
+        };
+        fn pick<T: Clone + PartialEq>(
+            name: &str,
+            a: &Option<T>,
+            b: &Option<T>,
+        ) -> Result<Option<T>, String> {
+            match (a, b) {
+                (Some(x), Some(y)) if x != y => {
+                    Err(format!("{name} is given twice with different values"))
+                }
+                _ => Ok(a.clone().or_else(|| b.clone())),
+            }
         }
+        Ok(ProvisionArgs {
+            id_scope: pick("--id-scope", &sub.id_scope, &top.id_scope)?,
+            connection_string: pick(
+                "--connection-string",
+                &sub.connection_string,
+                &top.connection_string,
+            )?,
+            connection_string_file: pick(
+                "--connection-string-file",
+                &sub.connection_string_file,
+                &top.connection_string_file,
+            )?,
+            algorithm: pick("--algorithm", &sub.algorithm, &top.algorithm)?,
+            days: if sub.days != ProvisionArgs::DEFAULT_DAYS {
+                sub.days
+            } else {
+                top.days
+            },
+            device_id: pick("--device-id", &sub.device_id, &top.device_id)?,
+            force: sub.force || top.force,
+        })
     }
 }
 
@@ -249,6 +277,30 @@ mod tests {
         assert!(matches!(c.command, Some(Command::Status)));
         let d = Cli::try_parse_from(["sdv-provision", "--id-scope", "x", "status"]).unwrap();
         assert!(d.provision_args().is_err());
+        let e = Cli::try_parse_from([
+            "sdv-provision",
+            "--algorithm",
+            "ecdsa-p256",
+            "provision",
+            "--id-scope",
+            "x",
+        ])
+        .unwrap();
+        let a = e.provision_args().unwrap();
+        assert_eq!(
+            (a.algorithm, a.id_scope.as_deref()),
+            (Some(Algorithm::EcdsaP256), Some("x"))
+        );
+        let f = Cli::try_parse_from([
+            "sdv-provision",
+            "--device-id",
+            "a",
+            "provision",
+            "--device-id",
+            "b",
+        ])
+        .unwrap();
+        assert!(f.provision_args().is_err());
         assert!(Cli::try_parse_from([
             "sdv-provision",
             "--id-scope",

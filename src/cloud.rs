@@ -130,12 +130,7 @@ impl ConnectionString {
             match k {
                 "HostName" => {
                     dup(host.is_some())?;
-                    if !v
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
-                    {
-                        return Err("HostName is not a valid host name".into());
-                    }
+                    check_host(k, v)?;
                     host = Some(v.to_owned());
                 }
                 "DeviceId" => {
@@ -162,7 +157,7 @@ impl ConnectionString {
                     }
                     x509 = true;
                 }
-                "GatewayHostName" => {}
+                "GatewayHostName" => check_host(k, v)?,
                 other => {
                     return Err(format!(
                         "unknown key {other:?} in the connection string (expected HostName, DeviceId, SharedAccessKey, x509)"
@@ -183,6 +178,17 @@ impl ConnectionString {
     pub fn expose(&self) -> &str {
         self.raw.expose_secret()
     }
+}
+
+fn check_host(key: &str, v: &str) -> std::result::Result<(), String> {
+    if v.len() > 253
+        || !v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+    {
+        return Err(format!("{key} is not a valid host name"));
+    }
+    Ok(())
 }
 
 /// Build the cloud backend from flag values (at most one may be given; clap enforces it).
@@ -308,6 +314,7 @@ mod tests {
             "HostName=h;DeviceId=d;Foo=bar",
             "HostName=h;HostName=i;DeviceId=d",
             "HostName=h\";DeviceId=d",
+            "HostName=h;DeviceId=d;GatewayHostName=g\"w",
             "HostName=h;DeviceId=d;SharedAccessKey=a%b",
         ] {
             assert!(ConnectionString::parse(bad).is_err(), "{bad:?}");

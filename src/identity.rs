@@ -142,9 +142,13 @@ pub struct Journal {
     #[serde(default)]
     pub moves: Vec<(KeyUri, Role, String)>,
     /// `committed`: the state to write once the moves are done (key URIs of moved
-    /// roles are filled in by the move).
+    /// roles are filled in by the move). `None` for a reset: the identity goes.
     #[serde(default)]
     pub next_state: Option<State>,
+    /// `committed`: certificate-directory files to remove once the old keys are gone
+    /// (a reset's certificates, cloud configuration, PIN file).
+    #[serde(default)]
+    pub remove_files: Vec<String>,
 }
 
 impl Journal {
@@ -159,6 +163,7 @@ impl Journal {
             old_removed: false,
             moves: Vec::new(),
             next_state: None,
+            remove_files: Vec::new(),
         }
     }
 
@@ -197,13 +202,13 @@ impl Journal {
     }
 
     /// Finish a `committed` run: remove the replaced keys, move staged keys and certs
-    /// into place, write the new state.
+    /// into place, write the new state. A reset (no next state) removes the state.
     pub fn roll_forward(
         mut self,
         layout: &Layout,
         ks: &mut dyn KeyStore,
         old_ks: Option<&mut dyn KeyStore>,
-    ) -> Result<State> {
+    ) -> Result<Option<State>> {
         if !self.old_removed {
             let old: &mut dyn KeyStore = match old_ks {
                 Some(o) => o,
@@ -215,10 +220,14 @@ impl Journal {
             self.old_removed = true;
             self.save(layout)?;
         }
-        let mut state = self.next_state.clone().ok_or_else(|| Error::InvalidState {
-            path: layout.host_cert_file(JOURNAL_FILE),
-            detail: "committed journal without a next state".into(),
-        })?;
+        for f in &self.remove_files {
+            fsutil::remove_file(&layout.host_cert_file(f))?;
+        }
+        let Some(mut state) = self.next_state.clone() else {
+            State::remove(layout)?;
+            Journal::clear(layout)?;
+            return Ok(None);
+        };
         for (from, role, cert_file) in &self.moves {
             let live = ks.promote(from, *role)?;
             let live_cert = paths::cert_name(*role, false);
@@ -232,7 +241,7 @@ impl Journal {
         }
         state.save(layout)?;
         Journal::clear(layout)?;
-        Ok(state)
+        Ok(Some(state))
     }
 }
 

@@ -90,10 +90,16 @@ impl Ctx {
         Ok(())
     }
 
-    /// Take the run lock (mutating commands only; `status` never blocks).
+    /// Take the run lock (mutating commands only; `status` never blocks). The wait
+    /// can be changed with env `SDV_PROVISION_LOCK_TIMEOUT` (seconds; 0 = fail at once).
     pub fn lock(&self) -> Result<RunLock> {
         self.check_root()?;
-        RunLock::acquire(self.layout.root(), LOCK_TIMEOUT)
+        let timeout = std::env::var("SDV_PROVISION_LOCK_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(LOCK_TIMEOUT);
+        RunLock::acquire(self.layout.root(), timeout)
     }
 
     /// Open a keystore; settings an earlier run recorded fill in missing flags.
@@ -324,16 +330,15 @@ pub fn commit(
     old: Option<(&State, Vec<keystore::KeyUri>)>,
 ) -> Result<State> {
     next.backend = ks.record();
-    let staged = built
-        .iter()
-        .any(|b| b.cert_file != crate::paths::cert_name(b.role, false));
-    if !staged {
-        for b in built {
-            next.keys.insert(b.role, b.uri);
-        }
-        next.save(&ctx.layout)?;
-        Journal::clear(&ctx.layout)?;
-        return Ok(next);
+    // Fresh roles go straight into the next state; staged ones are moved into
+    // place by the roll-forward. Either way the committed journal, not the state
+    // file, is the commit point: a kill between writing the state and clearing a
+    // "prepared" journal would otherwise roll back keys the state already names.
+    let (fresh, staged): (Vec<Built>, Vec<Built>) = built
+        .into_iter()
+        .partition(|b| b.cert_file == crate::paths::cert_name(b.role, false));
+    for b in fresh {
+        next.keys.insert(b.role, b.uri);
     }
     let (old_kind, old_keys) = match &old {
         Some((s, keys)) => (s.keystore, keys.clone()),
@@ -348,17 +353,18 @@ pub fn commit(
     journal.phase = Phase::Committed;
     journal.old_keys = old_keys;
     journal.old_keystore = Some(old_kind);
-    journal.moves = built
+    journal.moves = staged
         .into_iter()
         .map(|b| (b.uri, b.role, b.cert_file))
         .collect();
     journal.next_state = Some(next);
     journal.save(&ctx.layout)?;
-    journal.roll_forward(
+    let state = journal.roll_forward(
         &ctx.layout,
         ks,
         old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
-    )
+    )?;
+    Ok(state.expect("a journal with a next state yields it"))
 }
 
 /// The identity's state; for a device the original script provisioned (not adopted

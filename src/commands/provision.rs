@@ -103,6 +103,8 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let state = match (&id.state, id.legacy, rebuild) {
         (Some(s), _, false) => {
             check_unchanged(ctx, args, s.keystore, s.algorithm)?;
+            let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
+            certs_changed |= check_certificates(ctx, ks.as_mut(), s, &id, args.days)?;
             let missing: Vec<Role> = Role::ALL
                 .into_iter()
                 .filter(|r| !s.keys.contains_key(r))
@@ -111,7 +113,6 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 s.clone()
             } else {
                 certs_changed = true;
-                let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
                 let (journal, built) = build_keys(
                     ctx,
                     ks.as_mut(),
@@ -348,4 +349,57 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
         state.expect("the primary is adopted or an error was returned"),
         missing,
     ))
+}
+
+/// Each recorded key must still be there and match its certificate. A missing
+/// certificate is re-issued from the existing key (its thumbprint changes, so the
+/// user is told); a damaged or foreign one is an error, and nothing is changed.
+/// Returns whether a certificate was re-issued.
+fn check_certificates(
+    ctx: &Ctx,
+    ks: &mut dyn KeyStore,
+    state: &State,
+    id: &Identity,
+    days: u32,
+) -> Result<bool> {
+    let mut reissued = false;
+    for (role, uri) in &state.keys {
+        let view = id.role(*role);
+        let key = ks.open(uri)?;
+        match &view.cert {
+            Ok(c) => {
+                let matches = key.subject_public_key_info() == c.spki
+                    || crate::cert::key_matches(key.as_ref(), &c.spki)?;
+                if !matches || c.subject_cn.as_deref() != Some(state.device_id.as_str()) {
+                    return Err(Error::input(
+                        format!(
+                            "{} does not belong to the {role} key {uri} of device {}",
+                            view.cert_path.display(),
+                            state.device_id
+                        ),
+                        "restore the right certificate (or `sdv-provision import-cert`), or run `sdv-provision provision --force`",
+                    ));
+                }
+            }
+            Err(e) if fsutil::exists_nofollow(&view.cert_path) => {
+                return Err(Error::input(
+                    e.clone(),
+                    "restore the file, or run `sdv-provision provision --force`",
+                ));
+            }
+            Err(_) => {
+                let pem = crate::cert::self_signed(key.as_ref(), &state.device_id, days)?;
+                drop(key);
+                fsutil::atomic_write(&view.cert_path, pem.as_bytes(), fsutil::PUBLIC)?;
+                let info = crate::cert::CertInfo::from_pem(&view.cert_path, pem.as_bytes())?;
+                ks.attach_certificate(uri, &info.der)?;
+                ctx.out.warn(format!(
+                    "re-issued the missing {role} certificate from its existing key; register its new thumbprint {}",
+                    info.sha1
+                ));
+                reissued = true;
+            }
+        }
+    }
+    Ok(reissued)
 }

@@ -7,8 +7,7 @@
 //! half-way is finished by running it again.
 
 use crate::error::{Error, Result};
-use crate::fsutil;
-use crate::identity::{Identity, Journal, State};
+use crate::identity::{Identity, Journal, Phase, State};
 use crate::manifest::Manifest;
 use crate::paths::{self, CONNECTION_STRING_FILE, ID_SCOPE_FILE};
 
@@ -50,14 +49,32 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
         }
         None => false,
     };
+    // Journal the removal before the first key goes: a reset killed half-way is
+    // finished by the next run instead of leaving a state that names missing keys.
+    let mut journal = Journal::prepared(
+        state
+            .as_ref()
+            .map_or(crate::keystore::KeystoreKind::File, |s| s.keystore),
+    );
+    journal.phase = Phase::Committed;
+    journal.remove_files = identity_files(state.as_ref());
     if let Some(state) = &state {
-        remove_identity(ctx, state)?;
+        journal.old_keys = state.keys.values().cloned().collect();
+        for (role, uri) in &state.keys {
+            ctx.out.say(format!("- Removing the {role} key {uri}"));
+        }
     }
-    for f in [ID_SCOPE_FILE, CONNECTION_STRING_FILE] {
-        fsutil::remove_file(&ctx.layout.host_cert_file(f))?;
+    journal.save(&ctx.layout)?;
+    match &state {
+        Some(s) => {
+            let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
+            journal.roll_forward(&ctx.layout, ks.as_mut(), None)?;
+        }
+        None => {
+            let mut ks = crate::keystore::file::FileKeyStore::new(ctx.layout.clone());
+            journal.roll_forward(&ctx.layout, &mut ks, None)?;
+        }
     }
-    State::remove(&ctx.layout)?;
-    Journal::clear(&ctx.layout)?;
     ctx.out.say("Removed the device identity");
     if ctx.restart && manifest_changed {
         crate::connector::restart(crate::connector::Change::Manifest, &ctx.out);
@@ -68,22 +85,21 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
     Ok(0)
 }
 
-/// Remove the keys and certificate files of `state` (also used after `--force`).
-pub fn remove_identity(ctx: &Ctx, state: &State) -> Result<()> {
-    let mut ks = ctx.open_keystore(state.keystore, Some(state))?;
-    for (role, uri) in &state.keys {
-        ks.remove(uri)?;
-        ctx.out.say(format!("- Removed the {role} key {uri}"));
-    }
+/// The certificate-directory files an identity consists of, besides its keys.
+fn identity_files(state: Option<&State>) -> Vec<String> {
+    let mut files = vec![
+        ID_SCOPE_FILE.to_string(),
+        CONNECTION_STRING_FILE.to_string(),
+    ];
     for role in crate::keystore::Role::ALL {
         for staged in [false, true] {
-            fsutil::remove_file(&ctx.layout.host_cert_file(&paths::cert_name(role, staged)))?;
+            files.push(paths::cert_name(role, staged));
         }
     }
-    if let Some(pin) = &state.backend.pkcs11_pin_file {
-        if pin.starts_with(paths::CERT_DIR) {
-            fsutil::remove_file(&ctx.layout.host(pin))?;
+    if let Some(pin) = state.and_then(|s| s.backend.pkcs11_pin_file.as_ref()) {
+        if let (true, Some(name)) = (pin.starts_with(paths::CERT_DIR), pin.file_name()) {
+            files.push(name.to_string_lossy().into_owned());
         }
     }
-    Ok(())
+    files
 }

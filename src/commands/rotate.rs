@@ -60,9 +60,12 @@ pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
                 paths::cert_name(Role::Secondary, false),
             )],
             next_state: Some(next),
+            remove_files: Vec::new(),
         };
         journal.save(&ctx.layout)?;
-        state = journal.roll_forward(&ctx.layout, ks.as_mut(), None)?;
+        state = journal
+            .roll_forward(&ctx.layout, ks.as_mut(), None)?
+            .expect("a journal with a next state yields it");
     }
     // A fresh secondary: built beside the live one (if any), moved in when complete.
     let old_secondary: Vec<_> = state

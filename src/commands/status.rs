@@ -29,6 +29,9 @@ pub fn run(ctx: &Ctx) -> Result<i32> {
 /// Everything that keeps the identity from being complete and consistent.
 pub fn problems(ctx: &Ctx, id: &Identity) -> Result<Vec<String>> {
     let mut p = Vec::new();
+    if crate::fsutil::exists_nofollow(&ctx.layout.host_cert_file(crate::identity::JOURNAL_FILE)) {
+        p.push("an interrupted run is not finished yet (run sdv-provision)".to_string());
+    }
     if id.device_id.is_none() {
         p.push("no device id".to_string());
     }
