@@ -317,6 +317,12 @@ pub enum KeyRef {
 pub struct BackendRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_srk: Option<u32>,
+    /// TPM key handles chosen with `--tpm-primary-handle` / `--tpm-secondary-handle`,
+    /// so later runs (rotate, reset) use them without the flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_primary_handle: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_secondary_handle: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pkcs11_module: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

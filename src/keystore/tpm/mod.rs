@@ -1,0 +1,883 @@
+//! The TPM 2.0 keystore (tss-esapi): device keys are made by the TPM, persisted at
+//! owner-hierarchy handles, and never leave it.
+//!
+//! - **Storage root key** at `0x81000001` (or the recorded one): used if present and a
+//!   restricted decryption key; otherwise the standard ECC P-256 SRK is created and
+//!   persisted, so every later run (and today's connector, which loads our blobs under
+//!   it) finds the same parent.
+//! - **Device keys** are SRK children, persisted at `0x81000010` / `0x81000011`
+//!   (`--tpm-primary-handle` / `--tpm-secondary-handle`). A key is persisted rather
+//!   than reloaded from blobs each time so the OpenSSL `tpm2` provider and other
+//!   consumers can name it as `handle:0x…` without knowing the SRK.
+//! - **Staged keys** (a new identity built while the old one stays in service) use the
+//!   live handle + [`STAGED_OFFSET`] (`0x81000110` / `0x81000111` by default), so
+//!   adjacent live handles never collide with a staging slot. [`KeyStore::promote`]
+//!   moves them to the live handle by reloading their blobs.
+//! - **Blobs** `<stem>.tpm.pub` / `<stem>.tpm.priv` (the stem follows the handle:
+//!   `device`, `device2`, `device.next`, `device2.next`) are written for today's
+//!   connector, size-prefixed as `tpm2_create -u/-r` writes them.
+
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use tss_esapi::constants::response_code::Tss2ResponseCodeKind as Rc;
+use tss_esapi::constants::tss::TPM2_PT_MANUFACTURER;
+use tss_esapi::constants::CapabilityType;
+use tss_esapi::handles::{ObjectHandle, PersistentTpmHandle, TpmHandle};
+use tss_esapi::interface_types::dynamic_handles::Persistent;
+use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{CapabilityData, Private, Public};
+use tss_esapi::Context;
+
+use super::{
+    Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
+    KeystoreKind, Role,
+};
+use crate::fsutil;
+use crate::paths::{self, Layout};
+
+mod blob;
+mod key;
+mod tcti;
+
+pub use tcti::{DEFAULT_TCTI, OWNER_AUTH_ENV, OWNER_AUTH_FILE_ENV};
+
+use key::TpmKey;
+
+/// Where the storage root key lives unless the state file recorded another.
+pub const DEFAULT_SRK: u32 = 0x8100_0001;
+pub const DEFAULT_PRIMARY: u32 = 0x8100_0010;
+pub const DEFAULT_SECONDARY: u32 = 0x8100_0011;
+/// A staged key sits at its live handle + this offset.
+pub const STAGED_OFFSET: u32 = 0x100;
+/// Persistent handles the owner hierarchy may use (TPM 2.0 Part 2, 2.3.1).
+const OWNER_PERSISTENT: RangeInclusive<u32> = 0x8100_0000..=0x817F_FFFF;
+const ANY_PERSISTENT: RangeInclusive<u32> = 0x8100_0000..=0x81FF_FFFF;
+
+pub struct TpmKeyStore {
+    /// One ESAPI context per keystore. The keys handed out borrow it; see
+    /// [`key::TpmKey`] for why it sits behind a mutex.
+    ctx: Mutex<Context>,
+    layout: Layout,
+    srk: u32,
+    primary: u32,
+    secondary: u32,
+    /// The SRK's ESYS resource, once checked or created.
+    srk_object: Option<ObjectHandle>,
+}
+
+/// A TSS failure as one line: what we were doing, the TSS's words, and a fix where the
+/// response code tells us one.
+pub(crate) fn tss_error(step: &str, e: tss_esapi::Error) -> KeyStoreError {
+    if let tss_esapi::Error::Tss2Error(rc) = e {
+        let rejected = |what: String, hint: &str| KeyStoreError::Rejected {
+            what,
+            hint: hint.into(),
+        };
+        match rc.kind() {
+            Some(Rc::BadAuth | Rc::AuthFail) => {
+                return rejected(
+                    format!("the TPM refused the authorization to {step} ({e})"),
+                    &format!(
+                        "if the owner hierarchy has a password, give it in {OWNER_AUTH_ENV} or \
+                         a file named by {OWNER_AUTH_FILE_ENV}"
+                    ),
+                )
+            }
+            Some(Rc::Lockout) => {
+                return rejected(
+                    format!("the TPM is in dictionary-attack lockout and will not {step}"),
+                    "wait for the lockout to expire, or have the TPM owner reset it \
+                     (tpm2_dictionarylockout -c), then retry",
+                )
+            }
+            Some(Rc::NvSpace) => {
+                return rejected(
+                    format!("the TPM has no room for another persistent key ({step})"),
+                    "free persistent handles this device no longer needs (see \
+                     `tpm2_getcap handles-persistent`), or use --keystore file",
+                )
+            }
+            Some(Rc::ObjectMemory | Rc::ObjectHandles | Rc::SessionMemory) => {
+                return rejected(
+                    format!("the TPM ran out of object slots ({step})"),
+                    "use a resource manager (--tcti device:/dev/tpmrm0, or tpm2-abrmd) and retry",
+                )
+            }
+            _ => {}
+        }
+    }
+    KeyStoreError::backend(step, e.to_string())
+}
+
+/// TPM answers to `TPM2_TestParms` / `TPM2_Create` that mean "I don't do this algorithm".
+fn means_unsupported(e: &tss_esapi::Error) -> bool {
+    matches!(e, tss_esapi::Error::Tss2Error(rc) if matches!(
+        rc.kind(),
+        Some(Rc::Value | Rc::KeySize | Rc::Curve | Rc::Asymmetric | Rc::Scheme | Rc::Kdf | Rc::Hash)
+    ))
+}
+
+fn persistent(h: u32) -> Result<PersistentTpmHandle, KeyStoreError> {
+    PersistentTpmHandle::new(h)
+        .map_err(|e| KeyStoreError::backend(format!("use TPM handle 0x{h:08x}"), e.to_string()))
+}
+
+fn tpm_handle(uri: &KeyUri) -> Result<u32, KeyStoreError> {
+    match uri {
+        KeyUri::TpmHandle(h) => Ok(*h),
+        other => Err(KeyStoreError::ForeignUri(other.to_string())),
+    }
+}
+
+fn handle_flag(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "--tpm-primary-handle",
+        Role::Secondary => "--tpm-secondary-handle",
+    }
+}
+
+fn occupied(h: u32, role: Role, staged: bool) -> KeyStoreError {
+    let what = if staged {
+        format!(
+            "TPM persistent handle 0x{h:08x} (where the new {role} key is staged: the {role} \
+             handle + 0x{STAGED_OFFSET:x})"
+        )
+    } else {
+        format!("TPM persistent handle 0x{h:08x} (for the {role} key)")
+    };
+    KeyStoreError::Occupied {
+        what,
+        hint: format!(
+            "pass {} with a free handle (see `tpm2_getcap handles-persistent`)",
+            handle_flag(role)
+        ),
+    }
+}
+
+/// What a half-done key installation made, so a failure can take it back.
+#[derive(Default)]
+struct Undo {
+    transient: Option<ObjectHandle>,
+    persistent: Option<(ObjectHandle, u32)>,
+    files: Vec<PathBuf>,
+}
+
+impl TpmKeyStore {
+    /// Connect to the TPM named by `config.tcti` (default [`DEFAULT_TCTI`]).
+    ///
+    /// Nothing is created here: read-only commands (`status`, `verify`) must not change
+    /// the TPM. The SRK is checked or made when the first key is.
+    pub fn open(config: &KeystoreConfig, layout: &Layout) -> Result<TpmKeyStore, KeyStoreError> {
+        let tcti_str = config.tcti.clone().unwrap_or_else(|| DEFAULT_TCTI.into());
+        let conf = tcti::parse(&tcti_str)?;
+        let srk = config.recorded.tpm_srk.unwrap_or(DEFAULT_SRK);
+        // A flag wins; else what an earlier run chose; else the defaults.
+        let primary = config
+            .primary_handle
+            .or(config.recorded.tpm_primary_handle)
+            .unwrap_or(DEFAULT_PRIMARY);
+        let secondary = config
+            .secondary_handle
+            .or(config.recorded.tpm_secondary_handle)
+            .unwrap_or(DEFAULT_SECONDARY);
+        check_handles(srk, primary, secondary)?;
+        let owner_auth = tcti::owner_auth()?;
+
+        tcti::quiet_tss_logging();
+        let unreachable = |e: tss_esapi::Error| KeyStoreError::Unavailable {
+            what: match tcti::diagnose(&tcti_str) {
+                Some(why) => format!("cannot reach the TPM at {tcti_str}: {why}"),
+                None => format!("cannot reach the TPM at {tcti_str} ({e})"),
+            },
+            hint: "is the TPM enabled and accessible to this user? pass --tcti to use another \
+                   TPM, or --keystore file to keep the keys in files"
+                .into(),
+        };
+        let mut ctx = Context::new(conf).map_err(unreachable)?;
+        // Something that accepts a connection is not yet a TPM: ask it a question.
+        ctx.execute_without_session(|c| {
+            c.get_capability(CapabilityType::TpmProperties, TPM2_PT_MANUFACTURER, 1)
+        })
+        .map_err(unreachable)?;
+        if let Some(auth) = owner_auth {
+            ctx.tr_set_auth(ObjectHandle::Owner, auth)
+                .map_err(|e| tss_error("set the owner-hierarchy authorization", e))?;
+        }
+        Ok(TpmKeyStore {
+            ctx: Mutex::new(ctx),
+            layout: layout.clone(),
+            srk,
+            primary,
+            secondary,
+            srk_object: None,
+        })
+    }
+
+    /// The SRK handle in use.
+    pub fn srk_handle(&self) -> u32 {
+        self.srk
+    }
+
+    /// The persistent handle for `role`'s live or staged key.
+    pub fn handle_for(&self, role: Role, staged: bool) -> u32 {
+        let live = match role {
+            Role::Primary => self.primary,
+            Role::Secondary => self.secondary,
+        };
+        if staged {
+            live + STAGED_OFFSET
+        } else {
+            live
+        }
+    }
+
+    /// Which of our four slots a handle is, if any.
+    fn slot_of(&self, h: u32) -> Option<(Role, bool)> {
+        Role::ALL
+            .into_iter()
+            .flat_map(|r| [(r, false), (r, true)])
+            .find(|&(r, s)| self.handle_for(r, s) == h)
+    }
+
+    fn blob_names(role: Role, staged: bool) -> (String, String) {
+        let stem = paths::stem(role, staged);
+        (format!("{stem}.tpm.pub"), format!("{stem}.tpm.priv"))
+    }
+
+    fn host_blobs(&self, role: Role, staged: bool) -> (PathBuf, PathBuf) {
+        let (p, s) = Self::blob_names(role, staged);
+        (
+            self.layout.host_cert_file(&p),
+            self.layout.host_cert_file(&s),
+        )
+    }
+
+    fn ctx(&mut self) -> &mut Context {
+        self.ctx.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Is persistent handle `h` taken? Asked through GetCapability, which (unlike a
+    /// failed lookup) makes no noise and needs no session.
+    fn persistent_exists(&mut self, h: u32) -> Result<bool, KeyStoreError> {
+        let (data, _) = self
+            .ctx()
+            .execute_without_session(|c| c.get_capability(CapabilityType::Handles, h, 1))
+            .map_err(|e| tss_error("list the TPM's persistent handles", e))?;
+        Ok(match data {
+            CapabilityData::Handles(list) => list
+                .into_inner()
+                .first()
+                .is_some_and(|t| u32::from(*t) == h),
+            _ => false,
+        })
+    }
+
+    /// The ESYS resource and public area of persistent handle `h`, or `None`.
+    ///
+    /// Both calls run without the password session: ESAPI refuses
+    /// `Esys_TR_FromTPMPublic` / `ReadPublic` with one (checked on bookworm's TSS).
+    fn read_persistent(&mut self, h: u32) -> Result<Option<(ObjectHandle, Public)>, KeyStoreError> {
+        if !self.persistent_exists(h)? {
+            return Ok(None);
+        }
+        let ph = persistent(h)?;
+        let step = format!("read TPM handle 0x{h:08x}");
+        let ctx = self.ctx();
+        let mut object = ctx
+            .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(ph)))
+            .map_err(|e| tss_error(&step, e))?;
+        match ctx.execute_without_session(|c| c.read_public(object.into())) {
+            Ok((public, _, _)) => Ok(Some((object, public))),
+            Err(e) => {
+                let _ = ctx.tr_close(&mut object);
+                Err(tss_error(&step, e))
+            }
+        }
+    }
+
+    /// Release an ESYS resource we looked up. ESYS hands out the *same* resource for
+    /// every lookup of one TPM handle, so the cached SRK resource is never closed here.
+    fn close(&mut self, mut object: ObjectHandle) {
+        if Some(object) != self.srk_object {
+            let _ = self.ctx().tr_close(&mut object);
+        }
+    }
+
+    /// The SRK, checked (an existing one must be a storage key) or created and
+    /// persisted.
+    fn srk(&mut self) -> Result<ObjectHandle, KeyStoreError> {
+        if let Some(o) = self.srk_object {
+            return Ok(o);
+        }
+        let srk = self.srk;
+        let object = match self.read_persistent(srk)? {
+            Some((object, public)) => {
+                if !key::is_storage_key(&public) {
+                    self.close(object);
+                    return Err(KeyStoreError::Rejected {
+                        what: format!(
+                            "TPM handle 0x{srk:08x} holds a key that is not a storage key \
+                             (restricted decryption), so device keys cannot be made under it"
+                        ),
+                        hint: "have the TPM owner put a storage root key there, or use \
+                               --keystore file"
+                            .into(),
+                    });
+                }
+                object
+            }
+            None => {
+                let template = key::srk_template()?;
+                let ph = persistent(srk)?;
+                let ctx = self.ctx();
+                let made = ctx
+                    .execute_with_session(Some(AuthSession::Password), |c| {
+                        c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+                    })
+                    .map_err(|e| {
+                        tss_error("create the storage root key (TPM2_CreatePrimary)", e)
+                    })?;
+                let persisted = ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                    c.evict_control(
+                        Provision::Owner,
+                        made.key_handle.into(),
+                        Persistent::Persistent(ph),
+                    )
+                });
+                let _ = ctx.flush_context(made.key_handle.into());
+                persisted.map_err(|e| {
+                    tss_error(&format!("persist the storage root key at 0x{srk:08x}"), e)
+                })?
+            }
+        };
+        self.srk_object = Some(object);
+        Ok(object)
+    }
+
+    /// Fail with [`KeyStoreError::UnsupportedAlgorithm`] if this TPM cannot make `alg`
+    /// keys (RSA-3072 and P-384 are optional in the TPM profile).
+    fn check_supported(&mut self, alg: Algorithm) -> Result<(), KeyStoreError> {
+        let parms = key::device_key_parameters(alg);
+        match self.ctx().execute_without_session(|c| c.test_parms(parms)) {
+            Ok(()) => Ok(()),
+            Err(e) if means_unsupported(&e) => Err(KeyStoreError::UnsupportedAlgorithm {
+                alg,
+                keystore: "TPM",
+            }),
+            // An old TPM without TestParms: let TPM2_Create decide.
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn persist(&mut self, object: ObjectHandle, h: u32) -> Result<ObjectHandle, KeyStoreError> {
+        let ph = persistent(h)?;
+        self.ctx()
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.evict_control(Provision::Owner, object, Persistent::Persistent(ph))
+            })
+            .map_err(|e| tss_error(&format!("persist the key at TPM handle 0x{h:08x}"), e))
+    }
+
+    /// Evict persistent handle `h` (whose ESYS resource is `object`).
+    ///
+    /// ESYS keeps its resource (with the evicted key's name) after `EvictControl` and
+    /// would later refuse a new key at the same handle ("name mismatch"), so the
+    /// resource is closed too. tss-esapi has already forgotten it: the error is moot.
+    fn evict(&mut self, object: ObjectHandle, h: u32) -> Result<(), KeyStoreError> {
+        self.persist(object, h).map_err(|e| match e {
+            KeyStoreError::Backend { detail, .. } => {
+                KeyStoreError::backend(format!("evict TPM handle 0x{h:08x}"), detail)
+            }
+            other => other,
+        })?;
+        let mut stale = object;
+        let _ = self.ctx().tr_close(&mut stale);
+        if Some(object) == self.srk_object {
+            self.srk_object = None;
+        }
+        Ok(())
+    }
+
+    /// Load a key (public + private blob) under the SRK and persist it at `h`. What
+    /// was made so far is recorded in `undo`.
+    fn load_and_persist(
+        &mut self,
+        srk: ObjectHandle,
+        h: u32,
+        public: Public,
+        private: Private,
+        undo: &mut Undo,
+    ) -> Result<ObjectHandle, KeyStoreError> {
+        let transient = self
+            .ctx()
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.load(srk.into(), private, public)
+            })
+            .map_err(|e| tss_error("load the key under the SRK (TPM2_Load)", e))?;
+        undo.transient = Some(transient.into());
+        let persisted = self.persist(transient.into(), h)?;
+        undo.persistent = Some((persisted, h));
+        self.ctx()
+            .flush_context(transient.into())
+            .map_err(|e| tss_error("flush the transient key", e))?;
+        undo.transient = None;
+        Ok(persisted)
+    }
+
+    /// Take back what a failed installation made: no orphan handles, no stray blobs.
+    fn rollback(&mut self, undo: Undo) {
+        if let Some(t) = undo.transient {
+            if let Err(e) = self.ctx().flush_context(t) {
+                tracing::warn!("cleanup: could not flush a transient TPM object: {e}");
+            }
+        }
+        if let Some((object, h)) = undo.persistent {
+            if let Err(e) = self.evict(object, h) {
+                tracing::warn!("cleanup: could not evict TPM handle 0x{h:08x}: {e}");
+            }
+        }
+        for f in undo.files {
+            if let Err(e) = fsutil::remove_file(&f) {
+                tracing::warn!("cleanup: could not remove {}: {e}", f.display());
+            }
+        }
+    }
+
+    fn write_blobs(
+        &self,
+        role: Role,
+        staged: bool,
+        public: &Public,
+        private: &Private,
+        undo: &mut Undo,
+    ) -> Result<(), KeyStoreError> {
+        let (pub_path, priv_path) = self.host_blobs(role, staged);
+        let encode = |e: String| KeyStoreError::backend("encode the key blobs", e);
+        let pub_blob = blob::encode_public(public).map_err(encode)?;
+        let priv_blob = blob::encode_private(private).map_err(encode)?;
+        let write = |path: &PathBuf, e: crate::Error| {
+            KeyStoreError::backend(format!("write {}", path.display()), e.to_string())
+        };
+        fsutil::atomic_write(&pub_path, &pub_blob, fsutil::PUBLIC)
+            .map_err(|e| write(&pub_path, e))?;
+        undo.files.push(pub_path);
+        fsutil::atomic_write(&priv_path, &priv_blob, fsutil::SECRET)
+            .map_err(|e| write(&priv_path, e))?;
+        undo.files.push(priv_path);
+        Ok(())
+    }
+
+    fn read_public_blob(&self, path: &Path) -> Result<Option<Public>, KeyStoreError> {
+        let Some(bytes) = fsutil::read_optional(path)
+            .map_err(|e| KeyStoreError::backend("read the key blob", e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        blob::decode_public(&bytes)
+            .map(Some)
+            .map_err(|e| KeyStoreError::Rejected {
+                what: format!("{} is not a TPM2B_PUBLIC blob ({e})", path.display()),
+                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+            })
+    }
+
+    fn read_private_blob(&self, path: &Path) -> Result<Private, KeyStoreError> {
+        let bytes = fsutil::read_optional(path)
+            .map_err(|e| KeyStoreError::backend("read the key blob", e.to_string()))?
+            .ok_or_else(|| KeyStoreError::Rejected {
+                what: format!("{} is missing", path.display()),
+                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+            })?;
+        blob::decode_private(&bytes).map_err(|e| KeyStoreError::Rejected {
+            what: format!("{} is not a TPM2B_PRIVATE blob ({e})", path.display()),
+            hint: "run `sdv-provision provision --force` to make a new identity".into(),
+        })
+    }
+
+    /// How the connector reaches the key at `uri`: handle, SRK and blob paths (device
+    /// paths). The stem follows the handle, so a staged key names its `.next` blobs.
+    pub fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
+            what: format!(
+                "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
+            ),
+            hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when provisioning"
+                .into(),
+        })?;
+        let (p, s) = Self::blob_names(role, staged);
+        Ok(KeyRef::Tpm {
+            handle: h,
+            srk: self.srk,
+            pub_blob: Layout::cert_file(&p),
+            priv_blob: Layout::cert_file(&s),
+        })
+    }
+
+    fn key(&self, object: ObjectHandle, h: u32, alg: Algorithm, public_der: Vec<u8>) -> TpmKey<'_> {
+        TpmKey {
+            ctx: &self.ctx,
+            object,
+            handle: h,
+            alg,
+            public_der,
+        }
+    }
+}
+
+/// Handles must be owner persistent handles, distinct, and not the SRK, staging slots
+/// included.
+fn check_handles(srk: u32, primary: u32, secondary: u32) -> Result<(), KeyStoreError> {
+    let bad = |role: Role, what: String| {
+        KeyStoreError::Rejected {
+        what,
+        hint: format!(
+            "choose another with {} (0x81000000-0x817ffeff; staged keys use the handle + 0x{STAGED_OFFSET:x})",
+            handle_flag(role)
+        ),
+    }
+    };
+    if !ANY_PERSISTENT.contains(&srk) {
+        return Err(KeyStoreError::Rejected {
+            what: format!("the recorded SRK handle 0x{srk:08x} is not a persistent handle"),
+            hint: "fix or remove tpm_srk in the state file".into(),
+        });
+    }
+    let slots = [
+        (Role::Primary, primary),
+        (Role::Secondary, secondary),
+        (Role::Primary, primary.wrapping_add(STAGED_OFFSET)),
+        (Role::Secondary, secondary.wrapping_add(STAGED_OFFSET)),
+    ];
+    for (i, &(role, h)) in slots.iter().enumerate() {
+        if !OWNER_PERSISTENT.contains(&h) {
+            return Err(bad(
+                role,
+                format!(
+                    "TPM handle 0x{h:08x} for the {role} key is not an owner persistent handle"
+                ),
+            ));
+        }
+        if h == srk {
+            return Err(bad(
+                role,
+                format!("TPM handle 0x{h:08x} for the {role} key is the SRK's"),
+            ));
+        }
+        if slots[..i].iter().any(|&(_, o)| o == h) {
+            return Err(bad(
+                role,
+                format!("TPM handle 0x{h:08x} for the {role} key is also used by another key"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl KeyStore for TpmKeyStore {
+    fn kind(&self) -> KeystoreKind {
+        KeystoreKind::Tpm
+    }
+
+    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
+        let h = self.handle_for(role, staged);
+        if self.persistent_exists(h)? {
+            return Err(occupied(h, role, staged));
+        }
+        Ok(KeyUri::TpmHandle(h))
+    }
+
+    fn generate(
+        &mut self,
+        uri: &KeyUri,
+        alg: Algorithm,
+    ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
+            what: format!(
+                "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
+            ),
+            hint: "pass --tpm-primary-handle / --tpm-secondary-handle".into(),
+        })?;
+        if self.persistent_exists(h)? {
+            return Err(occupied(h, role, staged));
+        }
+        self.check_supported(alg)?;
+        let srk = self.srk()?;
+        let template = key::device_key_template(alg)?;
+        let created = self
+            .ctx()
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create(srk.into(), template, None, None, None, None)
+            })
+            .map_err(|e| {
+                if means_unsupported(&e) {
+                    KeyStoreError::UnsupportedAlgorithm {
+                        alg,
+                        keystore: "TPM",
+                    }
+                } else {
+                    tss_error("create the device key (TPM2_Create)", e)
+                }
+            })?;
+        // Computed before anything is persisted, so a bad public area leaves nothing.
+        let public_der = key::public_der(&created.out_public, alg)?;
+
+        let mut undo = Undo::default();
+        let installed = self
+            .load_and_persist(
+                srk,
+                h,
+                created.out_public.clone(),
+                created.out_private.clone(),
+                &mut undo,
+            )
+            .and_then(|object| {
+                self.write_blobs(
+                    role,
+                    staged,
+                    &created.out_public,
+                    &created.out_private,
+                    &mut undo,
+                )
+                .map(|()| object)
+            });
+        match installed {
+            Ok(object) => Ok(Box::new(self.key(object, h, alg, public_der))),
+            Err(e) => {
+                self.rollback(undo);
+                Err(e)
+            }
+        }
+    }
+
+    fn open(&mut self, uri: &KeyUri) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let (object, public) = self
+            .read_persistent(h)?
+            .ok_or_else(|| KeyStoreError::NotFound {
+                uri: uri.to_string(),
+            })?;
+        let Some(alg) = key::algorithm_of(&public) else {
+            self.close(object);
+            return Err(KeyStoreError::Rejected {
+                what: format!(
+                    "TPM handle 0x{h:08x} does not hold a signing key sdv-provision can use"
+                ),
+                hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384; run \
+                       `sdv-provision provision --force` to make a new identity"
+                    .into(),
+            });
+        };
+        match key::public_der(&public, alg) {
+            Ok(der) => Ok(Box::new(self.key(object, h, alg, der))),
+            Err(e) => {
+                self.close(object);
+                Err(e)
+            }
+        }
+    }
+
+    fn remove(&mut self, uri: &KeyUri) -> Result<(), KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        if h == self.srk {
+            return Err(KeyStoreError::Rejected {
+                what: format!("refusing to remove the storage root key 0x{h:08x}"),
+                hint: "only device keys are removed".into(),
+            });
+        }
+        let present = self.read_persistent(h)?;
+        // The blobs follow the handle. A handle outside the configured slots (chosen
+        // by a flag on an earlier run) keeps the blobs whose public area is its key.
+        let slots: Vec<(Role, bool)> = match (self.slot_of(h), &present) {
+            (Some(slot), _) => vec![slot],
+            (None, Some((_, public))) => {
+                let mut found = Vec::new();
+                for slot in Role::ALL.into_iter().flat_map(|r| [(r, false), (r, true)]) {
+                    let (p, _) = self.host_blobs(slot.0, slot.1);
+                    if matches!(self.read_public_blob(&p), Ok(Some(b)) if &b == public) {
+                        found.push(slot);
+                    }
+                }
+                found
+            }
+            (None, None) => Vec::new(),
+        };
+        if let Some((object, _)) = present {
+            self.evict(object, h)?;
+        }
+        for (role, staged) in slots {
+            let (p, s) = self.host_blobs(role, staged);
+            for f in [s, p] {
+                fsutil::remove_file(&f)
+                    .map_err(|e| KeyStoreError::backend("remove the key blob", e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
+        let from_h = tpm_handle(from)?;
+        let to_h = self.handle_for(role, false);
+        let to = KeyUri::TpmHandle(to_h);
+        if from_h == to_h {
+            return Ok(to);
+        }
+        // Usually a staged key; `rotate --promote` also moves the live secondary.
+        let Some((from_role, from_staged)) = self.slot_of(from_h) else {
+            return Err(KeyStoreError::Rejected {
+                what: format!(
+                    "TPM handle 0x{from_h:08x} is not one of the handles configured for device keys"
+                ),
+                hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when \
+                       provisioning"
+                    .into(),
+            });
+        };
+        let (staged_pub, staged_priv) = self.host_blobs(from_role, from_staged);
+        let (live_pub, live_priv) = self.host_blobs(role, false);
+
+        let staged = self.read_persistent(from_h)?;
+        let live = self.read_persistent(to_h)?;
+        let live_public = match (staged, live) {
+            (Some((s_obj, s_pub)), None) => {
+                // The move proper: reload the staged key's blobs, persist at the live
+                // handle, then drop the staging slot.
+                let blob_pub = self.read_public_blob(&staged_pub)?;
+                if blob_pub.as_ref() != Some(&s_pub) {
+                    self.close(s_obj);
+                    return Err(KeyStoreError::Rejected {
+                        what: format!(
+                            "{} does not hold the key at TPM handle 0x{from_h:08x}",
+                            staged_pub.display()
+                        ),
+                        hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                    });
+                }
+                let private = self.read_private_blob(&staged_priv)?;
+                let srk = self.srk()?;
+                let mut undo = Undo::default();
+                match self.load_and_persist(srk, to_h, s_pub.clone(), private, &mut undo) {
+                    Ok(new_obj) => self.close(new_obj),
+                    Err(e) => {
+                        self.rollback(undo);
+                        self.close(s_obj);
+                        return Err(e);
+                    }
+                }
+                self.evict(s_obj, from_h)?;
+                s_pub
+            }
+            (Some((s_obj, s_pub)), Some((l_obj, l_pub))) if s_pub == l_pub => {
+                // Interrupted after the copy: finish by dropping the staging slot.
+                self.close(l_obj);
+                self.evict(s_obj, from_h)?;
+                l_pub
+            }
+            (Some((s_obj, _)), Some((l_obj, _))) => {
+                self.close(s_obj);
+                self.close(l_obj);
+                return Err(occupied(to_h, role, false));
+            }
+            (None, Some((l_obj, l_pub))) => {
+                self.close(l_obj);
+                l_pub
+            }
+            (None, None) => {
+                return Err(KeyStoreError::NotFound {
+                    uri: from.to_string(),
+                })
+            }
+        };
+
+        // Blobs follow the key. priv before pub, so a staged pub left behind always
+        // means the move is unfinished.
+        if let Some(p) = self.read_public_blob(&staged_pub)? {
+            if p != live_public {
+                return Err(KeyStoreError::Rejected {
+                    what: format!(
+                        "{} does not hold the key at TPM handle 0x{to_h:08x}",
+                        staged_pub.display()
+                    ),
+                    hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                });
+            }
+            let mv = |e: crate::Error| KeyStoreError::backend("move the key blobs", e.to_string());
+            if fsutil::exists_nofollow(&staged_priv) {
+                fsutil::rename(&staged_priv, &live_priv).map_err(mv)?;
+            }
+            fsutil::rename(&staged_pub, &live_pub).map_err(mv)?;
+        }
+        match self.read_public_blob(&live_pub)? {
+            Some(p) if p == live_public => Ok(to),
+            _ => Err(KeyStoreError::Rejected {
+                what: format!(
+                    "the key blobs for TPM handle 0x{to_h:08x} ({}) are missing or stale",
+                    live_pub.display()
+                ),
+                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+            }),
+        }
+    }
+
+    fn record(&self) -> BackendRecord {
+        // Non-default handles only, so a state file stays minimal in the common case.
+        let chosen = |h: u32, default: u32| (h != default).then_some(h);
+        BackendRecord {
+            tpm_srk: Some(self.srk),
+            tpm_primary_handle: chosen(self.primary, DEFAULT_PRIMARY),
+            tpm_secondary_handle: chosen(self.secondary, DEFAULT_SECONDARY),
+            ..BackendRecord::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handle_rules() {
+        assert!(check_handles(DEFAULT_SRK, DEFAULT_PRIMARY, DEFAULT_SECONDARY).is_ok());
+        // Adjacent live handles are fine: staging slots sit 0x100 above.
+        assert!(check_handles(DEFAULT_SRK, 0x8100_0010, 0x8100_0012).is_ok());
+        for (p, s) in [
+            (0x8100_0010, 0x8100_0010), // same handle twice
+            (0x8100_0001, 0x8100_0011), // the SRK
+            (0x8100_0010, 0x8100_0110), // secondary == primary's staging slot
+            (0x8180_0000, 0x8100_0011), // platform range
+            (0x817F_FFF0, 0x8100_0011), // staging slot leaves the owner range
+            (0x0100_0010, 0x8100_0011), // not persistent
+        ] {
+            let e = check_handles(DEFAULT_SRK, p, s).unwrap_err().to_string();
+            assert!(e.contains("--tpm-"), "{p:x}/{s:x}: {e}");
+        }
+    }
+
+    #[test]
+    fn occupied_names_the_flag() {
+        let e = occupied(0x8100_0011, Role::Secondary, false).to_string();
+        assert!(
+            e.contains("0x81000011") && e.contains("--tpm-secondary-handle"),
+            "{e}"
+        );
+        let e = occupied(0x8100_0110, Role::Primary, true).to_string();
+        assert!(e.contains("--tpm-primary-handle"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_response_codes() {
+        // TPM_RC_CURVE | TPM_RC_P | TPM_RC_1 (parameter 1), as a P-384-less TPM answers.
+        let e = tss_esapi::Error::Tss2Error(0x0000_01e6.into());
+        assert!(means_unsupported(&e), "{e}");
+        // TPM_RC_NV_SPACE is not an algorithm problem.
+        let e = tss_esapi::Error::Tss2Error(0x0000_014b.into());
+        assert!(!means_unsupported(&e));
+        assert!(tss_error("persist", e)
+            .to_string()
+            .contains("handles-persistent"));
+    }
+}
