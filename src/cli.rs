@@ -119,7 +119,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true)]
     pub no_restart: bool,
 
-    /// TPM TCTI, e.g. `device:/dev/tpmrm0` or `swtpm:path=/run/swtpm.sock`
+    /// TPM TCTI, e.g. `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`
     /// [env: TPM2TOOLS_TCTI, TCTI; default: device:/dev/tpmrm0]
     #[arg(long, global = true, value_name = "TCTI")]
     pub tcti: Option<String>,

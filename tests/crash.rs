@@ -8,178 +8,7 @@
 //! lives in tests/tpm_crash.rs).
 mod common;
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-pub struct Device {
-    _dir: tempfile::TempDir,
-    pub root: PathBuf,
-    /// Global flags for every command (keystore, TCTI, …).
-    pub extra: Vec<String>,
-    /// Flags for `provision` only (algorithm).
-    pub provision_extra: Vec<String>,
-}
-
-impl Device {
-    pub fn new(extra: &[&str], provision_extra: &[&str]) -> Device {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        let net = root.join("sys/class/net/eth0");
-        fs::create_dir_all(&net).unwrap();
-        fs::write(net.join("address"), "52:54:21:4c:f9:5a\n").unwrap();
-        fs::write(net.join("type"), "1\n").unwrap();
-        let m = root.join("data/var/containers/manifests");
-        fs::create_dir_all(&m).unwrap();
-        fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/cloudconnector.kanto.json.template"),
-            m.join("cloudconnector.json.template"),
-        )
-        .unwrap();
-        Device {
-            _dir: dir,
-            root,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            provision_extra: provision_extra.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(common::bin());
-        c.arg("--root")
-            .arg(&self.root)
-            .args(["--no-restart", "--non-interactive"])
-            .args(&self.extra)
-            .args(args);
-        if args.first() == Some(&"provision") {
-            c.args(&self.provision_extra);
-        }
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        c
-    }
-
-    pub fn ok(&self, args: &[&str]) {
-        self.ok_after(args, "setup")
-    }
-
-    pub fn ok_after(&self, args: &[&str], what: &str) {
-        let out = self.cmd(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "sdv-provision {args:?} failed ({what}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn cert_dir(&self) -> PathBuf {
-        self.root.join("data/var/certificates")
-    }
-}
-
-#[derive(Default, Debug)]
-pub struct Tally {
-    pub kills: u32,
-    pub finished_first: u32,
-    pub recovered: u32,
-}
-
-/// The harness: `kills` rounds of (random op, SIGKILL at a random moment, checks,
-/// recovery). `allowed` lists the files the certificates directory may hold after
-/// recovery; `extra_check` inspects backend state (e.g. TPM handles).
-pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()) -> Tally {
-    let seed = std::env::var("SDV_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("crash harness seed: {seed} (SDV_CRASH_SEED={seed} to replay)");
-    let mut rng = Rng(seed);
-    let ops: [&[&str]; 5] = [
-        &["provision", "--id-scope", "0ne0012345A"],
-        &["rotate"],
-        &["rotate", "--promote"],
-        &["reset", "--yes"],
-        &["provision", "--force", "--id-scope", "0ne0012345A"],
-    ];
-    // How long each op takes unkilled, so kill moments spread over its lifetime.
-    dev.ok(ops[0]);
-    let mut durations = Vec::new();
-    for op in ops.iter() {
-        let t = Instant::now();
-        dev.ok(op);
-        durations.push(t.elapsed());
-        dev.ok(ops[0]);
-    }
-    let mut tally = Tally::default();
-    for round in 0..kills {
-        let i = rng.below(ops.len() as u64) as usize;
-        let op = ops[i];
-        let delay = Duration::from_micros(rng.below(durations[i].as_micros() as u64 + 1));
-        let mut child = dev.cmd(op).spawn().unwrap();
-        std::thread::sleep(delay);
-        let finished = child.try_wait().unwrap().is_some();
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        tally.kills += 1;
-        if finished {
-            tally.finished_first += 1;
-        }
-        // The manifest is always valid JSON: old or new content, never a mix.
-        let manifest = dev
-            .root
-            .join("data/var/containers/manifests/cloudconnector.json");
-        if let Ok(bytes) = fs::read(&manifest) {
-            assert!(
-                serde_json::from_slice::<serde_json::Value>(&bytes).is_ok(),
-                "round {round} ({op:?} killed after {delay:?}): manifest is not valid JSON"
-            );
-        }
-        // The next run finishes or undoes the killed one.
-        let what =
-            format!("round {round}: after {op:?} was killed after {delay:?}, finished={finished}");
-        dev.ok_after(&["provision", "--id-scope", "0ne0012345A"], &what);
-        dev.ok_after(&["verify"], &what);
-        let leftovers: Vec<String> = fs::read_dir(dev.cert_dir())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| !allowed.contains(&n.as_str()))
-            .collect();
-        assert!(
-            leftovers.is_empty(),
-            "round {round} ({op:?} killed after {delay:?}): leftovers {leftovers:?}"
-        );
-        extra_check();
-        tally.recovered += 1;
-    }
-    eprintln!("crash harness: {tally:?}");
-    assert!(
-        tally.finished_first < tally.kills * 6 / 10,
-        "too few kills landed mid-run to mean anything: {tally:?}"
-    );
-    tally
-}
+use common::crash::{hammer, Device};
 
 #[test]
 fn file_keystore_survives_random_kills() {
@@ -187,9 +16,28 @@ fn file_keystore_survives_random_kills() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    // ECDSA keeps each run short, so many kills fit; every step of the flow is the
-    // same for RSA (covered by one extra RSA device below).
+    // ECDSA keeps each run short, so many kills fit; RSA (below) puts kills inside
+    // a longer key generation.
     let dev = Device::new(&["--keystore", "file"], &["--algorithm", "ecdsa-p256"]);
+    let allowed = [
+        "device.crt",
+        "device2.crt",
+        "device.key",
+        "device2.key",
+        "azure.idscope",
+        "sdv-provision.state.json",
+    ];
+    let t = hammer(&dev, kills, &allowed, &|| {});
+    assert_eq!(t.recovered, kills);
+}
+
+#[test]
+fn file_keystore_rsa_survives_random_kills() {
+    let kills = std::env::var("SDV_CRASH_KILLS_RSA")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let dev = Device::new(&["--keystore", "file"], &["--algorithm", "rsa-2048"]);
     let allowed = [
         "device.crt",
         "device2.crt",

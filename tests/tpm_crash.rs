@@ -2,16 +2,10 @@
 //! (provision, rotate, rotate --promote, reset, provision --force, killed at random
 //! moments) against a real swtpm. After every recovery the TPM must hold exactly the
 //! SRK and the two live keys: no orphan or staging handle, nothing missing.
-//!
-//! (Including `crash.rs` also runs its file-keystore test in this binary.)
 #![cfg(feature = "tpm")]
-// crash.rs declares `mod common;` privately; this binary needs the helpers too.
-#![allow(clippy::duplicate_mod)]
 
 mod common;
-#[path = "crash.rs"]
-#[allow(dead_code)]
-mod crash;
+use common::crash;
 
 const SRK: u32 = 0x8100_0001;
 const PRIMARY: u32 = 0x8100_0010;

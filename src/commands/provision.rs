@@ -128,6 +128,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
         (None, true, false) => {
             let (adopted, missing) = adopt(ctx, &id, &device_id)?;
             check_unchanged(ctx, args, KeystoreKind::File, adopted.algorithm)?;
+            tighten_key_modes(ctx, &adopted)?;
             out.say(
                 "- Adopted the keys and certificates left by the original sdv-provision script",
             );
@@ -402,4 +403,25 @@ fn check_certificates(
         }
     }
     Ok(reissued)
+}
+
+/// The original script left its keys with whatever mode `openssl` and the umask gave
+/// them. Adopted keys are secrets like ours: make them 0600 (and say so).
+fn tighten_key_modes(ctx: &Ctx, state: &State) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for uri in state.keys.values() {
+        let KeyUri::File(p) = uri else { continue };
+        let path = ctx.layout.host(p);
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::read(&path, e))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(fsutil::SECRET))
+                .map_err(|e| Error::write(&path, e))?;
+            ctx.out.warn(format!(
+                "{} was readable by others (mode {:o}); it is now 0600",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+    }
+    Ok(())
 }
