@@ -1,0 +1,526 @@
+//! `sdv-provision --keystore pkcs11` end to end: the built binary against a SoftHSM2
+//! store of its own, then a mutual-TLS handshake in which `openssl s_client` loads the
+//! key by the `KEY_URI` **read from the manifest the tool wrote**.
+#![cfg(feature = "pkcs11")]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::softhsm::{PrivateStore, USER_PIN};
+use serde_json::Value;
+
+const MANIFEST: &str = "data/var/containers/manifests/cloudconnector.json";
+const CERT_DIR: &str = "data/var/certificates";
+
+fn available() -> bool {
+    common::softhsm::available()
+}
+
+/// A `--root` with Leda's Kanto manifest template in place.
+fn root_with_template(store: &PrivateStore) -> PathBuf {
+    let root = store.dir.path().join("root");
+    let manifests = root.join("data/var/containers/manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/cloudconnector.kanto.json.template"),
+        manifests.join("cloudconnector.json.template"),
+    )
+    .unwrap();
+    root
+}
+
+/// The binary, with only this store's environment (no inherited TPM or PIN settings).
+fn tool(store: &PrivateStore, root: &Path) -> Command {
+    let mut c = Command::new(common::bin());
+    c.arg("--root").arg(root);
+    for k in [
+        "SDV_PROVISION_PKCS11_PIN",
+        "SDV_PROVISION_PKCS11_SO_PIN",
+        "SDV_PROVISION_PKCS11_SO_PIN_FILE",
+        "PKCS11_MODULE_PATH",
+        "TPM2TOOLS_TCTI",
+        "TCTI",
+        "SDV_PROVISION_ROOT",
+    ] {
+        c.env_remove(k);
+    }
+    for (k, v) in store.env() {
+        c.env(k, v);
+    }
+    c
+}
+
+fn provision_args(store: &PrivateStore, alg: &str) -> Vec<String> {
+    [
+        "--keystore",
+        "pkcs11",
+        "--pkcs11-module",
+        store.module.to_str().unwrap(),
+        "--pkcs11-pin-file",
+        store.pin_file.to_str().unwrap(),
+        "--non-interactive",
+        "--no-restart",
+        "--json",
+        "provision",
+        "--id-scope",
+        "0ne0012345A",
+        "--device-id",
+        "52-54-21-4c-f9-5a",
+        "--algorithm",
+        alg,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn env_entry<'a>(manifest: &'a Value, key: &str) -> Option<&'a str> {
+    manifest["config"]["env"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|e| e.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn mounts(manifest: &Value) -> Vec<(String, String)> {
+    manifest["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["source"].as_str().unwrap().to_owned(),
+                m["destination"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Every file under `root`, with its content.
+fn snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, &mut out);
+    out.sort();
+    out
+}
+
+fn provision_cycle(alg: &str) {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let out = tool(&store, &root)
+        .args(provision_args(&store, alg))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot use PKCS#11 keys yet"),
+        "one warning about today's connector: {stderr}"
+    );
+    assert_eq!(stderr.matches("PKCS#11 keys").count(), 1, "{stderr}");
+
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(report["keystore"], "pkcs11");
+    for (i, role) in ["primary", "secondary"].into_iter().enumerate() {
+        let c = &report["certificates"][i];
+        assert_eq!(c["role"], role);
+        assert_eq!(c["algorithm"], alg);
+        let uri = c["key_uri"].as_str().unwrap();
+        assert!(
+            uri.starts_with(&format!("pkcs11:token=leda;object=device-{role};id=%"))
+                && uri.ends_with(";type=private"),
+            "{uri}"
+        );
+    }
+
+    // No key files in this mode; certificates verify.
+    let certs = root.join(CERT_DIR);
+    for f in ["device.key", "device2.key"] {
+        assert!(
+            !certs.join(f).exists(),
+            "{f} must not exist with --keystore pkcs11"
+        );
+    }
+    common::openssl_verify(&certs.join("device.crt"));
+    common::openssl_verify(&certs.join("device2.crt"));
+
+    // The manifest: KEY_URI with a pin-source, module, mounts; no key file entries.
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
+    let key_uri = env_entry(&manifest, "KEY_URI").expect("KEY_URI").to_owned();
+    assert_eq!(
+        key_uri,
+        format!(
+            "{}?pin-source=file:/var/certificates/pkcs11.pin",
+            report["certificates"][0]["key_uri"].as_str().unwrap()
+        )
+    );
+    assert_eq!(
+        env_entry(&manifest, "PKCS11_MODULE_PATH"),
+        store.module.to_str()
+    );
+    for k in ["KEY_FILE", "KEY_PATH"] {
+        assert_eq!(env_entry(&manifest, k), None, "{k} in PKCS#11 mode");
+    }
+    let m = mounts(&manifest);
+    let has = |src: &Path| m.iter().any(|(s, _)| Path::new(s) == src);
+    assert!(has(Path::new("/data/var/certificates/pkcs11.pin")), "{m:?}");
+    assert!(has(&store.module), "{m:?}");
+    assert!(has(&store.tokendir()), "{m:?}");
+    assert!(has(&store.conf), "{m:?}");
+    assert!(!m.iter().any(|(s, _)| s.ends_with(".key")), "{m:?}");
+
+    // No PIN value in anything the tool wrote or printed.
+    for (path, content) in snapshot(&root) {
+        let content = String::from_utf8_lossy(&content);
+        assert!(!content.contains("pin-value"), "{}", path.display());
+        if !path.ends_with("pkcs11.pin") {
+            assert!(!content.contains(USER_PIN), "PIN in {}", path.display());
+        }
+    }
+    assert!(!text(&out).contains(USER_PIN));
+
+    // A real consumer loads the key by the manifest's URI. The pin-source names the
+    // container path; on this host that is the mount's source under --root.
+    let (uri, container_pin) = key_uri.split_once("?pin-source=file:").unwrap();
+    let (source, _) = m
+        .iter()
+        .find(|(_, d)| d == container_pin)
+        .expect("a mount for the PIN file");
+    let host_pin = root.join(source.trim_start_matches('/'));
+    assert_eq!(std::fs::read_to_string(&host_pin).unwrap(), USER_PIN);
+    let client_uri = format!("{uri}?pin-source=file:{}", host_pin.display());
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    common::mtls_handshake(
+        store.dir.path(),
+        &certs.join("device.crt"),
+        &[
+            "-engine",
+            "pkcs11",
+            "-keyform",
+            "engine",
+            "-key",
+            &client_uri,
+        ],
+        true,
+        &env,
+    );
+
+    // Re-running finds the objects and changes nothing.
+    let objects = store.object_labels();
+    assert_eq!(objects.len(), 6, "{objects:?}");
+    let before = snapshot(&root);
+    let again = tool(&store, &root)
+        .args(provision_args(&store, alg))
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(snapshot(&root), before, "a re-run rewrote files");
+    assert_eq!(store.object_labels(), objects);
+
+    // Later commands find the token from the state file alone (recorded PIN file).
+    let verify = tool(&store, &root)
+        .args(["--non-interactive", "verify"])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", text(&verify));
+}
+
+#[test]
+fn provision_rsa_2048() {
+    provision_cycle("rsa-2048");
+}
+
+#[test]
+fn provision_rsa_3072() {
+    provision_cycle("rsa-3072");
+}
+
+#[test]
+fn provision_ecdsa_p256() {
+    provision_cycle("ecdsa-p256");
+}
+
+#[test]
+fn provision_ecdsa_p384() {
+    provision_cycle("ecdsa-p384");
+}
+
+#[test]
+fn wrong_pin_fails_once_and_writes_nothing() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    std::fs::write(&store.pin_file, "0000-wrong\n").unwrap();
+    let before = snapshot(&root);
+    let out = tool(&store, &root)
+        .args(provision_args(&store, "ecdsa-p256"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("PIN was rejected"), "{stderr}");
+    assert!(!stderr.contains("0000-wrong"), "{stderr}");
+    assert!(out.stdout.is_empty() || serde_json::from_slice::<Value>(&out.stdout).is_ok());
+    assert_eq!(snapshot(&root), before, "a wrong PIN wrote something");
+    assert!(store.object_labels().is_empty());
+}
+
+#[test]
+fn failure_after_keygen_leaves_no_token_objects() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    // Injected failure: the secondary certificate cannot be written (a directory sits
+    // at its path), after both keys were generated in the token.
+    std::fs::create_dir_all(root.join(CERT_DIR).join("device2.crt/blocker")).unwrap();
+    let out = tool(&store, &root)
+        .args(provision_args(&store, "ecdsa-p256"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(
+        store.object_labels(),
+        Vec::<String>::new(),
+        "{}",
+        text(&out)
+    );
+    assert!(!root.join(MANIFEST).exists());
+}
+
+#[test]
+fn auto_picks_pkcs11_when_a_module_is_configured() {
+    if !available() {
+        return;
+    }
+    if Path::new("/dev/tpmrm0").exists() {
+        eprintln!("SKIPPED: this machine has a TPM, so --keystore auto picks it");
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let mut args = provision_args(&store, "ecdsa-p256");
+    // No --keystore and no --pkcs11-module: PKCS11_MODULE_PATH alone.
+    args.drain(0..4);
+    let out = tool(&store, &root)
+        .env("PKCS11_MODULE_PATH", &store.module)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["keystore"], "pkcs11");
+}
+
+#[test]
+fn reset_removes_the_token_objects() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let out = tool(&store, &root)
+        .args(provision_args(&store, "ecdsa-p256"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(store.object_labels().len(), 6);
+    let out = tool(&store, &root)
+        .args(["--non-interactive", "reset", "--yes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(store.object_labels().is_empty());
+    assert!(!root.join(CERT_DIR).join("pkcs11.pin").exists());
+}
+
+/// With a terminal and no PIN source, the PIN is asked for once, hidden.
+#[test]
+fn interactive_pin_prompt_is_hidden() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let mut cmd = tool(&store, &root);
+    cmd.args(["--keystore", "pkcs11", "--pkcs11-module"])
+        .arg(&store.module)
+        .args(["--no-restart", "provision", "--id-scope", "0ne0012345A"])
+        .args(["--device-id", "dev-pty", "--algorithm", "ecdsa-p256"]);
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).unwrap();
+    p.exp_string("User PIN of PKCS#11 token leda").unwrap();
+    p.send_line(USER_PIN).unwrap();
+    let rest = p.exp_eof().unwrap();
+    assert!(rest.contains("thumbprint"), "{rest}");
+    assert!(!rest.contains(USER_PIN), "the PIN was echoed: {rest}");
+    // dialoguer redraws the answered prompt as "[hidden]"; a second prompt would also
+    // stall exp_eof until the timeout.
+    assert!(
+        rest.matches("User PIN of").count() <= 1,
+        "asked twice: {rest}"
+    );
+    match p.process.wait().unwrap() {
+        rexpect::process::wait::WaitStatus::Exited(_, 0) => {}
+        other => panic!("{other:?}: {rest}"),
+    }
+    assert_eq!(store.object_labels().len(), 6);
+    // The accepted PIN is what the connector's PIN file holds.
+    assert_eq!(
+        std::fs::read_to_string(root.join(CERT_DIR).join("pkcs11.pin")).unwrap(),
+        USER_PIN
+    );
+}
+
+/// `--pkcs11-init-token` on a blank slot, SO PIN from a file named by the environment;
+/// never from argv. Without an SO PIN the error names where to put it.
+#[test]
+fn init_token_from_the_command_line() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let mut args = provision_args(&store, "ecdsa-p256");
+    args.splice(
+        0..0,
+        ["--pkcs11-token", "fresh", "--pkcs11-init-token"].map(String::from),
+    );
+
+    let out = tool(&store, &root).args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SDV_PROVISION_PKCS11_SO_PIN_FILE"),
+        "{stderr}"
+    );
+
+    let so_pin = store.dir.path().join("so.pin");
+    std::fs::write(&so_pin, format!("{}\n", common::softhsm::SO_PIN)).unwrap();
+    let out = tool(&store, &root)
+        .env("SDV_PROVISION_PKCS11_SO_PIN_FILE", &so_pin)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["certificates"][0]["key_uri"]
+        .as_str()
+        .unwrap()
+        .starts_with("pkcs11:token=fresh;"));
+    // The new token is an ordinary token now: later commands need no SO PIN.
+    let verify = tool(&store, &root)
+        .args(["--non-interactive", "verify"])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", text(&verify));
+}
+
+/// The manifest cannot be written (its directory is immutable) after the keys were
+/// made. Every object left in the token must belong to the identity the state file
+/// records (no orphans), and the next run finishes the job with those same keys.
+#[test]
+fn manifest_write_failure_leaves_no_orphans() {
+    if !available() || !common::require("chattr", "an unwritable manifest directory") {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let manifests = root.join("data/var/containers/manifests");
+    struct Mutable(PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+    }
+    let set = Command::new("chattr")
+        .arg("+i")
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    if !set.status.success() {
+        eprintln!("SKIPPED: cannot make {} immutable", manifests.display());
+        return;
+    }
+    let guard = Mutable(manifests.clone());
+    let out = tool(&store, &root)
+        .args(provision_args(&store, "ecdsa-p256"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    drop(guard);
+
+    let state_path = root.join(CERT_DIR).join("sdv-provision.state.json");
+    let recorded: Vec<String> = match std::fs::read(&state_path) {
+        Ok(bytes) => {
+            let state: Value = serde_json::from_slice(&bytes).unwrap();
+            ["primary", "secondary"]
+                .iter()
+                .filter_map(|r| state["keys"][r].as_str().map(String::from))
+                .collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    let labels = store.object_labels();
+    for l in &labels {
+        assert!(
+            recorded
+                .iter()
+                .any(|u| u.contains(&format!(";object={l};"))),
+            "object {l:?} is not part of the recorded identity {recorded:?}"
+        );
+    }
+    assert_eq!(
+        labels.len(),
+        3 * recorded.len(),
+        "{labels:?} vs {recorded:?}"
+    );
+
+    let again = tool(&store, &root)
+        .args(provision_args(&store, "ecdsa-p256"))
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
+    let key_uri = env_entry(&manifest, "KEY_URI").unwrap();
+    if let Some(primary) = recorded.first() {
+        assert!(
+            key_uri.starts_with(primary.as_str()),
+            "{key_uri} vs {primary}"
+        );
+    }
+    assert_eq!(store.object_labels().len(), 6);
+}
