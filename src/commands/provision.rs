@@ -49,7 +49,11 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     }
 
     let _lock = ctx.lock()?;
-    recover(ctx)?;
+    {
+        let _s = crate::progress::step("recover interrupted runs");
+        recover(ctx)?;
+    }
+    let load_step = crate::progress::step("read the current identity");
     out.say("Checking Eclipse Leda Device Provisioning configuration...");
     let id = Identity::load(layout)?;
     // Parse (and so validate) the manifest before making anything.
@@ -61,6 +65,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     }
     let rebuild = args.force && (id.state.is_some() || id.legacy);
 
+    drop(load_step);
     // 1. Device id.
     out.say("Checking Device ID");
     let device_id = resolve_device_id(ctx, args, &id, rebuild, &mut warnings)?;
@@ -101,6 +106,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     }
 
     // 3. Keys and certificates.
+    let keys_step = crate::progress::step("keys and certificates");
     let mut certs_changed = false;
     let mut manifest_changed = false;
     let state = match (&id.state, id.legacy, rebuild) {
@@ -212,7 +218,9 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
         }
     };
 
+    drop(keys_step);
     // 4. Device id and cloud files.
+    let files_step = crate::progress::step("device id and cloud files");
     let id_path = layout.host(DEVICE_ID_FILE);
     if fsutil::read_optional_string(&id_path)
         .ok()
@@ -238,7 +246,9 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
         cloud::save(layout, &cloud)?;
     }
 
+    drop(files_step);
     // 5 and 6. Manifest and connector.
+    let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
     converge(ctx, &state, &cloud, certs_changed, manifest_changed)?;
     let complete = report(ctx)?;
