@@ -27,14 +27,17 @@ impl Swtpm {
     /// Start a fresh TPM (state in its own temp dir) and wait until it answers.
     pub fn start() -> Swtpm {
         let dir = tempfile::tempdir().expect("temp dir for swtpm");
-        // A port found free can be taken by a parallel test before swtpm binds it:
-        // then swtpm exits and we try other ports.
-        for _ in 0..8 {
+        // swtpm binds without SO_REUSEADDR, so a port with a connection in TIME_WAIT
+        // is refused. Client connections (every TCTI and tpm2-tools run of the
+        // parallel tests) leave their TIME_WAITs on ports of the kernel's ephemeral
+        // range, where `free_port` also picks: there, port + 1 was often taken and
+        // all attempts failed under load. So pick below the ephemeral range (Linux
+        // default 32768-60999), and retry when a parallel test or an old swtpm port
+        // gets in the way: swtpm then exits at once.
+        for attempt in 0..64u64 {
             // The swtpm TCTI talks to the control channel at port + 1.
-            let port = super::free_port();
-            let Some(ctrl) = port.checked_add(1) else {
-                continue;
-            };
+            let port = unprivileged_port_below_ephemeral(attempt);
+            let ctrl = port + 1;
             let mut child = Command::new("swtpm")
                 .args(["socket", "--tpm2", "--tpmstate"])
                 .arg(format!("dir={}", dir.path().display()))
@@ -147,6 +150,18 @@ impl Swtpm {
         );
         super::run_ok(self.tool("tpm2_flushcontext").arg("-t"));
     }
+}
+
+/// A pseudo-random port in 20000..32000 (even, so `port + 1` stays in range), different
+/// per process, call and attempt.
+fn unprivileged_port_below_ephemeral(attempt: u64) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_usize(CALLS.fetch_add(1, Ordering::Relaxed));
+    h.write_u64(attempt);
+    20000 + 2 * (h.finish() % 6000) as u16
 }
 
 impl Drop for Swtpm {
