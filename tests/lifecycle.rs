@@ -1098,7 +1098,48 @@ on_every_keystore!(
 // Hardware keystores only: a foreign key where ours used to be
 // ---------------------------------------------------------------------------------
 
-/// Our primary objects deleted behind the tool's back and a
+/// Our primary handle evicted behind the tool's back and another TPM user's key
+/// persisted at the same handle: `verify` reports the mismatch, and `reset` removes
+/// our blobs, our other handle and our files, but leaves that key alone.
+#[cfg(feature = "tpm")]
+#[test]
+fn swtpm_reset_leaves_a_foreign_key_at_a_recorded_handle() {
+    let Some(d) = Device::start(Kind::Swtpm) else {
+        return;
+    };
+    let Backend::Swtpm(t) = &d.backend else {
+        unreachable!()
+    };
+    d.provision("ecdsa-p256");
+    d.break_primary_key();
+    t.foreign_key_at(PRIMARY_HANDLE, true);
+    let foreign = t.public_pem(PRIMARY_HANDLE);
+    d.verify_fails(&[("primary.key", &["0x81000010", "does not match"])]);
+    let r = d.run(&["reset", "--yes"]).ok();
+    assert!(
+        r.stderr.contains("0x81000010") && r.stderr.contains("did not make"),
+        "reset says why it left the handle:\n{r}"
+    );
+    let mut h = t.persistent_handles();
+    h.sort();
+    assert_eq!(
+        h,
+        [SRK, PRIMARY_HANDLE],
+        "the foreign key must survive the reset"
+    );
+    assert_eq!(t.public_pem(PRIMARY_HANDLE), foreign);
+    for f in [
+        "device.tpm.pub",
+        "device.tpm.priv",
+        "device2.tpm.pub",
+        "device2.tpm.priv",
+    ] {
+        assert!(!d.cert(f).exists(), "{f} left behind");
+    }
+    assert_eq!(d.fr.read(MANIFEST), d.fr.read(TEMPLATE));
+}
+
+/// The same on a token: our primary objects deleted behind the tool's back and a
 /// foreign key pair created under the same label (another CKA_ID): `reset` removes
 /// ours by label *and* id, so the foreign pair survives.
 #[cfg(feature = "pkcs11")]
