@@ -275,8 +275,14 @@ impl Device {
     /// `key_uri` is `status_uri` (host-side form).
     fn expected_manifest_key_uri(&self, status_uri: &str) -> String {
         match self.kind() {
-            // The device path, not the host path under --root.
-            Kind::File => "file:/var/certificates/device.key".into(),
+            // The device path (the mount's destination), not the host path under --root.
+            Kind::File => {
+                assert!(
+                    status_uri.ends_with("/data/var/certificates/device.key"),
+                    "{status_uri}"
+                );
+                "file:/var/certificates/device.key".into()
+            }
             #[cfg(feature = "pkcs11")]
             Kind::SoftHsm => {
                 format!("{status_uri}?pin-source=file:/var/certificates/pkcs11.pin")
