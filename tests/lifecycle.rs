@@ -342,6 +342,65 @@ impl Device {
         v.into_iter().map(str::to_owned).collect()
     }
 
+    /// Each role's key, as the keystore itself shows it, belongs to the role's
+    /// certificate file: the key file's public key (file); the token's certificate
+    /// object (SoftHSM); the persistent handle's public key *and* the
+    /// `device*.tpm.pub` blob today's connector loads (swtpm).
+    fn assert_keystore_agrees(&self) {
+        for (stem, _label, _handle) in [
+            ("device", "device-primary", 0x8100_0010u32),
+            ("device2", "device-secondary", 0x8100_0011u32),
+        ] {
+            let crt = self.cert(&format!("{stem}.crt"));
+            let cert_pub = common::openssl_cert_pubkey(&crt);
+            match &self.backend {
+                Backend::File => assert_eq!(
+                    common::fake_root::openssl_key_pubkey(&self.cert(&format!("{stem}.key"))),
+                    cert_pub,
+                    "{stem}.key"
+                ),
+                #[cfg(feature = "pkcs11")]
+                Backend::SoftHsm(s) => {
+                    let der = self.fr.dir.path().join(format!("{_label}.der"));
+                    run_ok(
+                        Command::new("pkcs11-tool")
+                            .arg("--module")
+                            .arg(&s.module)
+                            .args(["--token-label", &s.label, "--login", "--pin", USER_PIN])
+                            .args(["--read-object", "--type", "cert", "--label", _label])
+                            .arg("--output-file")
+                            .arg(&der)
+                            .env("SOFTHSM2_CONF", &s.conf),
+                    );
+                    let file = run_ok(
+                        Command::new("openssl")
+                            .args(["x509", "-outform", "DER", "-in"])
+                            .arg(&crt),
+                    );
+                    assert_eq!(
+                        fs::read(&der).unwrap(),
+                        file.stdout,
+                        "the token's certificate object {_label} is not {stem}.crt"
+                    );
+                }
+                #[cfg(feature = "tpm")]
+                Backend::Swtpm(t) => {
+                    assert_eq!(t.public_pem(_handle), cert_pub, "0x{_handle:08x}");
+                    let blob = run_ok(
+                        t.tool("tpm2_print")
+                            .args(["-t", "TPM2B_PUBLIC", "-f", "pem"])
+                            .arg(self.cert(&format!("{stem}.tpm.pub"))),
+                    );
+                    assert_eq!(
+                        String::from_utf8(blob.stdout).unwrap(),
+                        cert_pub,
+                        "{stem}.tpm.pub"
+                    );
+                }
+            }
+        }
+    }
+
     /// Put something the tool did not make beside its objects: an unrelated file (every
     /// backend) and a foreign key file / token key pair / persistent handle. Returns a
     /// fingerprint of all of it for [`Device::foreign`].
@@ -596,6 +655,7 @@ fn verify_passes_on_a_fresh_identity(kind: Kind) {
     let Some(d) = Device::start(kind) else { return };
     d.provision("ecdsa-p256");
     d.verify_passes();
+    d.assert_keystore_agrees();
     let text = d.run(&["verify"]).ok();
     assert!(text.stdout.contains("ok   primary.key:"), "{text}");
     assert!(text.stdout.contains("Verification passed"), "{text}");
@@ -691,6 +751,7 @@ fn rotate_changes_only_the_secondary(kind: Kind) {
     );
     assert_eq!(d.ours(), d.expected_ours(), "no staged leftovers");
     d.verify_passes();
+    d.assert_keystore_agrees();
 }
 
 /// `rotate --promote`: the secondary becomes the primary (certificate, key, manifest),
@@ -742,6 +803,7 @@ fn rotate_promote_swaps_roles_and_updates_the_manifest(kind: Kind) {
         d.expected_ours(),
         "old primary removed, no leftovers"
     );
+    d.assert_keystore_agrees();
     // The connector restarts: recreated if the manifest changed (a PKCS#11 URI names
     // the key's CKA_ID), else stopped and started for the new certificate.
     let changed = d.manifest() != manifest_before;
@@ -966,6 +1028,7 @@ fn reset_removes_ours_and_keeps_foreign(kind: Kind) {
     // And the device can be provisioned again from scratch.
     d.provision("ecdsa-p256");
     d.verify_passes();
+    d.assert_keystore_agrees();
     assert_eq!(d.foreign(), foreign);
 }
 
@@ -1085,6 +1148,7 @@ fn rsa_2048_lifecycle(kind: Kind) {
         assert_eq!(field(&s, role, "algorithm"), "rsa-2048");
     }
     d.verify_passes();
+    d.assert_keystore_agrees();
     let csr = d.fr.dir.path().join("rsa.csr");
     d.run(&["csr", "--role", "primary", "--out", csr.to_str().unwrap()])
         .ok();
