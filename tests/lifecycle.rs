@@ -1006,6 +1006,23 @@ fn reset_removes_ours_and_keeps_foreign(kind: Kind) {
         _ => &["unrelated.txt"],
     };
     assert_eq!(left, expect, "files left in the certificates directory");
+    // Nowhere else either: outside the fake sysfs only the device id (not part of the
+    // identity), the template, the restored manifest and the foreign files remain.
+    let mut files: Vec<String> = d
+        .fr
+        .snapshot()
+        .into_iter()
+        .filter(|(p, n)| matches!(n, common::fake_root::Node::File { .. }) && !p.starts_with("sys"))
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    files.sort();
+    let mut want: Vec<String> = ["etc/deviceid", MANIFEST, TEMPLATE]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(expect.iter().map(|f| format!("{CERTS}/{f}")))
+        .collect();
+    want.sort();
+    assert_eq!(files, want, "files under the root after reset");
     assert_eq!(
         d.fr.read(MANIFEST),
         d.fr.read(TEMPLATE),
