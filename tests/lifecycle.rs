@@ -916,8 +916,11 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
 
     let old = d.status();
     let good = ca.sign(&csr, "good", &["-days", "30"]);
-    d.run(&["import-cert", "--role", "primary", good.to_str().unwrap()])
+    d.run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
         .ok();
+    // The connector presents the primary certificate: it restarts (the manifest is
+    // unchanged: the certificate file keeps its name).
+    assert_eq!(d.fr.calls(), [STOP, START]);
     assert_eq!(
         fs::read(d.cert("device.crt")).unwrap(),
         fs::read(&good).unwrap()
@@ -987,7 +990,10 @@ fn reset_removes_ours_and_keeps_foreign(kind: Kind) {
     d.provision("ecdsa-p256");
     let foreign = d.add_foreign();
     assert_eq!(d.ours(), d.expected_ours());
-    d.run(&["reset", "--yes"]).ok();
+    d.fr.clear_calls();
+    d.run_restarting(&["reset", "--yes"]).ok();
+    // The manifest lost its identity entries: the container is recreated from it.
+    assert_eq!(d.fr.calls(), [STOP, REMOVE, REDEPLOY]);
     assert_eq!(
         d.ours(),
         Vec::<String>::new(),
