@@ -46,6 +46,8 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
         device_id::check_flag(id)?;
     }
 
+    device_id::check_file_kind(layout)?;
+
     let _lock = ctx.lock()?;
     recover(ctx)?;
     out.say("Checking Eclipse Leda Device Provisioning configuration...");
