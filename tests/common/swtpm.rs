@@ -27,17 +27,37 @@ impl Swtpm {
     /// Start a fresh TPM (state in its own temp dir) and wait until it answers.
     pub fn start() -> Swtpm {
         let dir = tempfile::tempdir().expect("temp dir for swtpm");
+        let (child, port) = Self::spawn(dir.path(), None);
+        Swtpm { dir, child, port }
+    }
+
+    /// SIGKILL the swtpm process (a TPM that goes away mid-command).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start swtpm again on the same state directory (what the device had in NV:
+    /// persistent handles, hierarchy passwords) and the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, port) = Self::spawn(self.dir.path(), Some(self.port));
+        self.child = child;
+        self.port = port;
+    }
+
+    fn spawn(dir: &Path, fixed_port: Option<u16>) -> (Child, u16) {
         // A port found free can be taken by a parallel test before swtpm binds it:
-        // then swtpm exits and we try other ports.
+        // then swtpm exits and we try other ports (or, for a fixed port, again).
         for _ in 0..8 {
             // The swtpm TCTI talks to the control channel at port + 1.
-            let port = super::free_port();
+            let port = fixed_port.unwrap_or_else(super::free_port);
             let Some(ctrl) = port.checked_add(1) else {
                 continue;
             };
             let mut child = Command::new("swtpm")
                 .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", dir.path().display()))
+                .arg(format!("dir={}", dir.display()))
                 .arg("--server")
                 .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
                 .arg("--ctrl")
@@ -52,10 +72,12 @@ impl Swtpm {
             let addr = ([127, 0, 0, 1], port).into();
             loop {
                 if child.try_wait().expect("swtpm status").is_some() {
-                    break; // lost the port race: retry
+                    // Lost the port race (or a fixed port still in TIME_WAIT): retry.
+                    std::thread::sleep(Duration::from_millis(200));
+                    break;
                 }
                 if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-                    return Swtpm { dir, child, port };
+                    return (child, port);
                 }
                 if Instant::now() > end {
                     let _ = child.kill();
