@@ -76,10 +76,6 @@ const DPS: &[&str] = &["--keystore", "file", "--id-scope", GOOD_SCOPE];
 const STATE: &str = "data/var/certificates/sdv-provision.state.json";
 const DEVICE_ID: &str = "etc/deviceid";
 
-fn args(a: &[&str], more: &[&str]) -> Vec<String> {
-    a.iter().chain(more).map(|s| s.to_string()).collect()
-}
-
 /// The provisioned tree every `Base::Provisioned` case copies.
 fn golden() -> &'static Path {
     static G: OnceLock<FakeRoot> = OnceLock::new();
@@ -99,15 +95,6 @@ fn golden() -> &'static Path {
     })
     .root()
     .leak()
-}
-
-trait Leak {
-    fn leak(self) -> &'static Path;
-}
-impl Leak for PathBuf {
-    fn leak(self) -> &'static Path {
-        Box::leak(self.into_boxed_path())
-    }
 }
 
 fn make(base: Base) -> FakeRoot {
@@ -339,7 +326,7 @@ fn id_scope_cases(out: &mut Vec<Case>) {
         ));
     }
     // A hand-edited azure.idscope on a provisioned device (NUL can only come this way).
-    for content in ["0ne\00012345\n", "0ne;x=1\n", "0ne\"x\n", "\n", "0né\n"] {
+    for content in ["0ne\u{0}0012345\n", "0ne;x=1\n", "0ne\"x\n", "\n", "0né\n"] {
         let c = content.to_owned();
         out.push(
             case(
