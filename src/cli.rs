@@ -1,6 +1,6 @@
-//! The command line (clap derive only). `build.rs`-free: man page and completions are
-//! generated from [`Cli::command`] by `sdv-provision` itself (see `xtask` notes in the
-//! README).
+//! The command line (clap derive only). `build.rs`-free: the man pages and shell
+//! completions are generated from [`Cli::command`] by `examples/gen-assets.rs`
+//! (`cargo run --example gen-assets -- DIR`; `scripts/package` packages them).
 
 use std::path::PathBuf;
 

@@ -29,7 +29,6 @@ impl Out {
     }
 
     pub fn warn(&self, line: impl AsRef<str>) {
-        tracing::warn!("{}", line.as_ref());
         if self.warnings {
             eprintln!("warning: {}", line.as_ref());
         }

@@ -32,3 +32,24 @@ impl Drop for Spinner {
         }
     }
 }
+
+/// Logs a step's name and duration (at `-v`) when dropped.
+pub struct Step {
+    name: &'static str,
+    start: std::time::Instant,
+}
+
+/// Time a step of a command for the `-v` log.
+pub fn step(name: &'static str) -> Step {
+    tracing::debug!(step = name, "start");
+    Step {
+        name,
+        start: std::time::Instant::now(),
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        tracing::info!(step = self.name, elapsed = ?self.start.elapsed(), "done");
+    }
+}

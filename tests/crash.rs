@@ -10,42 +10,35 @@ mod common;
 
 use common::crash::{hammer, Device};
 
-#[test]
-fn file_keystore_survives_random_kills() {
-    let kills = std::env::var("SDV_CRASH_KILLS")
+/// What the certificates directory may hold once a file-keystore identity recovered.
+const FILE_IDENTITY: [&str; 6] = [
+    "device.crt",
+    "device2.crt",
+    "device.key",
+    "device2.key",
+    "azure.idscope",
+    "sdv-provision.state.json",
+];
+
+fn kills(var: &str, default: u32) -> u32 {
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
-    // ECDSA keeps each run short, so many kills fit; RSA (below) puts kills inside
-    // a longer key generation.
-    let dev = Device::new(&["--keystore", "file"], &["--algorithm", "ecdsa-p256"]);
-    let allowed = [
-        "device.crt",
-        "device2.crt",
-        "device.key",
-        "device2.key",
-        "azure.idscope",
-        "sdv-provision.state.json",
-    ];
-    let t = hammer(&dev, kills, &allowed, &|| {});
-    assert_eq!(t.recovered, kills);
+        .unwrap_or(default)
 }
 
+/// ECDSA keeps each run short, so many kills fit.
+#[test]
+fn file_keystore_survives_random_kills() {
+    let n = kills("SDV_CRASH_KILLS", 120);
+    let dev = Device::new(&["--keystore", "file"], &["--algorithm", "ecdsa-p256"]);
+    assert_eq!(hammer(&dev, n, &FILE_IDENTITY, &|| {}).recovered, n);
+}
+
+/// RSA puts kills inside a longer key generation.
 #[test]
 fn file_keystore_rsa_survives_random_kills() {
-    let kills = std::env::var("SDV_CRASH_KILLS_RSA")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let n = kills("SDV_CRASH_KILLS_RSA", 30);
     let dev = Device::new(&["--keystore", "file"], &["--algorithm", "rsa-2048"]);
-    let allowed = [
-        "device.crt",
-        "device2.crt",
-        "device.key",
-        "device2.key",
-        "azure.idscope",
-        "sdv-provision.state.json",
-    ];
-    let t = hammer(&dev, kills, &allowed, &|| {});
-    assert_eq!(t.recovered, kills);
+    assert_eq!(hammer(&dev, n, &FILE_IDENTITY, &|| {}).recovered, n);
 }

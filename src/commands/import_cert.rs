@@ -76,7 +76,7 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
     ));
     if let Some(cloud) = &id.cloud {
         // The connector only presents the primary certificate.
-        converge(ctx, &state, cloud, role == Role::Primary)?;
+        converge(ctx, &state, cloud, role == Role::Primary, false)?;
     }
     report(ctx)?;
     Ok(0)

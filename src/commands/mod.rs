@@ -212,10 +212,38 @@ pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
     })
 }
 
+/// Write the manifest for `state` if it differs. `Ok(None)`: no manifest on this
+/// device (no connector installed).
+pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option<bool>> {
+    let Some(m) = Manifest::load(&ctx.layout)? else {
+        return Ok(None);
+    };
+    let want = desired_manifest(state, cloud).ok_or_else(|| Error::InvalidState {
+        path: ctx.layout.host_cert_file(crate::paths::STATE_FILE),
+        detail: "the primary key or its backend settings are missing".into(),
+    })?;
+    let new = m.render(&want)?;
+    let wrote = m.save(&new, cloud.has_secret())?;
+    if wrote {
+        ctx.out.say(format!(
+            "- Updated the Cloud Connector manifest {}",
+            m.path.display()
+        ));
+    }
+    Ok(Some(wrote))
+}
+
 /// Bring the manifest in line and restart the connector as needed. `certs_changed`
-/// says whether this run changed keys or certificates.
-pub fn converge(ctx: &Ctx, state: &State, cloud: &Cloud, certs_changed: bool) -> Result<()> {
-    let manifest_changed = match Manifest::load(&ctx.layout)? {
+/// says whether this run changed keys or certificates; `manifest_changed` whether it
+/// already rewrote the manifest earlier.
+pub fn converge(
+    ctx: &Ctx,
+    state: &State,
+    cloud: &Cloud,
+    certs_changed: bool,
+    manifest_changed: bool,
+) -> Result<()> {
+    let manifest_changed = match update_manifest(ctx, state, cloud)? {
         None => {
             ctx.out.warn(format!(
                 "no cloud connector manifest at {}; skipping the manifest update",
@@ -223,21 +251,7 @@ pub fn converge(ctx: &Ctx, state: &State, cloud: &Cloud, certs_changed: bool) ->
             ));
             false
         }
-        Some(m) => {
-            let want = desired_manifest(state, cloud).ok_or_else(|| Error::InvalidState {
-                path: ctx.layout.host_cert_file(crate::paths::STATE_FILE),
-                detail: "the primary key or its backend settings are missing".into(),
-            })?;
-            let new = m.render(&want)?;
-            let wrote = m.save(&new, cloud.has_secret())?;
-            if wrote {
-                ctx.out.say(format!(
-                    "- Updated the Cloud Connector manifest {}",
-                    m.path.display()
-                ));
-            }
-            wrote
-        }
+        Some(wrote) => wrote || manifest_changed,
     };
     let change = if manifest_changed {
         Change::Manifest

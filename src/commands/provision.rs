@@ -14,7 +14,9 @@ use crate::keystore::{self, file::FileKeyStore, Algorithm, KeyStore, KeyUri, Key
 use crate::manifest::Manifest;
 use crate::paths::DEVICE_ID_FILE;
 
-use super::{build_keys, commit, compatibility_warnings, converge, recover, report, Ctx};
+use super::{
+    build_keys, commit, compatibility_warnings, converge, recover, report, update_manifest, Ctx,
+};
 
 pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let out = &ctx.out;
@@ -49,7 +51,11 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     device_id::check_file_kind(layout)?;
 
     let _lock = ctx.lock()?;
-    recover(ctx)?;
+    {
+        let _s = crate::progress::step("recover interrupted runs");
+        recover(ctx)?;
+    }
+    let load_step = crate::progress::step("read the current identity");
     out.say("Checking Eclipse Leda Device Provisioning configuration...");
     let id = Identity::load(layout)?;
     // Parse (and so validate) the manifest before making anything.
@@ -61,6 +67,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     }
     let rebuild = args.force && (id.state.is_some() || id.legacy);
 
+    drop(load_step);
     // 1. Device id.
     out.say("Checking Device ID");
     let device_id = resolve_device_id(ctx, args, &id, rebuild, &mut warnings)?;
@@ -101,7 +108,9 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     }
 
     // 3. Keys and certificates.
+    let keys_step = crate::progress::step("keys and certificates");
     let mut certs_changed = false;
+    let mut manifest_changed = false;
     let state = match (&id.state, id.legacy, rebuild) {
         (Some(s), _, false) => {
             check_unchanged(ctx, args, s.keystore, s.algorithm)?;
@@ -172,6 +181,26 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 args.days,
             )?;
             let next = State::new(&device_id, kind, alg);
+            if !rebuild {
+                // A new identity: the manifest is written before the commit, so a
+                // failure there removes the new keys again (no orphans in a token or
+                // TPM). A rebuild keeps the old identity live until its commit, and
+                // the manifest follows after it.
+                let mut provisional = next.clone();
+                provisional.backend = ks.record();
+                for b in &built {
+                    provisional.keys.insert(b.role, b.uri.clone());
+                }
+                match update_manifest(ctx, &provisional, &cloud) {
+                    Ok(wrote) => manifest_changed = wrote.unwrap_or(false),
+                    Err(e) => {
+                        if let Err(cleanup) = journal.roll_back(layout, ks.as_mut()) {
+                            out.warn(format!("could not clean up after the failure ({cleanup}); the next run will retry"));
+                        }
+                        return Err(e);
+                    }
+                }
+            }
             let old_state = match old {
                 Some(s) => Some(s.clone()),
                 None if id.legacy => Some(crate::identity::legacy_state(&device_id)),
@@ -191,7 +220,9 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
         }
     };
 
+    drop(keys_step);
     // 4. Device id and cloud files.
+    let files_step = crate::progress::step("device id and cloud files");
     let id_path = layout.host(DEVICE_ID_FILE);
     if fsutil::read_optional_string(&id_path)
         .ok()
@@ -217,9 +248,11 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
         cloud::save(layout, &cloud)?;
     }
 
+    drop(files_step);
     // 5 and 6. Manifest and connector.
+    let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
-    converge(ctx, &state, &cloud, certs_changed)?;
+    converge(ctx, &state, &cloud, certs_changed, manifest_changed)?;
     let complete = report(ctx)?;
     Ok(if complete { 0 } else { 1 })
 }

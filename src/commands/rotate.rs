@@ -93,7 +93,7 @@ pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
     drop(ks);
     if promote {
         // The primary changed: the manifest follows and the connector restarts.
-        converge(ctx, &state, &cloud, true)?;
+        converge(ctx, &state, &cloud, true, false)?;
     }
     let id = Identity::load(&ctx.layout)?;
     if let Ok(c) = &id.role(Role::Secondary).cert {
