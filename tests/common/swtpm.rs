@@ -38,7 +38,7 @@ impl Swtpm {
     }
 
     /// Start swtpm again on the same state directory (what the device had in NV:
-    /// persistent handles, hierarchy passwords) and the same port.
+    /// persistent handles, hierarchy passwords), on the same port when it is free again.
     pub fn restart(&mut self) {
         self.kill();
         let (child, port) = Self::spawn(self.dir.path(), Some(self.port));
@@ -49,9 +49,13 @@ impl Swtpm {
     fn spawn(dir: &Path, fixed_port: Option<u16>) -> (Child, u16) {
         // A port found free can be taken by a parallel test before swtpm binds it:
         // then swtpm exits and we try other ports (or, for a fixed port, again).
-        for _ in 0..8 {
-            // The swtpm TCTI talks to the control channel at port + 1.
-            let port = fixed_port.unwrap_or_else(super::free_port);
+        for attempt in 0..8 {
+            // The swtpm TCTI talks to the control channel at port + 1. A fixed port
+            // still held by the killed process's sockets: after 4 tries, another port
+            // (callers re-read `tcti()`).
+            let port = fixed_port
+                .filter(|_| attempt < 4)
+                .unwrap_or_else(super::free_port);
             let Some(ctrl) = port.checked_add(1) else {
                 continue;
             };
@@ -72,8 +76,11 @@ impl Swtpm {
             let addr = ([127, 0, 0, 1], port).into();
             loop {
                 if child.try_wait().expect("swtpm status").is_some() {
-                    // Lost the port race (or a fixed port still in TIME_WAIT): retry.
-                    std::thread::sleep(Duration::from_millis(200));
+                    // Lost the port race: retry (a fixed port: give the old socket a
+                    // moment to go).
+                    if fixed_port.is_some() {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
                     break;
                 }
                 if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
