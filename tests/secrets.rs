@@ -20,6 +20,7 @@ use std::process::Command;
 
 use common::fake_root::*;
 
+#[cfg(feature = "tpm")]
 const OWNER_PASSWORD: &str = "tpm-owner-pw-must-never-show";
 
 /// The commands of one pass, in an order that makes sense on one root.
