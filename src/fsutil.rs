@@ -61,7 +61,10 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
         Ok(m) if m.is_dir() => {
             return Err(Error::read(
                 path,
-                io::Error::new(ErrorKind::IsADirectory, "is a directory"),
+                io::Error::new(
+                    ErrorKind::IsADirectory,
+                    "is a directory, not a file; move it away (or restore the file) and re-run",
+                ),
             ))
         }
         Ok(m) if !m.is_file() => return Err(not_regular(path)),
@@ -88,7 +91,7 @@ fn not_regular(path: &Path) -> Error {
         path,
         io::Error::new(
             ErrorKind::InvalidInput,
-            "not a regular file (a FIFO, socket or device)",
+            "not a regular file (a FIFO, socket or device); remove it (or restore the file) and re-run",
         ),
     )
 }
