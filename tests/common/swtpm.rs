@@ -47,18 +47,21 @@ impl Swtpm {
     }
 
     fn spawn(dir: &Path, fixed_port: Option<u16>) -> (Child, u16) {
-        // A port found free can be taken by a parallel test before swtpm binds it:
-        // then swtpm exits and we try other ports (or, for a fixed port, again).
-        for attempt in 0..16 {
+        // swtpm binds without SO_REUSEADDR, so a port with a connection in TIME_WAIT
+        // is refused. Client connections (every TCTI and tpm2-tools run of the
+        // parallel tests) leave their TIME_WAITs on ports of the kernel's ephemeral
+        // range, where `free_port` also picks: there, port + 1 was often taken and
+        // all attempts failed under load. So pick below the ephemeral range (Linux
+        // default 32768-60999), and retry when a parallel test or an old swtpm port
+        // gets in the way: swtpm then exits at once.
+        for attempt in 0..64u64 {
             // The swtpm TCTI talks to the control channel at port + 1. A fixed port
-            // still held by the killed process's sockets: after 4 tries, another port
-            // (callers re-read `tcti()`).
+            // (restart) still held by the killed process's sockets: after 4 tries,
+            // another port (callers re-read `tcti()`).
             let port = fixed_port
                 .filter(|_| attempt < 4)
-                .unwrap_or_else(free_port_pair);
-            let Some(ctrl) = port.checked_add(1) else {
-                continue;
-            };
+                .unwrap_or_else(|| unprivileged_port_below_ephemeral(attempt));
+            let ctrl = port + 1;
             let mut child = Command::new("swtpm")
                 .args(["socket", "--tpm2", "--tpmstate"])
                 .arg(format!("dir={}", dir.display()))
@@ -178,46 +181,16 @@ impl Swtpm {
     }
 }
 
-/// A loopback port P with P + 1 free too, as swtpm binds them: *without*
-/// SO_REUSEADDR. (`TcpListener::bind` sets SO_REUSEADDR, so `free_port` can hand out a
-/// port that still has TIME_WAIT connections — plenty after the TPM tests — and swtpm
-/// then fails with EADDRINUSE.)
-fn free_port_pair() -> u16 {
-    fn bind(port: u16) -> Option<(libc::c_int, u16)> {
-        // SAFETY: plain socket calls on a zeroed sockaddr_in we own.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            if fd < 0 {
-                return None;
-            }
-            let mut addr: libc::sockaddr_in = std::mem::zeroed();
-            addr.sin_family = libc::AF_INET as libc::sa_family_t;
-            addr.sin_port = port.to_be();
-            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            if libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
-                libc::close(fd);
-                return None;
-            }
-            let mut got: libc::sockaddr_in = std::mem::zeroed();
-            let mut glen = len;
-            libc::getsockname(fd, &mut got as *mut _ as *mut libc::sockaddr, &mut glen);
-            Some((fd, u16::from_be(got.sin_port)))
-        }
-    }
-    for _ in 0..64 {
-        let Some((a, port)) = bind(0) else { continue };
-        let pair = port.checked_add(1).and_then(bind);
-        // SAFETY: closing descriptors we opened.
-        unsafe {
-            libc::close(a);
-            if let Some((b, _)) = pair {
-                libc::close(b);
-                return port;
-            }
-        }
-    }
-    super::free_port()
+/// A pseudo-random port in 20000..32000 (even, so `port + 1` stays in range), different
+/// per process, call and attempt.
+fn unprivileged_port_below_ephemeral(attempt: u64) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_usize(CALLS.fetch_add(1, Ordering::Relaxed));
+    h.write_u64(attempt);
+    20000 + 2 * (h.finish() % 6000) as u16
 }
 
 impl Drop for Swtpm {
