@@ -106,6 +106,18 @@ pub(crate) fn tss_error(step: &str, e: tss_esapi::Error) -> KeyStoreError {
                     "use a resource manager (--tcti device:/dev/tpmrm0, or tpm2-abrmd) and retry",
                 )
             }
+            // Not a TPM response code at all: the TCTI or TSS layer failed, which is
+            // what a TPM (or swtpm, or resource manager) that went away mid-command
+            // looks like. tss-esapi 7 only says "response code not recognized".
+            None => {
+                return KeyStoreError::Unavailable {
+                    what: format!("the TPM stopped answering while trying to {step} ({e})"),
+                    hint: "check that the TPM (or its resource manager) is up, then run \
+                           sdv-provision again: the interrupted run is finished or cleaned \
+                           up by itself"
+                        .into(),
+                }
+            }
             _ => {}
         }
     }
