@@ -74,6 +74,11 @@ impl CertInfo {
             path: path.to_owned(),
             detail,
         };
+        // x509-cert 0.2 computes `len - 1` of the input stripped of trailing CR/LF:
+        // an empty file would underflow (a panic in debug builds).
+        if pem.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+            return Err(bad("the file is empty, no certificate in it".into()));
+        }
         let chain = Certificate::load_pem_chain(pem)
             .map_err(|e| bad(format!("not a PEM certificate ({e})")))?;
         let cert = chain

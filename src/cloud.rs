@@ -113,7 +113,14 @@ impl ConnectionString {
             return Err("the connection string contains non-ASCII characters".into());
         }
         let (mut host, mut dev, mut key, mut x509) = (None, None, false, false);
-        for part in s.split(';').filter(|p| !p.is_empty()) {
+        for part in s.split(';') {
+            // An empty segment (`;;`, a trailing `;`) is stored verbatim in the
+            // manifest, where the connector's own parser would stumble on it.
+            if part.is_empty() {
+                return Err(
+                    "the connection string has an empty segment (`;;` or a trailing `;`)".into(),
+                );
+            }
             let (k, v) = part.split_once('=').ok_or_else(|| {
                 "the connection string must be Key=Value pairs separated by ';'".to_string()
             })?;

@@ -41,6 +41,9 @@ pub fn validate(id: &str) -> std::result::Result<(), String> {
             "the device id contains {c:?}; only letters, digits and . _ : - are allowed"
         ));
     }
+    if id.contains("..") {
+        return Err("the device id contains \"..\"".into());
+    }
     if id.ends_with(['.', '_', ':']) {
         return Err("the device id must end with a letter, digit or '-'".into());
     }
@@ -50,6 +53,34 @@ pub fn validate(id: &str) -> std::result::Result<(), String> {
 /// Validate a user-given id, as an input error naming the flag.
 pub fn check_flag(id: &str) -> Result<()> {
     validate(id).map_err(|why| Error::input(why, "pass a valid --device-id"))
+}
+
+/// `/etc/deviceid` must be a regular file or absent. An invalid *content* is
+/// regenerated with a warning (DESIGN §3.1), but a symlink, directory, FIFO or device
+/// there is refused before anything is made: following a link would read or replace a
+/// file elsewhere (on the host, under `--root`), and removing someone's directory or
+/// link is not ours to do.
+pub fn check_file_kind(layout: &Layout) -> Result<()> {
+    let path = layout.host(DEVICE_ID_FILE);
+    match fs::symlink_metadata(&path) {
+        Ok(m) if !m.is_file() => {
+            let kind = if m.file_type().is_symlink() {
+                "a symbolic link"
+            } else if m.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            };
+            Err(Error::input(
+                format!(
+                    "{} is {kind}; it is neither followed nor replaced",
+                    path.display()
+                ),
+                "remove it (sdv-provision writes a regular file there) and run again",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The id stored in `/etc/deviceid`, if it is there and valid. An invalid one is

@@ -61,20 +61,39 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
         Ok(m) if m.is_dir() => {
             return Err(Error::read(
                 path,
-                io::Error::new(ErrorKind::IsADirectory, "is a directory"),
+                io::Error::new(
+                    ErrorKind::IsADirectory,
+                    "is a directory, not a file; move it away (or restore the file) and re-run",
+                ),
             ))
         }
+        Ok(m) if !m.is_file() => return Err(not_regular(path)),
         Ok(_) => {}
     }
-    // O_NOFOLLOW closes the race between the check above and the open.
+    // O_NOFOLLOW closes the race between the check above and the open; O_NONBLOCK
+    // keeps a FIFO swapped in meanwhile from blocking the open, and the fstat below
+    // refuses it.
     let mut f = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| Error::read(path, e))?;
+    if !f.metadata().map_err(|e| Error::read(path, e))?.is_file() {
+        return Err(not_regular(path));
+    }
     let mut buf = Vec::new();
     io::Read::read_to_end(&mut f, &mut buf).map_err(|e| Error::read(path, e))?;
     Ok(Some(buf))
+}
+
+fn not_regular(path: &Path) -> Error {
+    Error::read(
+        path,
+        io::Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, socket or device); remove it (or restore the file) and re-run",
+        ),
+    )
 }
 
 /// Like [`read_optional`] for UTF-8 text.

@@ -87,7 +87,10 @@ impl State {
                 )));
             }
             if let KeyUri::File(p) = uri {
-                if !p.starts_with(CERT_DIR) {
+                // A key file sits directly in the certificates directory: a path
+                // that merely starts with it (the directory itself, a subdirectory)
+                // is not one of ours.
+                if p.parent() != Some(std::path::Path::new(CERT_DIR)) {
                     return Err(bad(format!(
                         "{role} key {} is outside {CERT_DIR}",
                         p.display()

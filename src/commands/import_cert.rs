@@ -22,7 +22,12 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
             "pass the PEM file of the issued certificate",
         )
     })?;
-    let new = CertInfo::from_pem(file, &pem)?;
+    let new = CertInfo::from_pem(file, &pem).map_err(|e| {
+        Error::input(
+            e.to_string(),
+            "pass the PEM file of the certificate issued for this device's key",
+        )
+    })?;
     let _lock = ctx.lock()?;
     recover(ctx)?;
     let id = Identity::load(&ctx.layout)?;

@@ -134,7 +134,41 @@ pub fn run(cli: &Cli) -> Result<i32> {
 
 /// Finish or undo what a killed run left behind (see `identity` module docs).
 /// Call with the lock held.
+/// Every mutating command starts here (through [`recover`]): a symbolic link at any
+/// of our paths in the certificates directory is refused before anything is made or
+/// removed. The writers already refuse to write through a link, but a run that failed
+/// on one would roll back its half-made identity, and that removes the planted link
+/// (a file it did not make); `--force` would replace it.
+fn refuse_planted_links(layout: &Layout) -> Result<()> {
+    use crate::paths::{stem, CONNECTION_STRING_FILE, ID_SCOPE_FILE, STATE_FILE};
+    let mut names: Vec<String> = [
+        STATE_FILE,
+        crate::identity::JOURNAL_FILE,
+        ID_SCOPE_FILE,
+        CONNECTION_STRING_FILE,
+        "pkcs11.pin",
+    ]
+    .map(String::from)
+    .to_vec();
+    for role in Role::ALL {
+        for staged in [false, true] {
+            let s = stem(role, staged);
+            for ext in ["crt", "key", "tpm.pub", "tpm.priv"] {
+                names.push(format!("{s}.{ext}"));
+            }
+        }
+    }
+    for name in names {
+        let path = layout.host_cert_file(&name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Symlink { path });
+        }
+    }
+    Ok(())
+}
+
 pub fn recover(ctx: &Ctx) -> Result<()> {
+    refuse_planted_links(&ctx.layout)?;
     fsutil::remove_stale_temps(&ctx.layout.host_cert_dir());
     let Some(journal) = Journal::load(&ctx.layout)? else {
         return Ok(());

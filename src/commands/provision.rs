@@ -48,6 +48,8 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
         device_id::check_flag(id)?;
     }
 
+    device_id::check_file_kind(layout)?;
+
     let _lock = ctx.lock()?;
     {
         let _s = crate::progress::step("recover interrupted runs");

@@ -29,6 +29,9 @@ pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
             "run `sdv-provision` first",
         )
     })?;
+    // Parse (and so validate) the manifest before making anything: a broken one
+    // would otherwise stop the run after the new keys were made.
+    crate::manifest::Manifest::load(&ctx.layout)?;
     let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
     let mut state = state;
     if promote {

@@ -108,7 +108,7 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             )
         } else if days_left < EXPIRY_WARNING_DAYS {
             ctx.out.warn(format!(
-                "the {role} certificate expires in {days_left} days; run `sdv-provision rotate`"
+                "the {role} certificate expires in {days_left} days; renew it: `sdv-provision rotate`, register the new secondary, then `sdv-provision rotate --promote` (or import a new CA-issued certificate)"
             ));
             (true, format!("valid, but only {days_left} days left"))
         } else {

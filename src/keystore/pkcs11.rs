@@ -785,17 +785,20 @@ fn user_pin(
         return read_pin_file(path, "--pkcs11-pin-file");
     }
     if let Some(pin) = std::env::var_os(PIN_ENV) {
-        let pin = Zeroizing::new(pin.into_string().map_err(|_| KeyStoreError::Rejected {
+        // Bytes first, so a non-UTF-8 value is zeroized too (into_string's error
+        // would drop it as it is).
+        let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(pin));
+        let pin = std::str::from_utf8(&bytes).map_err(|_| KeyStoreError::Rejected {
             what: format!("{PIN_ENV} is not valid UTF-8"),
             hint: "set it to the token's user PIN".into(),
-        })?);
+        })?;
         if pin.is_empty() {
             return Err(KeyStoreError::Rejected {
                 what: format!("{PIN_ENV} is empty"),
                 hint: "set it to the token's user PIN, or use --pkcs11-pin-file".into(),
             });
         }
-        return Ok(SecretString::from(pin.as_str()));
+        return Ok(SecretString::from(pin));
     }
     if let Some(recorded) = &config.recorded.pkcs11_pin_file {
         let host = layout.host(recorded);
@@ -804,11 +807,15 @@ fn user_pin(
         }
     }
     if config.interactive {
-        let pin = dialoguer::Password::new()
-            .with_prompt(format!("User PIN of PKCS#11 token {token}"))
-            .interact()
-            .map_err(|e| KeyStoreError::backend("read the PIN", e.to_string()))?;
-        return Ok(SecretString::from(pin));
+        let pin = Zeroizing::new(
+            dialoguer::Password::new()
+                .with_prompt(format!("User PIN of PKCS#11 token {token}"))
+                .interact()
+                .map_err(|e| KeyStoreError::backend("read the PIN", e.to_string()))?,
+        );
+        // Copied, not moved: SecretString::from(String) shrinks the buffer into a
+        // Box<str>, which can reallocate and leave the typed PIN in freed memory.
+        return Ok(SecretString::from(pin.as_str()));
     }
     Err(KeyStoreError::Unavailable {
         what: format!(
@@ -821,9 +828,11 @@ fn user_pin(
 /// SO PIN for `--pkcs11-init-token`: env, or a file named by env. Never argv.
 fn so_pin() -> Result<SecretString, KeyStoreError> {
     if let Some(pin) = std::env::var_os(SO_PIN_ENV) {
-        let pin = Zeroizing::new(pin.into_string().unwrap_or_default());
-        if !pin.is_empty() {
-            return Ok(SecretString::from(pin.as_str()));
+        let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(pin));
+        if let Ok(pin) = std::str::from_utf8(&bytes) {
+            if !pin.is_empty() {
+                return Ok(SecretString::from(pin));
+            }
         }
     }
     if let Some(path) = std::env::var_os(SO_PIN_FILE_ENV) {

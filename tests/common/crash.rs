@@ -117,7 +117,10 @@ pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()
         &["reset", "--yes"],
         &["provision", "--force", "--id-scope", "0ne0012345A"],
     ];
-    // How long each op takes unkilled, so kill moments spread over its lifetime.
+    // How long each op takes unkilled, so kill moments spread over its lifetime. The
+    // window then adapts: it shrinks when a run finished before its kill (a loaded
+    // machine makes runs vary) and grows slowly otherwise, so most kills land inside
+    // a run and some land near its end.
     dev.ok(ops[0]);
     let mut durations = Vec::new();
     for op in ops.iter() {
@@ -126,6 +129,10 @@ pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()
         durations.push(t.elapsed());
         dev.ok(ops[0]);
     }
+    let ceiling: Vec<Duration> = durations.iter().map(|d| *d * 4).collect();
+    // Start below the measured time: a kill at a random point of a shorter window
+    // lands inside the run more often, whatever the load does to later runs.
+    let mut durations: Vec<Duration> = durations.iter().map(|d| *d * 3 / 5).collect();
     let mut tally = Tally::default();
     for round in 0..kills {
         let i = rng.below(ops.len() as u64) as usize;
@@ -139,6 +146,9 @@ pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()
         tally.kills += 1;
         if finished {
             tally.finished_first += 1;
+            durations[i] = durations[i] * 3 / 4;
+        } else {
+            durations[i] = (durations[i] * 21 / 20).min(ceiling[i]);
         }
         // The manifest is always valid JSON: old or new content, never a mix.
         let manifest = dev
@@ -169,7 +179,7 @@ pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()
     }
     eprintln!("crash harness: {tally:?}");
     assert!(
-        tally.finished_first < tally.kills * 6 / 10,
+        tally.finished_first <= tally.kills * 3 / 4,
         "too few kills landed mid-run to mean anything: {tally:?}"
     );
     tally

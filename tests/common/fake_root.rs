@@ -232,9 +232,20 @@ impl FakeRoot {
 /// One node of a tree snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    File { mode: u32, bytes: Vec<u8> },
-    Dir { mode: u32 },
-    Link { target: PathBuf },
+    File {
+        mode: u32,
+        bytes: Vec<u8>,
+    },
+    Dir {
+        mode: u32,
+    },
+    Link {
+        target: PathBuf,
+    },
+    /// A FIFO, socket or device node: only its mode (reading it could block).
+    Other {
+        mode: u32,
+    },
 }
 
 pub type Snapshot = BTreeMap<PathBuf, Node>;
@@ -259,6 +270,8 @@ pub fn snapshot(root: &Path) -> Snapshot {
             } else if meta.is_dir() {
                 out.insert(rel, Node::Dir { mode });
                 walk(base, &p, out);
+            } else if !meta.is_file() {
+                out.insert(rel, Node::Other { mode });
             } else {
                 out.insert(
                     rel,

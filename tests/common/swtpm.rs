@@ -27,17 +27,44 @@ impl Swtpm {
     /// Start a fresh TPM (state in its own temp dir) and wait until it answers.
     pub fn start() -> Swtpm {
         let dir = tempfile::tempdir().expect("temp dir for swtpm");
-        // A port found free can be taken by a parallel test before swtpm binds it:
-        // then swtpm exits and we try other ports.
-        for _ in 0..8 {
-            // The swtpm TCTI talks to the control channel at port + 1.
-            let port = super::free_port();
-            let Some(ctrl) = port.checked_add(1) else {
-                continue;
-            };
+        let (child, port) = Self::spawn(dir.path(), None);
+        Swtpm { dir, child, port }
+    }
+
+    /// SIGKILL the swtpm process (a TPM that goes away mid-command).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start swtpm again on the same state directory (what the device had in NV:
+    /// persistent handles, hierarchy passwords), on the same port when it is free again.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, port) = Self::spawn(self.dir.path(), Some(self.port));
+        self.child = child;
+        self.port = port;
+    }
+
+    fn spawn(dir: &Path, fixed_port: Option<u16>) -> (Child, u16) {
+        // swtpm binds without SO_REUSEADDR, so a port with a connection in TIME_WAIT
+        // is refused. Client connections (every TCTI and tpm2-tools run of the
+        // parallel tests) leave their TIME_WAITs on ports of the kernel's ephemeral
+        // range, where `free_port` also picks: there, port + 1 was often taken and
+        // all attempts failed under load. So pick below the ephemeral range (Linux
+        // default 32768-60999), and retry when a parallel test or an old swtpm port
+        // gets in the way: swtpm then exits at once.
+        for attempt in 0..64u64 {
+            // The swtpm TCTI talks to the control channel at port + 1. A fixed port
+            // (restart) still held by the killed process's sockets: after 4 tries,
+            // another port (callers re-read `tcti()`).
+            let port = fixed_port
+                .filter(|_| attempt < 4)
+                .unwrap_or_else(|| unprivileged_port_below_ephemeral(attempt));
+            let ctrl = port + 1;
             let mut child = Command::new("swtpm")
                 .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", dir.path().display()))
+                .arg(format!("dir={}", dir.display()))
                 .arg("--server")
                 .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
                 .arg("--ctrl")
@@ -52,10 +79,15 @@ impl Swtpm {
             let addr = ([127, 0, 0, 1], port).into();
             loop {
                 if child.try_wait().expect("swtpm status").is_some() {
-                    break; // lost the port race: retry
+                    // Lost the port race: retry (a fixed port: give the old socket a
+                    // moment to go).
+                    if fixed_port.is_some() {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    break;
                 }
                 if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-                    return Swtpm { dir, child, port };
+                    return (child, port);
                 }
                 if Instant::now() > end {
                     let _ = child.kill();
@@ -147,6 +179,18 @@ impl Swtpm {
         );
         super::run_ok(self.tool("tpm2_flushcontext").arg("-t"));
     }
+}
+
+/// A pseudo-random port in 20000..32000 (even, so `port + 1` stays in range), different
+/// per process, call and attempt.
+fn unprivileged_port_below_ephemeral(attempt: u64) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_usize(CALLS.fetch_add(1, Ordering::Relaxed));
+    h.write_u64(attempt);
+    20000 + 2 * (h.finish() % 6000) as u16
 }
 
 impl Drop for Swtpm {

@@ -106,6 +106,18 @@ pub(crate) fn tss_error(step: &str, e: tss_esapi::Error) -> KeyStoreError {
                     "use a resource manager (--tcti device:/dev/tpmrm0, or tpm2-abrmd) and retry",
                 )
             }
+            // Not a TPM response code at all: the TCTI or TSS layer failed, which is
+            // what a TPM (or swtpm, or resource manager) that went away mid-command
+            // looks like. tss-esapi 7 only says "response code not recognized".
+            None => {
+                return KeyStoreError::Unavailable {
+                    what: format!("the TPM stopped answering while trying to {step} ({e})"),
+                    hint: "check that the TPM (or its resource manager) is up, then run \
+                           sdv-provision again: the interrupted run is finished or cleaned \
+                           up by itself"
+                        .into(),
+                }
+            }
             _ => {}
         }
     }
@@ -706,8 +718,28 @@ impl KeyStore for TpmKeyStore {
             }
             (None, None) => Vec::new(),
         };
-        if let Some((object, _)) = present {
-            self.evict(object, h)?;
+        if let Some((object, public)) = present {
+            // The slot's public blob is the key this tool persisted there. If the
+            // handle now holds another key (ours was evicted behind our back and
+            // someone else's persisted in its place), that key is not ours to evict.
+            // No blob (a run killed between persisting and writing it) or an
+            // unreadable one: the journal says the handle is ours.
+            let foreign = match self.slot_of(h) {
+                Some((role, staged)) => matches!(
+                    self.read_public_blob(&self.host_blobs(role, staged).0),
+                    Ok(Some(blob)) if blob != public
+                ),
+                None => false,
+            };
+            if foreign {
+                self.close(object);
+                eprintln!(
+                    "warning: TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
+                     left in place (evict it yourself if it is not needed)"
+                );
+            } else {
+                self.evict(object, h)?;
+            }
         }
         for (role, staged) in slots {
             let (p, s) = self.host_blobs(role, staged);

@@ -186,6 +186,10 @@ pub fn owner_auth() -> Result<Option<Auth>, KeyStoreError> {
     if value.is_empty() {
         return Ok(None);
     }
+    // Checked here: Auth::try_from would drop a too-long copy without zeroizing it.
+    if value.len() > 64 {
+        return Err(bad("is longer than the TPM allows (64 bytes)"));
+    }
     Auth::try_from(value.to_vec())
         .map(Some)
         .map_err(|_| bad("is longer than the TPM allows (64 bytes)"))

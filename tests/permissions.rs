@@ -1,0 +1,235 @@
+//! Permissions and ownership (DESIGN §6): under `umask 000` nothing the tool creates is
+//! world-writable and secrets are 0600; a symbolic link planted at a key, certificate
+//! or manifest path — before the first provisioning and on a re-run — is refused with
+//! one clear error, and its target is untouched.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use common::fake_root::*;
+
+fn openssl() -> bool {
+    common::require("openssl", "certificates are checked with openssl")
+}
+
+/// Every directory and file under `root` created by the run (not in `before`):
+/// directories not group/world-writable, files not group/world-writable, and the
+/// secret ones 0600.
+fn check_created_modes(fr: &FakeRoot, before: &Snapshot) -> usize {
+    let after = fr.snapshot();
+    let mut checked = 0;
+    for (p, n) in &after {
+        if before.contains_key(p) {
+            continue;
+        }
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        match n {
+            Node::Dir { mode } => {
+                assert_eq!(mode & 0o022, 0, "{} is {mode:o}", p.display());
+            }
+            Node::File { mode, bytes } => {
+                assert_eq!(mode & 0o022, 0, "{} is {mode:o}", p.display());
+                let text = String::from_utf8_lossy(bytes);
+                let secret = name.ends_with(".key")
+                    || name == "azure.connectionstring"
+                    || text.contains(SECRET_KEY)
+                    || text.contains("PRIVATE KEY");
+                if secret {
+                    assert_eq!(*mode, 0o600, "{} holds a secret: {mode:o}", p.display());
+                }
+            }
+            Node::Link { target } => panic!("created a link {} -> {target:?}", p.display()),
+            Node::Other { .. } => panic!("created a special file {}", p.display()),
+        }
+        checked += 1;
+    }
+    checked
+}
+
+/// The binary under `umask 000`, through a shell wrapper.
+fn umask0(fr: &FakeRoot, args: &[&str], env: &[(&str, String)]) -> Run {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("umask 000; exec \"$@\"")
+        .arg("sh")
+        .arg(common::bin())
+        .arg("--root")
+        .arg(fr.root())
+        .args(args)
+        .env("PATH", fr.path_env())
+        .env_remove("SDV_PROVISION_CONNECTION_STRING")
+        .env_remove("SDV_PROVISION_ROOT");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Run::from(c.output().unwrap())
+}
+
+#[test]
+fn umask_000_creates_nothing_world_writable() {
+    if !openssl() {
+        return;
+    }
+    // DPS on a device with no certificates dir and no /etc: both are created.
+    let fr = FakeRoot::with_template();
+    let before = fr.snapshot();
+    umask0(
+        &fr,
+        &[
+            "--keystore",
+            "file",
+            "--id-scope",
+            GOOD_SCOPE,
+            "--algorithm",
+            "ecdsa-p256",
+        ],
+        &[],
+    )
+    .ok();
+    let n = check_created_modes(&fr, &before);
+    assert!(fr.p(CERTS).is_dir() && fr.p("etc/deviceid").is_file());
+    // Rotation and promotion write new files too.
+    for a in [&["rotate"][..], &["rotate", "--promote"][..]] {
+        let before = fr.snapshot();
+        umask0(&fr, a, &[]).ok();
+        check_created_modes(&fr, &before);
+    }
+    // Hub: the connection string and a manifest that holds the SharedAccessKey.
+    let hub = FakeRoot::with_template();
+    let before = hub.snapshot();
+    umask0(
+        &hub,
+        &["--keystore", "file", "--algorithm", "ecdsa-p256"],
+        &[("SDV_PROVISION_CONNECTION_STRING", hub_cs(ETH0_ID))],
+    )
+    .ok();
+    let m = check_created_modes(&hub, &before);
+    assert_eq!(mode(&hub.cert_file("azure.connectionstring")), 0o600);
+    assert!(hub.read(MANIFEST).contains(SECRET_KEY));
+    assert_eq!(mode(&hub.p(MANIFEST)), 0o600);
+    println!("umask 000: {} created entries checked", n + m);
+}
+
+/// A file outside the root that a planted link points at.
+fn evil(fr: &FakeRoot) -> std::path::PathBuf {
+    let p = fr.dir.path().join("evil");
+    fs::write(&p, "evil\n").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+    p
+}
+
+fn assert_untouched(target: &Path) {
+    assert_eq!(fs::read_to_string(target).unwrap(), "evil\n");
+    assert_eq!(mode(target), 0o644);
+}
+
+fn provision(fr: &FakeRoot) -> Run {
+    fr.run(&[
+        "--keystore",
+        "file",
+        "--id-scope",
+        GOOD_SCOPE,
+        "--algorithm",
+        "ecdsa-p256",
+    ])
+}
+
+#[test]
+fn symlink_at_key_or_cert_path_is_refused_before_first_provisioning() {
+    if !openssl() {
+        return;
+    }
+    for name in ["device.key", "device.crt", "device2.key", "device2.crt"] {
+        let fr = FakeRoot::with_template();
+        let target = evil(&fr);
+        fs::create_dir_all(fr.p(CERTS)).unwrap();
+        symlink(&target, fr.cert_file(name)).unwrap();
+        let before = fr.snapshot();
+        let run = provision(&fr);
+        let err = run.one_error(1);
+        assert!(err.contains(name) && err.contains("symbolic link"), "{run}");
+        assert_untouched(&target);
+        assert_same_tree(&before, &fr.snapshot(), name);
+        assert!(fr.calls().is_empty());
+        // Remove the link: the next run succeeds.
+        fs::remove_file(fr.cert_file(name)).unwrap();
+        provision(&fr).ok();
+        assert_untouched(&target);
+    }
+}
+
+#[test]
+fn symlink_at_key_or_cert_path_is_refused_on_rerun() {
+    if !openssl() {
+        return;
+    }
+    for name in ["device.key", "device.crt", "device2.key", "device2.crt"] {
+        for args in [
+            &["--keystore", "file"][..],
+            &["--keystore", "file", "--force"][..],
+            &["rotate"][..],
+            &["rotate", "--promote"][..],
+            &["verify"][..],
+        ] {
+            let fr = FakeRoot::with_template();
+            provision(&fr).ok();
+            fr.clear_calls();
+            // The link points at a copy of the real file, so following it would work.
+            let target = fr.dir.path().join("evil");
+            fs::copy(fr.cert_file(name), &target).unwrap();
+            let original = fs::read(&target).unwrap();
+            fs::remove_file(fr.cert_file(name)).unwrap();
+            symlink(&target, fr.cert_file(name)).unwrap();
+            let before = fr.snapshot();
+            let run = fr.run(args);
+            assert_ne!(run.code, Some(0), "{name} {args:?}:\n{run}");
+            let named = run
+                .all()
+                .lines()
+                .any(|l| (l.starts_with("error:") || l.starts_with("FAIL")) && l.contains(name));
+            assert!(named, "{name} {args:?}: no line names the link:\n{run}");
+            assert!(
+                run.stderr
+                    .lines()
+                    .filter(|l| l.starts_with("error:"))
+                    .count()
+                    <= 1,
+                "{run}"
+            );
+            assert_eq!(fs::read(&target).unwrap(), original, "{name} {args:?}");
+            assert_same_tree(&before, &fr.snapshot(), &format!("{name} {args:?}"));
+        }
+    }
+}
+
+#[test]
+fn symlink_at_manifest_path_is_refused() {
+    if !openssl() {
+        return;
+    }
+    // Before the first provisioning, and on a provisioned device.
+    for provisioned in [false, true] {
+        let fr = FakeRoot::with_template();
+        if provisioned {
+            provision(&fr).ok();
+            fr.clear_calls();
+        }
+        // A valid manifest outside the root: following the link would rewrite it.
+        let target = fr.dir.path().join("evil.json");
+        fs::copy(fixture("cloudconnector.auto-deployer.json"), &target).unwrap();
+        let original = fs::read(&target).unwrap();
+        let _ = fs::remove_file(fr.p(MANIFEST));
+        symlink(&target, fr.p(MANIFEST)).unwrap();
+        let before = fr.snapshot();
+        let run = fr.run(&["--keystore", "file", "--id-scope", "0ne00ABCDEF"]);
+        let err = run.one_error(1);
+        assert!(err.contains("cloudconnector.json"), "{run}");
+        assert_eq!(fs::read(&target).unwrap(), original);
+        assert_same_tree(&before, &fr.snapshot(), "manifest link");
+        assert!(fr.calls().is_empty());
+    }
+}
