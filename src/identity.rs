@@ -220,8 +220,12 @@ impl Journal {
             for uri in &self.old_keys {
                 old.remove(uri)?;
             }
-            self.old_removed = true;
-            self.save(layout)?;
+            // Nothing was removed for a fresh identity: no need to record (and fsync)
+            // progress; redoing an empty removal after a crash is harmless.
+            if !self.old_keys.is_empty() {
+                self.old_removed = true;
+                self.save(layout)?;
+            }
         }
         for f in &self.remove_files {
             fsutil::remove_file(&layout.host_cert_file(f))?;
