@@ -10,92 +10,63 @@
 //!   it and the whole token vanishes. The harness then restores the copy taken after
 //!   setup (same PINs and master key; objects live in their own files) and counts it;
 //! - a kill inside object creation can leave an object with neither label nor CKA_ID
-//!   (see [`Device::check_token`]).
+//!   (see [`TokenDevice::check_token`]).
 //!
-//! `SDV_CRASH_SEED=<n>` replays a run; `SDV_CRASH_KILLS=<n>` sets the rounds (default 25).
+//! The kill loop is the shared one (`tests/common/crash.rs`); this file adds the
+//! SoftHSM-specific repair before recovery and the token check after it.
+//! `SDV_CRASH_SEED=<n>` replays a run; `SDV_CRASH_KILLS_PKCS11=<n>` sets the rounds
+//! (default 25).
 #![cfg(feature = "pkcs11")]
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::cell::Cell;
+use std::process::Command;
 
+use common::crash::{hammer_with, Device};
 use common::softhsm::PrivateStore;
 use serde_json::Value;
 
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
-struct Device {
+/// A scratch device whose keys live in a private SoftHSM store.
+struct TokenDevice {
     store: PrivateStore,
-    root: PathBuf,
+    dev: Device,
 }
 
-impl Device {
-    fn new() -> Device {
+impl TokenDevice {
+    fn new() -> TokenDevice {
         let store = PrivateStore::new("leda");
-        let root = store.dir.path().join("root");
-        let m = root.join("data/var/containers/manifests");
-        std::fs::create_dir_all(&m).unwrap();
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/cloudconnector.kanto.json.template"),
-            m.join("cloudconnector.json.template"),
-        )
-        .unwrap();
-        Device { store, root }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(common::bin());
-        c.arg("--root")
-            .arg(&self.root)
-            .args(["--no-restart", "--non-interactive", "--keystore", "pkcs11"])
-            .arg("--pkcs11-module")
-            .arg(&self.store.module)
-            .arg("--pkcs11-pin-file")
-            .arg(&self.store.pin_file)
-            .args(args);
-        if args.first() == Some(&"provision") {
-            c.args(["--device-id", "dev-crash", "--algorithm", "ecdsa-p256"]);
-        }
-        for k in [
+        let module = store.module.to_string_lossy().into_owned();
+        let pin_file = store.pin_file.to_string_lossy().into_owned();
+        let mut dev = Device::new(
+            &[
+                "--keystore",
+                "pkcs11",
+                "--pkcs11-module",
+                &module,
+                "--pkcs11-pin-file",
+                &pin_file,
+            ],
+            &["--algorithm", "ecdsa-p256"],
+        );
+        dev.env_remove = [
             "SDV_PROVISION_PKCS11_PIN",
             "PKCS11_MODULE_PATH",
             "TPM2TOOLS_TCTI",
             "TCTI",
-        ] {
-            c.env_remove(k);
-        }
-        for (k, v) in self.store.env() {
-            c.env(k, v);
-        }
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        c
-    }
-
-    fn ok(&self, args: &[&str], what: &str) {
-        let out = self.cmd(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "sdv-provision {args:?} failed ({what}): {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.dump()
-        );
+        ]
+        .map(String::from)
+        .to_vec();
+        dev.envs = store
+            .env()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        TokenDevice { store, dev }
     }
 
     /// State, journal and token objects, for a failure message.
     fn dump(&self) -> String {
-        let certs = self.root.join("data/var/certificates");
+        let certs = self.dev.root.join("data/var/certificates");
         let mut s = String::new();
         for f in ["sdv-provision.state.json", "sdv-provision.journal.json"] {
             let text = std::fs::read_to_string(certs.join(f)).unwrap_or_default();
@@ -153,7 +124,8 @@ impl Device {
         );
         let state: Value = serde_json::from_slice(
             &std::fs::read(
-                self.root
+                self.dev
+                    .root
                     .join("data/var/certificates/sdv-provision.state.json"),
             )
             .unwrap(),
@@ -175,85 +147,52 @@ fn pkcs11_keystore_survives_random_kills() {
     if !common::softhsm::available() {
         return;
     }
-    let kills: u32 = std::env::var("SDV_CRASH_KILLS")
+    let kills: u32 = std::env::var("SDV_CRASH_KILLS_PKCS11")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(25);
-    let seed = std::env::var("SDV_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("pkcs11 crash harness seed: {seed} (SDV_CRASH_SEED={seed} to replay)");
-    let mut rng = Rng(seed);
-    let dev = Device::new();
-    let ops: [&[&str]; 5] = [
-        &["provision", "--id-scope", "0ne0012345A"],
-        &["rotate"],
-        &["rotate", "--promote"],
-        &["reset", "--yes"],
-        &["provision", "--force", "--id-scope", "0ne0012345A"],
-    ];
-    dev.ok(ops[0], "setup");
-    let token_file = std::fs::read_dir(dev.store.tokendir())
+    let t = TokenDevice::new();
+    t.dev.ok(&["provision", "--id-scope", "0ne0012345A"]);
+    let token_file = std::fs::read_dir(t.store.tokendir())
         .unwrap()
         .flatten()
         .map(|e| e.path().join("token.object"))
         .find(|p| p.is_file())
         .expect("token.object");
     let token_backup = std::fs::read(&token_file).unwrap();
-    let mut token_file_faults = 0;
-    let mut durations = Vec::new();
-    for op in ops {
-        let t = Instant::now();
-        dev.ok(op, "timing");
-        durations.push(t.elapsed());
-        dev.ok(ops[0], "timing");
-    }
-    // Adaptive windows, as in tests/common/crash.rs: shrink after a run that finished
-    // before its kill, grow slowly otherwise.
-    let ceiling: Vec<Duration> = durations.iter().map(|d| *d * 4).collect();
-    // Start below the measured time: a kill at a random point of a shorter window
-    // lands inside the run more often, whatever the load does to later runs.
-    let mut durations: Vec<Duration> = durations.iter().map(|d| *d * 3 / 5).collect();
-    let mut finished_first = 0;
-    for round in 0..kills {
-        let i = rng.below(ops.len() as u64) as usize;
-        let delay = Duration::from_micros(rng.below(durations[i].as_micros() as u64 + 1));
-        let mut child = dev.cmd(ops[i]).spawn().unwrap();
-        std::thread::sleep(delay);
-        if child.try_wait().unwrap().is_some() {
-            finished_first += 1;
-            durations[i] = durations[i] * 3 / 4;
-        } else {
-            durations[i] = (durations[i] * 21 / 20).min(ceiling[i]);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let what = format!("round {round}: {:?} killed after {delay:?}", ops[i]);
-        if std::fs::metadata(&token_file).map_or(0, |m| m.len()) < token_backup.len() as u64 {
-            eprintln!("{what}: SoftHSM's token.object was cut short by the kill; restored");
-            std::fs::write(&token_file, &token_backup).unwrap();
-            token_file_faults += 1;
-        }
-        dev.ok(ops[0], &what);
-        dev.ok(&["verify"], &what);
-        let anonymous = dev.check_token(&what);
-        if anonymous > 0 {
-            eprintln!("{what}: SoftHSM left {anonymous} object(s) without label or id");
-        }
-    }
+    let token_file_faults = Cell::new(0);
+    let anonymous_seen = Cell::new(0);
+    let allowed = [
+        "device.crt",
+        "device2.crt",
+        "azure.idscope",
+        "pkcs11.pin",
+        "sdv-provision.state.json",
+    ];
+    let tally = hammer_with(
+        &t.dev,
+        kills,
+        &allowed,
+        &|what| {
+            // SoftHSM rewrites token.object on every login by truncating it first.
+            if std::fs::metadata(&token_file).map_or(0, |m| m.len()) < token_backup.len() as u64 {
+                eprintln!("{what}: SoftHSM's token.object was cut short by the kill; restored");
+                std::fs::write(&token_file, &token_backup).unwrap();
+                token_file_faults.set(token_file_faults.get() + 1);
+            }
+        },
+        &|what| {
+            let anonymous = t.check_token(what);
+            if anonymous > 0 {
+                eprintln!("{what}: SoftHSM left {anonymous} object(s) without label or id");
+                anonymous_seen.set(anonymous_seen.get() + 1);
+            }
+        },
+    );
     eprintln!(
-        "pkcs11 crash harness: {kills} kills, {finished_first} finished first, \
-         {token_file_faults} SoftHSM token.object restores"
+        "pkcs11 crash harness: {tally:?}, {} SoftHSM token.object restores, {} rounds with unlabelled SoftHSM objects",
+        token_file_faults.get(),
+        anonymous_seen.get()
     );
-    assert!(
-        finished_first <= kills * 3 / 4,
-        "too few kills landed mid-run to mean anything"
-    );
+    assert_eq!(tally.recovered, kills);
 }

@@ -27,6 +27,10 @@ pub struct Device {
     pub extra: Vec<String>,
     /// Flags for `provision` only (algorithm).
     pub provision_extra: Vec<String>,
+    /// Environment for every command (e.g. a private SOFTHSM2_CONF).
+    pub envs: Vec<(String, String)>,
+    /// Variables removed from every command's environment.
+    pub env_remove: Vec<String>,
 }
 
 impl Device {
@@ -50,6 +54,8 @@ impl Device {
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             provision_extra: provision_extra.iter().map(|s| s.to_string()).collect(),
+            envs: Vec::new(),
+            env_remove: Vec::new(),
         }
     }
 
@@ -63,6 +69,10 @@ impl Device {
         if args.first() == Some(&"provision") {
             c.args(&self.provision_extra);
         }
+        for k in &self.env_remove {
+            c.env_remove(k);
+        }
+        c.envs(self.envs.iter().map(|(k, v)| (k, v)));
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -82,7 +92,7 @@ impl Device {
         );
     }
 
-    fn cert_dir(&self) -> PathBuf {
+    pub fn cert_dir(&self) -> PathBuf {
         self.root.join("data/var/certificates")
     }
 }
@@ -98,6 +108,19 @@ pub struct Tally {
 /// recovery). `allowed` lists the files the certificates directory may hold after
 /// recovery; `extra_check` inspects backend state (e.g. TPM handles).
 pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()) -> Tally {
+    hammer_with(dev, kills, allowed, &|_| {}, &|_| extra_check())
+}
+
+/// [`hammer`] with a hook before recovery (repairing what a stand-in backend itself
+/// breaks when killed, e.g. SoftHSM's token file) and one after it; both get a
+/// description of the round for their messages.
+pub fn hammer_with(
+    dev: &Device,
+    kills: u32,
+    allowed: &[&str],
+    before_recovery: &dyn Fn(&str),
+    extra_check: &dyn Fn(&str),
+) -> Tally {
     let seed = std::env::var("SDV_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -163,6 +186,7 @@ pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()
         // The next run finishes or undoes the killed one.
         let what =
             format!("round {round}: after {op:?} was killed after {delay:?}, finished={finished}");
+        before_recovery(&what);
         dev.ok_after(&["provision", "--id-scope", "0ne0012345A"], &what);
         dev.ok_after(&["verify"], &what);
         let leftovers: Vec<String> = fs::read_dir(dev.cert_dir())
@@ -174,7 +198,7 @@ pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()
             leftovers.is_empty(),
             "round {round} ({op:?} killed after {delay:?}): leftovers {leftovers:?}"
         );
-        extra_check();
+        extra_check(&what);
         tally.recovered += 1;
     }
     eprintln!("crash harness: {tally:?}");
