@@ -20,6 +20,8 @@ pub const SYS_CLASS_NET: &str = "/sys/class/net";
 pub const STATE_FILE: &str = "sdv-provision.state.json";
 pub const ID_SCOPE_FILE: &str = "azure.idscope";
 pub const CONNECTION_STRING_FILE: &str = "azure.connectionstring";
+/// The PIN file the PKCS#11 keystore writes for the connector (0600).
+pub const PKCS11_PIN_FILE: &str = "pkcs11.pin";
 
 /// The `--root` prefix plus the fixed layout below it.
 #[derive(Debug, Clone)]

@@ -132,21 +132,19 @@ pub fn run(cli: &Cli) -> Result<i32> {
     }
 }
 
-/// Finish or undo what a killed run left behind (see `identity` module docs).
-/// Call with the lock held.
 /// Every mutating command starts here (through [`recover`]): a symbolic link at any
 /// of our paths in the certificates directory is refused before anything is made or
 /// removed. The writers already refuse to write through a link, but a run that failed
 /// on one would roll back its half-made identity, and that removes the planted link
 /// (a file it did not make); `--force` would replace it.
 fn refuse_planted_links(layout: &Layout) -> Result<()> {
-    use crate::paths::{stem, CONNECTION_STRING_FILE, ID_SCOPE_FILE, STATE_FILE};
+    use crate::paths::{stem, CONNECTION_STRING_FILE, ID_SCOPE_FILE, PKCS11_PIN_FILE, STATE_FILE};
     let mut names: Vec<String> = [
         STATE_FILE,
         crate::identity::JOURNAL_FILE,
         ID_SCOPE_FILE,
         CONNECTION_STRING_FILE,
-        "pkcs11.pin",
+        PKCS11_PIN_FILE,
     ]
     .map(String::from)
     .to_vec();
@@ -167,6 +165,8 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// Finish or undo what a killed run left behind (see `identity` module docs).
+/// Call with the lock held.
 pub fn recover(ctx: &Ctx) -> Result<()> {
     refuse_planted_links(&ctx.layout)?;
     fsutil::remove_stale_temps(&ctx.layout.host_cert_dir());
@@ -283,8 +283,9 @@ pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
     }
 }
 
-/// Human or JSON summary of the identity on disk, with the problems `status` finds.
-pub fn report(ctx: &Ctx) -> Result<bool> {
+/// Human or JSON summary of the identity on disk; returns the problems `status`
+/// finds (empty when the identity is complete and consistent).
+pub fn report(ctx: &Ctx) -> Result<Vec<String>> {
     let id = identity::Identity::load(&ctx.layout)?;
     let problems = status::problems(ctx, &id)?;
     let manifest_exists = fsutil::exists_nofollow(&ctx.layout.host(crate::paths::MANIFEST));
@@ -294,7 +295,7 @@ pub fn report(ctx: &Ctx) -> Result<bool> {
     } else {
         crate::output::print_identity(&ctx.out, &ctx.layout, &id);
     }
-    Ok(problems.is_empty())
+    Ok(problems)
 }
 
 /// A key and certificate made by [`build_keys`].

@@ -253,7 +253,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
     converge(ctx, &state, &cloud, certs_changed, manifest_changed)?;
-    let complete = report(ctx)?;
+    let complete = report(ctx)?.is_empty();
     Ok(if complete { 0 } else { 1 })
 }
 

@@ -10,11 +10,10 @@ use super::{desired_manifest, report, Ctx};
 
 pub fn run(ctx: &Ctx) -> Result<i32> {
     ctx.check_root()?;
-    let ok = report(ctx)?;
+    let problems = report(ctx)?;
+    let ok = problems.is_empty();
     if !ctx.json {
-        let id = Identity::load(&ctx.layout)?;
-        let problems = problems(ctx, &id)?;
-        if problems.is_empty() {
+        if ok {
             ctx.out.say("Status: complete");
         } else {
             ctx.out.say("Status: incomplete");

@@ -45,7 +45,7 @@ pub const PIN_ENV: &str = "SDV_PROVISION_PKCS11_PIN";
 pub const SO_PIN_ENV: &str = "SDV_PROVISION_PKCS11_SO_PIN";
 pub const SO_PIN_FILE_ENV: &str = "SDV_PROVISION_PKCS11_SO_PIN_FILE";
 /// The PIN file the connector reads (`pin-source=file:…`), in the certificates directory.
-pub const PIN_FILE_NAME: &str = "pkcs11.pin";
+pub use crate::paths::PKCS11_PIN_FILE as PIN_FILE_NAME;
 /// SoftHSM's configuration when `SOFTHSM2_CONF` is not set.
 const SOFTHSM_DEFAULT_CONF: &str = "/etc/softhsm/softhsm2.conf";
 
