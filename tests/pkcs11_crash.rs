@@ -94,8 +94,9 @@ impl TokenDevice {
     /// The token holds exactly the two live identities the state file names.
     ///
     /// SoftHSM 2.6 does not create objects atomically: it writes an empty object file,
-    /// then the template. A SIGKILL inside `C_GenerateKeyPair` can leave an object with
-    /// neither label nor CKA_ID (a real token's creation is atomic). Nothing can tell
+    /// then the attributes. A SIGKILL inside `C_CopyObject` (or `C_GenerateKeyPair` on
+    /// a token made to create directly) can leave an object with neither label nor
+    /// CKA_ID (a real token's creation is atomic). Nothing can tell
     /// whose such an object is, so the tool leaves it alone; this check tolerates
     /// those, and only those (returns how many).
     fn check_token(&self, what: &str) -> usize {

@@ -17,7 +17,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use sdv_provision::cert::{self, CertInfo};
-use sdv_provision::keystore::pkcs11::Pkcs11KeyStore;
+use sdv_provision::keystore::pkcs11::{Pkcs11KeyStore, Placement};
 use sdv_provision::keystore::{
     Algorithm, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig, Pkcs11Uri, Role,
 };
@@ -102,16 +102,27 @@ fn token_public_key_pem_opensc(hsm: &SoftHsm, uri: &Pkcs11Uri, dir: &Path) -> St
 }
 
 /// Provision both roles with `alg` and check everything a consumer relies on.
-fn full_cycle(alg: Algorithm) {
+/// `placement`: how objects reach the token; `None` lets the store probe SoftHSM,
+/// which can copy session objects to the token.
+fn full_cycle(alg: Algorithm, placement: Option<Placement>) {
     if !common::softhsm::available() {
         return;
     }
-    let hsm = SoftHsm::new(&format!("cycle-{alg}"));
+    let how = match placement {
+        None => "cycle",
+        Some(Placement::CopyFromSession) => "copy",
+        Some(Placement::Direct) => "direct",
+    };
+    let hsm = SoftHsm::new(&format!("{how}-{alg}"));
     let layout = Layout::new(hsm.root());
     let mut uris = Vec::new();
     let mut certs = Vec::new();
     {
         let mut ks = open(&hsm, &hsm.config()).unwrap();
+        match placement {
+            Some(p) => ks.set_placement(p),
+            None => assert_eq!(ks.placement(), Placement::CopyFromSession),
+        }
         for role in Role::ALL {
             let uri = ks.plan(role, false).unwrap();
             assert_eq!(pk(&uri).object, format!("device-{role}"));
@@ -170,6 +181,8 @@ fn full_cycle(alg: Algorithm) {
         let s = hsm.session();
         for (uri, (_, info)) in uris.iter().zip(&certs) {
             let u = pk(uri);
+            // This session sees the store's session objects too (same process): the
+            // count also proves none of them is left over.
             let objs = hsm.objects(&s, &u.object);
             assert_eq!(objs.len(), 3, "{uri}: private, public and certificate");
             for h in &objs {
@@ -252,22 +265,34 @@ fn full_cycle(alg: Algorithm) {
 
 #[test]
 fn rsa_2048_full_cycle() {
-    full_cycle(Algorithm::Rsa2048);
+    full_cycle(Algorithm::Rsa2048, None);
 }
 
 #[test]
 fn rsa_3072_full_cycle() {
-    full_cycle(Algorithm::Rsa3072);
+    full_cycle(Algorithm::Rsa3072, None);
 }
 
 #[test]
 fn ecdsa_p256_full_cycle() {
-    full_cycle(Algorithm::EcdsaP256);
+    full_cycle(Algorithm::EcdsaP256, None);
 }
 
 #[test]
 fn ecdsa_p384_full_cycle() {
-    full_cycle(Algorithm::EcdsaP384);
+    full_cycle(Algorithm::EcdsaP384, None);
+}
+
+/// The path of tokens that cannot copy objects (smart cards, tpm2-pkcs11): objects
+/// are made on the token directly.
+#[test]
+fn ecdsa_p256_full_cycle_made_on_the_token() {
+    full_cycle(Algorithm::EcdsaP256, Some(Placement::Direct));
+}
+
+#[test]
+fn rsa_2048_full_cycle_made_on_the_token() {
+    full_cycle(Algorithm::Rsa2048, Some(Placement::Direct));
 }
 
 #[test]
@@ -552,12 +577,26 @@ fn remove_after_a_failed_step_leaves_no_orphans_and_spares_foreign_objects() {
 }
 
 #[test]
-fn promote_relabels_replaces_and_is_idempotent() {
+fn promote_copies_replaces_and_is_idempotent() {
+    promote(Placement::CopyFromSession);
+}
+
+/// Tokens that cannot copy get the staged objects relabelled in place.
+#[test]
+fn promote_relabels_on_a_token_that_cannot_copy() {
+    promote(Placement::Direct);
+}
+
+fn promote(placement: Placement) {
     if !common::softhsm::available() {
         return;
     }
-    let hsm = SoftHsm::new("promote");
+    let hsm = SoftHsm::new(match placement {
+        Placement::CopyFromSession => "promote",
+        Placement::Direct => "promote-relabel",
+    });
     let mut ks = open(&hsm, &hsm.config()).unwrap();
+    ks.set_placement(placement);
     let make = |ks: &mut Pkcs11KeyStore, staged: bool| {
         let uri = ks.plan(Role::Primary, staged).unwrap();
         let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
