@@ -367,6 +367,45 @@ fn reset_removes_the_token_objects() {
     assert!(!root.join(CERT_DIR).join("pkcs11.pin").exists());
 }
 
+/// A PIN file the user keeps in the certificates directory is read by the connector
+/// as it is (no `pkcs11.pin` copy) and is not the tool's to delete on reset.
+#[test]
+fn reset_keeps_the_users_pin_file() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let own = root.join(CERT_DIR).join("token.pin");
+    std::fs::create_dir_all(own.parent().unwrap()).unwrap();
+    std::fs::copy(&store.pin_file, &own).unwrap();
+    let mut args = provision_args(&store, "ecdsa-p256");
+    let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
+    args[at + 1] = own.to_str().unwrap().to_owned();
+    let out = tool(&store, &root).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["manifest"]
+            .as_str()
+            .is_some_and(|m| std::fs::read_to_string(m)
+                .unwrap()
+                .contains("pin-source=file:/var/certificates/token.pin")),
+        "{report}"
+    );
+    assert!(!root.join(CERT_DIR).join("pkcs11.pin").exists());
+    let out = tool(&store, &root)
+        .args(["--non-interactive", "reset", "--yes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(store.object_labels().is_empty());
+    assert_eq!(
+        std::fs::read(&own).unwrap(),
+        std::fs::read(&store.pin_file).unwrap()
+    );
+}
+
 /// With a terminal and no PIN source, the PIN is asked for once, hidden.
 #[test]
 fn interactive_pin_prompt_is_hidden() {

@@ -96,10 +96,12 @@ fn identity_files(state: Option<&State>) -> Vec<String> {
             files.push(paths::cert_name(role, staged));
         }
     }
-    if let Some(pin) = state.and_then(|s| s.backend.pkcs11_pin_file.as_ref()) {
-        if let (true, Some(name)) = (pin.starts_with(paths::CERT_DIR), pin.file_name()) {
-            files.push(name.to_string_lossy().into_owned());
-        }
+    // The PIN file the tool writes for the connector, not one the user keeps in the
+    // certificates directory and passed with --pkcs11-pin-file (the connector then
+    // reads that one, and it is the user's to remove).
+    let pin = state.and_then(|s| s.backend.pkcs11_pin_file.as_ref());
+    if pin.is_some_and(|p| *p == paths::Layout::cert_file(paths::PKCS11_PIN_FILE)) {
+        files.push(paths::PKCS11_PIN_FILE.to_string());
     }
     files
 }
