@@ -1,0 +1,256 @@
+//! The user and SO PINs: where they come from (file, environment, earlier run,
+//! prompt; never argv), logging in once without retries, and the PIN file the
+//! connector reads.
+
+use std::path::{Path, PathBuf};
+
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
+
+use super::{ck, describe, PIN_ENV, PIN_FILE_NAME, SO_PIN_ENV, SO_PIN_FILE_ENV};
+use crate::fsutil;
+use crate::keystore::{KeyStoreError, KeystoreConfig};
+use crate::paths::{Layout, CERT_DIR};
+
+/// A locked or unset user PIN is reported before any PIN is asked for or tried.
+pub(super) fn check_user_pin_state(
+    ctx: &Pkcs11,
+    slot: Slot,
+    token: &str,
+) -> Result<(), KeyStoreError> {
+    let info = ctx
+        .get_token_info(slot)
+        .map_err(|e| ck(format!("read the state of PKCS#11 token {token}"), e))?;
+    if info.user_pin_locked() {
+        return Err(pin_locked(token));
+    }
+    if !info.user_pin_initialized() {
+        return Err(KeyStoreError::Rejected {
+            what: format!("PKCS#11 token {token} has no user PIN yet"),
+            hint: "set one (e.g. `pkcs11-tool --login --login-type so --init-pin`), \
+                   or initialise a blank token with --pkcs11-init-token"
+                .into(),
+        });
+    }
+    if info.user_pin_final_try() {
+        tracing::warn!("PKCS#11 token {token}: one more wrong PIN locks it");
+    }
+    Ok(())
+}
+
+pub(super) fn login(
+    session: &Session,
+    token: &str,
+    pin: &SecretString,
+) -> Result<(), KeyStoreError> {
+    match session.login(UserType::User, Some(pin)) {
+        // Login state is per process and token: another session of ours is logged in.
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e @ CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(KeyStoreError::Rejected {
+            what: format!(
+                "the PIN was rejected by PKCS#11 token {token} ({})",
+                describe(&e)
+            ),
+            hint: format!(
+                "check --pkcs11-pin-file / {PIN_ENV}; sdv-provision does not retry, \
+                 because tokens lock after a few wrong PINs"
+            ),
+        }),
+        Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(pin_locked(token)),
+        Err(e @ CkError::Pkcs11(RvError::PinLenRange | RvError::PinInvalid, _)) => {
+            Err(KeyStoreError::Rejected {
+                what: format!(
+                    "PKCS#11 token {token} does not accept a PIN of this form ({})",
+                    describe(&e)
+                ),
+                hint: format!(
+                    "check --pkcs11-pin-file / {PIN_ENV} \
+                     (one trailing newline in the file is ignored)"
+                ),
+            })
+        }
+        Err(e) => Err(ck(format!("log in to PKCS#11 token {token}"), e)),
+    }
+}
+
+fn pin_locked(token: &str) -> KeyStoreError {
+    KeyStoreError::Rejected {
+        what: format!(
+            "the user PIN of PKCS#11 token {token} is locked after too many wrong attempts"
+        ),
+        hint: "unlock it with the SO PIN (e.g. `pkcs11-tool --login --login-type so --init-pin`) \
+               or re-initialise the token"
+            .into(),
+    }
+}
+
+/// The user PIN: `--pkcs11-pin-file`, else `SDV_PROVISION_PKCS11_PIN`, else the PIN
+/// file an earlier run recorded, else a hidden prompt (interactive runs only).
+pub(super) fn user_pin(
+    config: &KeystoreConfig,
+    layout: &Layout,
+    token: &str,
+) -> Result<SecretString, KeyStoreError> {
+    if let Some(path) = &config.pkcs11_pin_file {
+        return read_pin_file(path, "--pkcs11-pin-file");
+    }
+    if let Some(pin) = std::env::var_os(PIN_ENV) {
+        // Bytes first, so a non-UTF-8 value is zeroized too (into_string's error
+        // would drop it as it is).
+        let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(pin));
+        let pin = std::str::from_utf8(&bytes).map_err(|_| KeyStoreError::Rejected {
+            what: format!("{PIN_ENV} is not valid UTF-8"),
+            hint: "set it to the token's user PIN".into(),
+        })?;
+        if pin.is_empty() {
+            return Err(KeyStoreError::Rejected {
+                what: format!("{PIN_ENV} is empty"),
+                hint: "set it to the token's user PIN, or use --pkcs11-pin-file".into(),
+            });
+        }
+        return Ok(SecretString::from(pin));
+    }
+    if let Some(recorded) = &config.recorded.pkcs11_pin_file {
+        let host = layout.host(recorded);
+        if host.is_file() {
+            return read_pin_file(&host, "--pkcs11-pin-file");
+        }
+    }
+    if config.interactive {
+        let pin = Zeroizing::new(
+            dialoguer::Password::new()
+                .with_prompt(format!("User PIN of PKCS#11 token {token}"))
+                .interact()
+                .map_err(|e| KeyStoreError::backend("read the PIN", e.to_string()))?,
+        );
+        // Copied, not moved: SecretString::from(String) shrinks the buffer into a
+        // Box<str>, which can reallocate and leave the typed PIN in freed memory.
+        return Ok(SecretString::from(pin.as_str()));
+    }
+    Err(KeyStoreError::Unavailable {
+        what: format!(
+            "the user PIN of PKCS#11 token {token} is needed but the run is non-interactive"
+        ),
+        hint: format!("pass --pkcs11-pin-file FILE or set {PIN_ENV}"),
+    })
+}
+
+/// SO PIN for `--pkcs11-init-token`: env, or a file named by env. Never argv.
+pub(super) fn so_pin() -> Result<SecretString, KeyStoreError> {
+    if let Some(pin) = std::env::var_os(SO_PIN_ENV) {
+        let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(pin));
+        if let Ok(pin) = std::str::from_utf8(&bytes) {
+            if !pin.is_empty() {
+                return Ok(SecretString::from(pin));
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os(SO_PIN_FILE_ENV) {
+        return read_pin_file(Path::new(&path), SO_PIN_FILE_ENV);
+    }
+    Err(KeyStoreError::Unavailable {
+        what: "--pkcs11-init-token needs the token's security officer (SO) PIN".into(),
+        hint: format!("set {SO_PIN_ENV}, or {SO_PIN_FILE_ENV} to a file holding it"),
+    })
+}
+
+/// Read a PIN file, dropping one trailing newline. The bytes are zeroized on drop.
+fn read_pin_file(path: &Path, flag: &str) -> Result<SecretString, KeyStoreError> {
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| KeyStoreError::Unavailable {
+        what: format!("cannot read PIN file {} ({e})", path.display()),
+        hint: format!("pass {flag} with a readable file holding the PIN"),
+    })?);
+    let mut pin: &[u8] = &bytes;
+    if let Some(p) = pin.strip_suffix(b"\n") {
+        pin = p.strip_suffix(b"\r").unwrap_or(p);
+    }
+    let text = std::str::from_utf8(pin).map_err(|_| KeyStoreError::Rejected {
+        what: format!("PIN file {} is not UTF-8 text", path.display()),
+        hint: format!("write the PIN as text into the file named by {flag}"),
+    })?;
+    if text.is_empty() {
+        return Err(KeyStoreError::Rejected {
+            what: format!("PIN file {} is empty", path.display()),
+            hint: format!("write the PIN into the file named by {flag}"),
+        });
+    }
+    Ok(SecretString::from(text))
+}
+
+/// Device path of the PIN file the connector reads; writes `<certdir>/pkcs11.pin`
+/// (0600, atomically, only when it differs) unless the user's PIN file already lies in
+/// the certificates directory.
+pub(super) fn connector_pin_file(
+    config: &KeystoreConfig,
+    layout: &Layout,
+    pin: &SecretString,
+) -> Result<PathBuf, KeyStoreError> {
+    if let Some(user) = &config.pkcs11_pin_file {
+        if let Some(device) = inside_cert_dir(layout, user) {
+            return Ok(device);
+        }
+    }
+    let host = layout.host_cert_file(PIN_FILE_NAME);
+    let want = pin.expose_secret().as_bytes();
+    let current = fsutil::read_optional(&host)
+        .map_err(|e| KeyStoreError::backend("read the connector's PIN file", e.to_string()))?
+        .map(Zeroizing::new);
+    if current.as_deref().map(|c| &c[..]) != Some(want) {
+        fsutil::atomic_write(&host, want, fsutil::SECRET)
+            .map_err(|e| KeyStoreError::backend("write the connector's PIN file", e.to_string()))?;
+    }
+    Ok(Layout::cert_file(PIN_FILE_NAME))
+}
+
+/// The device path of `host_path` if it lies inside the certificates directory.
+fn inside_cert_dir(layout: &Layout, host_path: &Path) -> Option<PathBuf> {
+    let dir = layout.host_cert_dir();
+    let rel = host_path
+        .strip_prefix(&dir)
+        .ok()
+        .map(Path::to_owned)
+        .or_else(|| {
+            let (d, p) = (dir.canonicalize().ok()?, host_path.canonicalize().ok()?);
+            p.strip_prefix(d).ok().map(Path::to_owned)
+        })?;
+    (!rel.as_os_str().is_empty()).then(|| Path::new(CERT_DIR).join(rel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_file_inside_cert_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let layout = Layout::new(d.path());
+        let inside = layout.host_cert_file("my.pin");
+        assert_eq!(
+            inside_cert_dir(&layout, &inside),
+            Some(PathBuf::from("/data/var/certificates/my.pin"))
+        );
+        assert_eq!(inside_cert_dir(&layout, &d.path().join("etc/pin")), None);
+        assert_eq!(inside_cert_dir(&layout, &layout.host_cert_dir()), None);
+    }
+
+    #[test]
+    fn pin_file_strips_one_newline() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pin");
+        for (content, want) in [
+            ("1234\n", "1234"),
+            ("1234\r\n", "1234"),
+            ("12 34\n\n", "12 34\n"),
+            ("1234", "1234"),
+        ] {
+            std::fs::write(&p, content).unwrap();
+            assert_eq!(read_pin_file(&p, "--x").unwrap().expose_secret(), want);
+        }
+        std::fs::write(&p, "\n").unwrap();
+        assert!(read_pin_file(&p, "--x").is_err());
+    }
+}
