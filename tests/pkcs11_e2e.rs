@@ -75,6 +75,13 @@ fn provision_args(store: &PrivateStore, alg: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// Run `cmd`, expect exit status `code`, and return what it printed.
+fn run(cmd: &mut Command, code: i32) -> Output {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+    out
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
@@ -133,11 +140,7 @@ fn provision_cycle(alg: &str) {
     }
     let store = PrivateStore::new("leda");
     let root = root_with_template(&store);
-    let out = tool(&store, &root)
-        .args(provision_args(&store, alg))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let out = run(tool(&store, &root).args(provision_args(&store, alg)), 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("cannot use PKCS#11 keys yet"),
@@ -237,20 +240,12 @@ fn provision_cycle(alg: &str) {
     let objects = store.object_labels();
     assert_eq!(objects.len(), 6, "{objects:?}");
     let before = snapshot(&root);
-    let again = tool(&store, &root)
-        .args(provision_args(&store, alg))
-        .output()
-        .unwrap();
-    assert!(again.status.success(), "{}", text(&again));
+    run(tool(&store, &root).args(provision_args(&store, alg)), 0);
     assert_eq!(snapshot(&root), before, "a re-run rewrote files");
     assert_eq!(store.object_labels(), objects);
 
     // Later commands find the token from the state file alone (recorded PIN file).
-    let verify = tool(&store, &root)
-        .args(["--non-interactive", "verify"])
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "{}", text(&verify));
+    run(tool(&store, &root).args(["--non-interactive", "verify"]), 0);
 }
 
 #[test]
@@ -282,11 +277,10 @@ fn wrong_pin_fails_once_and_writes_nothing() {
     let root = root_with_template(&store);
     std::fs::write(&store.pin_file, "0000-wrong\n").unwrap();
     let before = snapshot(&root);
-    let out = tool(&store, &root)
-        .args(provision_args(&store, "ecdsa-p256"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        1,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
@@ -307,11 +301,10 @@ fn failure_after_keygen_leaves_no_token_objects() {
     // Injected failure: the secondary certificate cannot be written (a directory sits
     // at its path), after both keys were generated in the token.
     std::fs::create_dir_all(root.join(CERT_DIR).join("device2.crt/blocker")).unwrap();
-    let out = tool(&store, &root)
-        .args(provision_args(&store, "ecdsa-p256"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        1,
+    );
     assert_eq!(
         store.object_labels(),
         Vec::<String>::new(),
@@ -335,12 +328,12 @@ fn auto_picks_pkcs11_when_a_module_is_configured() {
     let mut args = provision_args(&store, "ecdsa-p256");
     // No --keystore and no --pkcs11-module: PKCS11_MODULE_PATH alone.
     args.drain(0..4);
-    let out = tool(&store, &root)
-        .env("PKCS11_MODULE_PATH", &store.module)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let out = run(
+        tool(&store, &root)
+            .env("PKCS11_MODULE_PATH", &store.module)
+            .args(args),
+        0,
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["keystore"], "pkcs11");
 }
@@ -352,17 +345,15 @@ fn reset_removes_the_token_objects() {
     }
     let store = PrivateStore::new("leda");
     let root = root_with_template(&store);
-    let out = tool(&store, &root)
-        .args(provision_args(&store, "ecdsa-p256"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
     assert_eq!(store.object_labels().len(), 6);
-    let out = tool(&store, &root)
-        .args(["--non-interactive", "reset", "--yes"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    run(
+        tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
+        0,
+    );
     assert!(store.object_labels().is_empty());
     assert!(!root.join(CERT_DIR).join("pkcs11.pin").exists());
 }
@@ -382,8 +373,7 @@ fn reset_keeps_the_users_pin_file() {
     let mut args = provision_args(&store, "ecdsa-p256");
     let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
     args[at + 1] = own.to_str().unwrap().to_owned();
-    let out = tool(&store, &root).args(&args).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let out = run(tool(&store, &root).args(&args), 0);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         report["manifest"]
@@ -394,11 +384,10 @@ fn reset_keeps_the_users_pin_file() {
         "{report}"
     );
     assert!(!root.join(CERT_DIR).join("pkcs11.pin").exists());
-    let out = tool(&store, &root)
-        .args(["--non-interactive", "reset", "--yes"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    run(
+        tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
+        0,
+    );
     assert!(store.object_labels().is_empty());
     assert_eq!(
         std::fs::read(&own).unwrap(),
@@ -458,8 +447,7 @@ fn init_token_from_the_command_line() {
         ["--pkcs11-token", "fresh", "--pkcs11-init-token"].map(String::from),
     );
 
-    let out = tool(&store, &root).args(&args).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let out = run(tool(&store, &root).args(&args), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("SDV_PROVISION_PKCS11_SO_PIN_FILE"),
@@ -468,23 +456,19 @@ fn init_token_from_the_command_line() {
 
     let so_pin = store.dir.path().join("so.pin");
     std::fs::write(&so_pin, format!("{}\n", common::softhsm::SO_PIN)).unwrap();
-    let out = tool(&store, &root)
-        .env("SDV_PROVISION_PKCS11_SO_PIN_FILE", &so_pin)
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let out = run(
+        tool(&store, &root)
+            .env("SDV_PROVISION_PKCS11_SO_PIN_FILE", &so_pin)
+            .args(&args),
+        0,
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["certificates"][0]["key_uri"]
         .as_str()
         .unwrap()
         .starts_with("pkcs11:token=fresh;"));
     // The new token is an ordinary token now: later commands need no SO PIN.
-    let verify = tool(&store, &root)
-        .args(["--non-interactive", "verify"])
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "{}", text(&verify));
+    run(tool(&store, &root).args(["--non-interactive", "verify"]), 0);
 }
 
 /// The manifest cannot be written (its directory is immutable) after the keys were
@@ -515,11 +499,10 @@ fn manifest_write_failure_leaves_no_orphans() {
         return;
     }
     let guard = Mutable(manifests.clone());
-    let out = tool(&store, &root)
-        .args(provision_args(&store, "ecdsa-p256"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        1,
+    );
     drop(guard);
 
     assert!(
@@ -531,11 +514,10 @@ fn manifest_write_failure_leaves_no_orphans() {
     );
     let labels = store.object_labels();
     assert!(labels.is_empty(), "objects left in the token: {labels:?}");
-    let again = tool(&store, &root)
-        .args(provision_args(&store, "ecdsa-p256"))
-        .output()
-        .unwrap();
-    assert!(again.status.success(), "{}", text(&again));
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
     let key_uri = env_entry(&manifest, "KEY_URI").unwrap();
