@@ -981,6 +981,17 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
     );
     assert!(text.stdout.contains(thumb), "{text}");
     assert_eq!(d.ours(), ours);
+
+    // Importing the same file again changes nothing and restarts nothing.
+    let installed = d.fr.snapshot();
+    d.fr.clear_calls();
+    let again = d
+        .run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
+        .ok();
+    assert!(again.stdout.contains("already installed"), "{again}");
+    assert_eq!(d.fr.calls(), Vec::<String>::new());
+    assert_same_tree(&installed, &d.fr.snapshot(), "re-import");
+    assert_eq!(d.ours(), ours);
 }
 
 /// `reset --yes` removes every file, object and handle of ours, restores the manifest

@@ -2,7 +2,8 @@
 //!
 //! Refused unless the certificate's public key is the role's key (proved by a
 //! signature, not by comparing encodings), it is valid now, and its CN is the device
-//! id. The file is installed whole (leaf first, then chain), atomically.
+//! id. The file is installed whole (leaf first, then chain), atomically; importing
+//! the file already installed is a no-op (no restart).
 
 use std::path::Path;
 
@@ -73,15 +74,29 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
         }
     }
     let path = ctx.layout.host_cert_file(&paths::cert_name(role, false));
-    fsutil::atomic_write(&path, &pem, fsutil::PUBLIC)?;
-    ks.attach_certificate(uri, &new.der)?;
-    ctx.out.say(format!(
-        "Installed the {role} certificate issued by {} ({} chain certificate(s))",
-        new.issuer, new.chain_len
-    ));
+    // Importing the file that is already installed changes nothing: no write, no new
+    // token object, no connector restart.
+    let installed = fsutil::read_optional(&path)?.as_deref() == Some(&pem[..]);
+    if installed {
+        ctx.out
+            .say(format!("The {role} certificate is already installed"));
+    } else {
+        fsutil::atomic_write(&path, &pem, fsutil::PUBLIC)?;
+        ks.attach_certificate(uri, &new.der)?;
+        ctx.out.say(format!(
+            "Installed the {role} certificate issued by {} ({} chain certificate(s))",
+            new.issuer, new.chain_len
+        ));
+    }
     if let Some(cloud) = &id.cloud {
         // The connector only presents the primary certificate.
-        converge(ctx, &state, cloud, role == Role::Primary, false)?;
+        converge(
+            ctx,
+            &state,
+            cloud,
+            !installed && role == Role::Primary,
+            false,
+        )?;
     }
     report(ctx)?;
     Ok(0)
