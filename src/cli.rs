@@ -173,6 +173,9 @@ pub enum Command {
         /// then create a fresh secondary.
         #[arg(long)]
         promote: bool,
+        /// Validity of the new secondary certificate, in days.
+        #[arg(long, default_value_t = ProvisionArgs::DEFAULT_DAYS, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
     },
     /// Write a PKCS#10 request for a role's key, signed through the key.
     Csr {

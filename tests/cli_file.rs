@@ -948,6 +948,43 @@ fn json_provision_and_status() {
     assert_eq!(sub.json(), doc);
 }
 
+/// Days from now to a certificate's `not_after` in a JSON report.
+fn days_left(doc: &Value, role: &str) -> i64 {
+    let c = doc["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["role"] == role)
+        .unwrap_or_else(|| panic!("no {role} certificate in {doc}"));
+    let na = c["not_after"].as_str().unwrap();
+    let t = time::OffsetDateTime::parse(na, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("not_after {na:?} is not RFC 3339: {e}"));
+    (t - time::OffsetDateTime::now_utc()).whole_days()
+}
+
+/// `rotate --days N` sets the new secondary's validity; the primary keeps its own. A
+/// validity out of range is a usage error that changes nothing.
+#[test]
+fn rotate_days_sets_the_new_secondarys_validity() {
+    if !openssl() {
+        return;
+    }
+    let fr = FakeRoot::with_template();
+    fr.provision_dps("ecdsa-p256", &["--days", "90"]);
+    let doc = fr
+        .run(&["--no-restart", "--json", "rotate", "--days", "30"])
+        .ok()
+        .json();
+    assert!((29..=30).contains(&days_left(&doc, "secondary")), "{doc}");
+    assert!((89..=90).contains(&days_left(&doc, "primary")), "{doc}");
+    let doc = fr.run(&["--no-restart", "--json", "rotate"]).ok().json();
+    assert!((364..=365).contains(&days_left(&doc, "secondary")), "{doc}");
+    fr.clear_calls();
+    for bad in ["0", "36501", "x"] {
+        assert_rejected(&fr, &["rotate", "--days", bad], 2, &["--days"]);
+    }
+}
+
 #[test]
 fn json_status_unprovisioned() {
     let fr = FakeRoot::with_template();

@@ -125,7 +125,7 @@ pub fn run(cli: &Cli) -> Result<i32> {
         None | Some(Command::Provision(_)) => provision::run(&ctx, &provision_args),
         Some(Command::Status) => status::run(&ctx),
         Some(Command::Verify) => verify::run(&ctx),
-        Some(Command::Rotate { promote }) => rotate::run(&ctx, *promote),
+        Some(Command::Rotate { promote, days }) => rotate::run(&ctx, *promote, *days),
         Some(Command::Csr { role, out }) => csr::run(&ctx, *role, out.as_deref()),
         Some(Command::ImportCert { role, file }) => import_cert::run(&ctx, *role, file),
         Some(Command::Reset { yes }) => reset::run(&ctx, *yes),

@@ -13,7 +13,7 @@ use crate::paths;
 
 use super::{build_keys, commit, converge, recover, report, Ctx};
 
-pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
+pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     let _lock = ctx.lock()?;
     recover(ctx)?;
     let id = Identity::load(&ctx.layout)?;
@@ -85,7 +85,7 @@ pub fn run(ctx: &Ctx, promote: bool) -> Result<i32> {
         staged,
         state.algorithm,
         &state.device_id,
-        365,
+        days,
     )?;
     let base: State = state.clone();
     let old = staged.then_some((&base, old_secondary));
