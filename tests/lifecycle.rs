@@ -223,6 +223,21 @@ impl Device {
         ] {
             assert!(checks.get(name).is_some_and(|c| c.0), "{name} not ok:\n{r}");
         }
+        // The TPM blobs today's connector loads are checked too; other keystores have
+        // no such copies.
+        for name in ["primary.key.copies", "secondary.key.copies"] {
+            match self.kind() {
+                #[cfg(feature = "tpm")]
+                Kind::Swtpm => {
+                    assert!(checks.get(name).is_some_and(|c| c.0), "{name} not ok:\n{r}")
+                }
+                _ => assert!(
+                    !checks.contains_key(name),
+                    "{name} on {:?}:\n{r}",
+                    self.kind()
+                ),
+            }
+        }
     }
 
     /// Verify fails (exit 1), exactly the checks in `failing` fail, and each one's
@@ -1233,6 +1248,40 @@ on_every_keystore!(
 // ---------------------------------------------------------------------------------
 // Hardware keystores only: a foreign key where ours used to be
 // ---------------------------------------------------------------------------------
+
+/// The blobs today's connector loads (`TPM_KEY`, `TPM_KEY_PUB`) replaced behind the
+/// tool's back while the handle keeps the right key: only `primary.key.copies`
+/// fails, naming the blob. Both blobs of another key (the secondary's), then only the
+/// private blob (it no longer loads as the handle's key).
+#[cfg(feature = "tpm")]
+#[test]
+fn swtpm_verify_fails_when_the_connectors_blobs_are_not_the_handles_key() {
+    let Some(d) = Device::start(Kind::Swtpm) else {
+        return;
+    };
+    d.provision("ecdsa-p256");
+    d.verify_passes();
+    let blob = |name: &str| d.fr.cert_file(name);
+    let saved: Vec<Vec<u8>> = ["device.tpm.pub", "device.tpm.priv"]
+        .iter()
+        .map(|n| fs::read(blob(n)).unwrap())
+        .collect();
+    fs::copy(blob("device2.tpm.pub"), blob("device.tpm.pub")).unwrap();
+    fs::copy(blob("device2.tpm.priv"), blob("device.tpm.priv")).unwrap();
+    d.verify_fails(&[(
+        "primary.key.copies",
+        &["device.tpm.pub", "not the public area", "0x81000010"],
+    )]);
+    fs::write(blob("device.tpm.pub"), &saved[0]).unwrap();
+    d.verify_fails(&[("primary.key.copies", &["device.tpm.priv", "does not load"])]);
+    fs::write(blob("device.tpm.priv"), &saved[1]).unwrap();
+    d.verify_passes();
+    // verify flushed what it loaded: no transient objects left behind.
+    let Backend::Swtpm(t) = &d.backend else {
+        unreachable!()
+    };
+    assert_eq!(t.transient_handles(), Vec::<u32>::new());
+}
 
 /// Our primary handle evicted behind the tool's back and another TPM user's key
 /// persisted at the same handle: `verify` reports the mismatch, and `reset` removes

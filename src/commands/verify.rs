@@ -1,5 +1,6 @@
-//! `verify`: prove every key signs and matches its certificate, the certificates are
-//! valid, and the manifest agrees with the state. Exit 0 only if all checks pass.
+//! `verify`: prove every key signs and matches its certificate, the copies consumers
+//! load instead of the key (TPM blobs) are that key, the certificates are valid, and
+//! the manifest agrees with the state. Exit 0 only if all checks pass.
 
 use serde::Serialize;
 
@@ -124,6 +125,7 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             .open(uri)
             .map_err(crate::Error::from)
             .and_then(|key| key_matches(key.as_ref(), &cert.spki));
+        let key_ok = matches!(result, Ok(true));
         match result {
             Ok(true) => add(format!("{role}.key"), true, format!("{uri} signs and matches {}", view.cert_path.display())),
             Ok(false) => add(
@@ -132,6 +134,15 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
                 format!("{uri} does not match {}: a signature by the key fails under the certificate's public key", view.cert_path.display()),
             ),
             Err(e) => add(format!("{role}.key"), false, format!("{uri}: {e}")),
+        }
+        // Copies consumers load instead of the key (TPM blobs, for today's connector),
+        // checked against a key that passed: one failure names one cause.
+        if key_ok {
+            match ks.check_copies(uri) {
+                None => {}
+                Some(Ok(detail)) => add(format!("{role}.key.copies"), true, detail),
+                Some(Err(e)) => add(format!("{role}.key.copies"), false, e.to_string()),
+            }
         }
     }
     match (Manifest::load(&ctx.layout)?, &id.cloud) {

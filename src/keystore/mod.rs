@@ -283,6 +283,13 @@ pub trait KeyStore {
     fn record(&self) -> BackendRecord {
         BackendRecord::default()
     }
+
+    /// Check the copies of the key at `uri` that consumers load instead of the key
+    /// itself, for `verify`: `None` when there are none (files, PKCS#11), else what was
+    /// checked, or why the copies are not that key. Changes nothing.
+    fn check_copies(&mut self, _uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
+        None
+    }
 }
 
 /// How the connector reaches the primary key; the manifest is written from this.

@@ -118,7 +118,17 @@ impl Swtpm {
 
     /// Persistent handles as `tpm2_getcap handles-persistent` lists them.
     pub fn persistent_handles(&self) -> Vec<u32> {
-        let out = super::run_ok(self.tool("tpm2_getcap").arg("handles-persistent"));
+        self.handles("handles-persistent")
+    }
+
+    /// Transient objects loaded in the TPM (a bare swtpm has no resource manager to
+    /// flush what a client left behind).
+    pub fn transient_handles(&self) -> Vec<u32> {
+        self.handles("handles-transient")
+    }
+
+    fn handles(&self, capability: &str) -> Vec<u32> {
+        let out = super::run_ok(self.tool("tpm2_getcap").arg(capability));
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.trim().trim_start_matches("- ").strip_prefix("0x"))

@@ -529,6 +529,67 @@ impl TpmKeyStore {
         })
     }
 
+    /// See [`KeyStore::check_copies`].
+    fn check_blobs(&mut self, uri: &KeyUri) -> Result<String, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
+            what: format!(
+                "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
+            ),
+            hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when provisioning"
+                .into(),
+        })?;
+        let (pub_path, priv_path) = self.host_blobs(role, staged);
+        let stale = |what: String| KeyStoreError::Rejected {
+            what,
+            hint: "today's connector would load another key than the handle's; run \
+                   `sdv-provision provision --force` to make a new identity"
+                .into(),
+        };
+        let Some((object, handle_public)) = self.read_persistent(h)? else {
+            return Err(KeyStoreError::NotFound {
+                uri: uri.to_string(),
+            });
+        };
+        self.close(object);
+        let blob_public = self
+            .read_public_blob(&pub_path)?
+            .ok_or_else(|| stale(format!("{} is missing", pub_path.display())))?;
+        if blob_public != handle_public {
+            return Err(stale(format!(
+                "{} is not the public area of the key at TPM handle 0x{h:08x}",
+                pub_path.display()
+            )));
+        }
+        let private = self.read_private_blob(&priv_path)?;
+        let srk = self.srk;
+        let Some((srk_object, _)) = self.read_persistent(srk)? else {
+            return Err(stale(format!(
+                "the storage root key 0x{srk:08x} the blobs load under is gone"
+            )));
+        };
+        let ctx = self.ctx();
+        let loaded = ctx.execute_with_session(Some(AuthSession::Password), |c| {
+            c.load(srk_object.into(), private, blob_public)
+        });
+        self.close(srk_object);
+        let transient = loaded.map_err(|e| {
+            stale(format!(
+                "{} does not load under the SRK 0x{srk:08x} ({})",
+                priv_path.display(),
+                tss_error("TPM2_Load", e)
+            ))
+        })?;
+        if let Err(e) = self.ctx().flush_context(transient.into()) {
+            tracing::warn!("could not flush the transient copy of the key: {e}");
+        }
+        Ok(format!(
+            "{} and {} load under SRK 0x{srk:08x} as the key at 0x{h:08x}",
+            pub_path.display(),
+            priv_path.display()
+        ))
+    }
+
     fn key(&self, object: ObjectHandle, h: u32, alg: Algorithm, public_der: Vec<u8>) -> TpmKey<'_> {
         TpmKey {
             ctx: &self.ctx,
@@ -853,6 +914,15 @@ impl KeyStore for TpmKeyStore {
                 hint: "run `sdv-provision provision --force` to make a new identity".into(),
             }),
         }
+    }
+
+    /// Today's connector loads the key from its blobs (`TPM_KEY` / `TPM_KEY_PUB`
+    /// under the SRK), not from the handle: the blobs must hold the handle's key. The
+    /// public blob must equal the handle's public area, and the pair must load under
+    /// the SRK into that same key (proving the private blob belongs to it and to this
+    /// TPM). The loaded copy is flushed; nothing is created or persisted.
+    fn check_copies(&mut self, uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
+        Some(self.check_blobs(uri))
     }
 
     fn record(&self) -> BackendRecord {
