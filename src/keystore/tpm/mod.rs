@@ -254,6 +254,17 @@ impl TpmKeyStore {
             .find(|&(r, s)| self.handle_for(r, s) == h)
     }
 
+    /// [`Self::slot_of`], or an error naming the flags that configure the handles.
+    fn configured_slot(&self, h: u32) -> Result<(Role, bool), KeyStoreError> {
+        self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
+            what: format!(
+                "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
+            ),
+            hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when provisioning"
+                .into(),
+        })
+    }
+
     fn blob_names(role: Role, staged: bool) -> (String, String) {
         let stem = paths::stem(role, staged);
         (format!("{stem}.tpm.pub"), format!("{stem}.tpm.priv"))
@@ -513,13 +524,7 @@ impl TpmKeyStore {
     /// paths). The stem follows the handle, so a staged key names its `.next` blobs.
     pub fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
-            what: format!(
-                "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
-            ),
-            hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when provisioning"
-                .into(),
-        })?;
+        let (role, staged) = self.configured_slot(h)?;
         let (p, s) = Self::blob_names(role, staged);
         Ok(KeyRef::Tpm {
             handle: h,
@@ -532,13 +537,7 @@ impl TpmKeyStore {
     /// See [`KeyStore::check_copies`].
     fn check_blobs(&mut self, uri: &KeyUri) -> Result<String, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
-            what: format!(
-                "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
-            ),
-            hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when provisioning"
-                .into(),
-        })?;
+        let (role, staged) = self.configured_slot(h)?;
         let (pub_path, priv_path) = self.host_blobs(role, staged);
         let stale = |what: String| KeyStoreError::Rejected {
             what,
