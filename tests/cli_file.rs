@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use common::fake_root::*;
-use common::{mtls_handshake, openssl_sha1, openssl_verify};
+use common::{mtls_handshake, openssl_sha1, openssl_sha256, openssl_verify};
 use serde_json::Value;
 
 const STOP: &str = "kanto-cm stop -n cloudconnector -f --timeout 5";

@@ -736,21 +736,7 @@ fn certificate_cases(out: &mut Vec<Case>) {
 
 /// A self-signed certificate (and its key, outside the root) made by openssl.
 fn openssl_cert(fr: &FakeRoot, stem: &str, cn: &str) -> PathBuf {
-    let (crt, key) = (
-        fr.dir.path().join(format!("{stem}.crt")),
-        fr.dir.path().join(format!("{stem}.key")),
-    );
-    common::run_ok(
-        Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj"])
-            .arg(format!("/CN={cn}"))
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&crt),
-    );
-    crt
+    common::openssl_self_signed(fr.dir.path(), stem, cn, 1).0
 }
 
 fn state_cases(out: &mut Vec<Case>) {

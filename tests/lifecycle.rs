@@ -564,24 +564,7 @@ impl Ca {
     fn new() -> Ca {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        run_ok(
-            Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-days",
-                    "2",
-                ])
-                .args(["-subj", &format!("/CN={}", Ca::NAME), "-keyout"])
-                .arg(d.join("ca.key"))
-                .arg("-out")
-                .arg(d.join("ca.crt")),
-        );
+        common::openssl_self_signed(d, "ca", Ca::NAME, 2);
         fs::create_dir(d.join("newcerts")).unwrap();
         fs::write(d.join("index.txt"), "").unwrap();
         fs::write(
@@ -1154,7 +1137,7 @@ fn status_shows_every_field_per_role(kind: Kind) {
         let sha1 = field(&s, role, "sha1_thumbprint");
         let sha256 = field(&s, role, "sha256_thumbprint");
         assert_eq!(sha1, common::openssl_sha1(&path));
-        assert_eq!(sha256, common::fake_root::openssl_sha256(&path));
+        assert_eq!(sha256, common::openssl_sha256(&path));
         let issuer = field(&s, role, "issuer");
         assert_eq!(issuer, format!("CN={ETH0_ID}"));
         assert_eq!(cert_entry(&s, role)["self_signed"], true);

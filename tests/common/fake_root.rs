@@ -404,21 +404,6 @@ pub fn read_json(p: &Path) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.display()))
 }
 
-/// SHA-256 fingerprint as openssl prints it, without colons.
-pub fn openssl_sha256(cert: &Path) -> String {
-    let out = super::run_ok(
-        Command::new("openssl")
-            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
-            .arg(cert),
-    );
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.trim()
-        .split_once('=')
-        .expect("fingerprint line")
-        .1
-        .replace(':', "")
-}
-
 /// The public key (SPKI PEM) of a private key file, as openssl derives it.
 pub fn openssl_key_pubkey(key: &Path) -> String {
     let out = super::run_ok(

@@ -112,9 +112,18 @@ pub fn openssl_verify(cert: &Path) {
 
 /// SHA-1 thumbprint as openssl prints it, without colons.
 pub fn openssl_sha1(cert: &Path) -> String {
+    openssl_fingerprint(cert, "-sha1")
+}
+
+/// SHA-256 thumbprint as openssl prints it, without colons.
+pub fn openssl_sha256(cert: &Path) -> String {
+    openssl_fingerprint(cert, "-sha256")
+}
+
+fn openssl_fingerprint(cert: &Path, digest: &str) -> String {
     let out = run_ok(
         Command::new("openssl")
-            .args(["x509", "-noout", "-fingerprint", "-sha1", "-in"])
+            .args(["x509", "-noout", "-fingerprint", digest, "-in"])
             .arg(cert),
     );
     let s = String::from_utf8_lossy(&out.stdout);
@@ -137,18 +146,24 @@ pub fn openssl_cert_pubkey(cert: &Path) -> String {
 
 /// A throwaway server key and certificate for the TLS tests.
 pub fn server_identity(dir: &Path) -> (PathBuf, PathBuf) {
-    let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+    openssl_self_signed(dir, "server", "127.0.0.1", 1)
+}
+
+/// A self-signed P-256 certificate and its key made by openssl, as
+/// `dir/STEM.crt` and `dir/STEM.key`.
+pub fn openssl_self_signed(dir: &Path, stem: &str, cn: &str, days: u32) -> (PathBuf, PathBuf) {
+    let (crt, key) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
     run_ok(
         Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout"])
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-nodes", "-days"])
+            .arg(days.to_string())
+            .arg("-subj")
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
             .arg(&key)
             .arg("-out")
             .arg(&crt),
