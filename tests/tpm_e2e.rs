@@ -113,13 +113,7 @@ fn tls_with_manifest_key(tpm: &Swtpm, root: &Path) {
 
 #[test]
 fn provision_manifest_tls_rerun_rotate_verify_reset() {
-    if !have_tools()
-        || !common::require(
-            "tpm2-abrmd",
-            "the OpenSSL tpm2 provider needs a resource manager",
-        )
-        || !common::require("dbus-daemon", "tpm2-abrmd runs on a private D-Bus")
-    {
+    if !have_tools() || !Abrmd::available() {
         return;
     }
     let tpm = Swtpm::start();
@@ -226,13 +220,7 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
 
 #[test]
 fn ecdsa_p256_provision_warns_and_serves_tls13() {
-    if !have_tools()
-        || !common::require(
-            "tpm2-abrmd",
-            "the OpenSSL tpm2 provider needs a resource manager",
-        )
-        || !common::require("dbus-daemon", "tpm2-abrmd runs on a private D-Bus")
-    {
+    if !have_tools() || !Abrmd::available() {
         return;
     }
     let tpm = Swtpm::start();

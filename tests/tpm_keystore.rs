@@ -171,13 +171,7 @@ fn ecdsa_p384_round_trip() {
 /// ECDSA for the EC key), against a server that trusts only the device certificate.
 #[test]
 fn mutual_tls13_with_provider_through_abrmd() {
-    if !have_tools()
-        || !common::require(
-            "tpm2-abrmd",
-            "the OpenSSL tpm2 provider needs a resource manager",
-        )
-        || !common::require("dbus-daemon", "tpm2-abrmd runs on a private D-Bus")
-    {
+    if !have_tools() || !Abrmd::available() {
         return;
     }
     let tpm = Swtpm::start();

@@ -222,6 +222,15 @@ pub struct Abrmd {
 }
 
 impl Abrmd {
+    /// Are tpm2-abrmd and dbus-daemon installed? (A missing one fails the test under
+    /// `CI=true`, see [`super::require`].)
+    pub fn available() -> bool {
+        super::require(
+            "tpm2-abrmd",
+            "the OpenSSL tpm2 provider needs a resource manager",
+        ) && super::require("dbus-daemon", "tpm2-abrmd runs on a private D-Bus")
+    }
+
     pub fn start(tpm: &Swtpm) -> Abrmd {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = tempfile::tempdir().expect("temp dir for dbus");
