@@ -942,36 +942,7 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
     assert_eq!(cert_entry(&status, "secondary")["self_signed"], true);
     // A token keeps the certificate beside the key (libp11 loads both by URI): the
     // imported one must have replaced the self-signed one there too.
-    #[cfg(feature = "pkcs11")]
-    if let Backend::SoftHsm(s) = &d.backend {
-        let der = d.fr.dir.path().join("token-cert.der");
-        run_ok(
-            Command::new("pkcs11-tool")
-                .arg("--module")
-                .arg(&s.module)
-                .args(["--token-label", &s.label, "--login", "--pin", USER_PIN])
-                .args([
-                    "--read-object",
-                    "--type",
-                    "cert",
-                    "--label",
-                    "device-primary",
-                ])
-                .arg("--output-file")
-                .arg(&der)
-                .env("SOFTHSM2_CONF", &s.conf),
-        );
-        let leaf = run_ok(
-            Command::new("openssl")
-                .args(["x509", "-outform", "DER", "-in"])
-                .arg(&good),
-        );
-        assert_eq!(
-            fs::read(&der).unwrap(),
-            leaf.stdout,
-            "the token's certificate object"
-        );
-    }
+    d.assert_keystore_agrees();
     let text = d.run(&["status"]).ok();
     assert!(
         text.stdout.contains(&format!("issuer: CN={}", Ca::NAME)),
