@@ -381,24 +381,53 @@ impl SoftHsm {
             .expect("token directory")
     }
 
-    /// Environment for an OpenSSL consumer using libp11 and this store.
-    pub fn openssl_env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            (
-                "OPENSSL_CONF",
-                self.store.openssl_conf.display().to_string(),
+    /// A copy of this token, alone in a store of its own, for another process to read
+    /// (OpenSSL with libp11, pkcs11-tool): returns its `SOFTHSM2_CONF` and
+    /// `OPENSSL_CONF`. Another process must not read the shared store: it loads every
+    /// token in it, and other tests are writing theirs (SoftHSM's `C_GetSlotList` then
+    /// fails with CKR_GENERAL_ERROR, and libp11 crashes on that). This test's own token
+    /// is quiet while the copy is made (its operations run on this thread).
+    pub fn external_store(&self) -> (PathBuf, PathBuf) {
+        let base = self.dir.path().join("external");
+        let _ = std::fs::remove_dir_all(&base);
+        let token = self.token_dir();
+        let copy = base.join("tokens").join(token.file_name().unwrap());
+        std::fs::create_dir_all(&copy).unwrap();
+        for e in std::fs::read_dir(&token).unwrap().flatten() {
+            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+        }
+        let conf = base.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                base.join("tokens").display()
             ),
-            ("SOFTHSM2_CONF", self.store.conf.display().to_string()),
+        )
+        .unwrap();
+        let openssl_conf = base.join("openssl.cnf");
+        write_openssl_conf(&openssl_conf, &self.store.module);
+        (conf, openssl_conf)
+    }
+
+    /// Environment for an OpenSSL consumer using libp11 and a copy of this token
+    /// ([`SoftHsm::external_store`]).
+    pub fn openssl_env(&self) -> Vec<(&'static str, String)> {
+        let (conf, openssl_conf) = self.external_store();
+        vec![
+            ("OPENSSL_CONF", openssl_conf.display().to_string()),
+            ("SOFTHSM2_CONF", conf.display().to_string()),
         ]
     }
 
-    /// A `pkcs11-tool` command on this token.
+    /// A `pkcs11-tool` command on a copy of this token ([`SoftHsm::external_store`]).
     pub fn pkcs11_tool(&self) -> Command {
+        let (conf, _) = self.external_store();
         let mut c = Command::new("pkcs11-tool");
         c.arg("--module")
             .arg(&self.store.module)
             .args(["--token-label", &self.label])
-            .env("SOFTHSM2_CONF", &self.store.conf);
+            .env("SOFTHSM2_CONF", conf);
         c
     }
 }
