@@ -145,6 +145,15 @@ fn full_cycle(alg: Algorithm, placement: Option<Placement>) {
         }
         // The two identities never share an id.
         assert_ne!(pk(&uris[0]).id, pk(&uris[1]).id);
+        // No session object is left behind, while the store's session still lives
+        // (session objects are visible to every session of the process).
+        assert_eq!(
+            hsm.session()
+                .find_objects(&[Attribute::Token(false)])
+                .unwrap(),
+            Vec::<ObjectHandle>::new(),
+            "session objects left over"
+        );
 
         // What the manifest and state file get.
         let KeyRef::Pkcs11 {
@@ -181,8 +190,6 @@ fn full_cycle(alg: Algorithm, placement: Option<Placement>) {
         let s = hsm.session();
         for (uri, (_, info)) in uris.iter().zip(&certs) {
             let u = pk(uri);
-            // This session sees the store's session objects too (same process): the
-            // count also proves none of them is left over.
             let objs = hsm.objects(&s, &u.object);
             assert_eq!(objs.len(), 3, "{uri}: private, public and certificate");
             for h in &objs {

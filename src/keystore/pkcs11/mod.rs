@@ -76,15 +76,18 @@ pub fn label(role: Role, staged: bool) -> &'static str {
 /// about 30 writes per object, and a process killed in between leaves an object
 /// without label or CKA_ID that nobody can attribute (`tests/pkcs11_crash.rs`).
 /// Making the object in the session (memory) and copying it to the token with
-/// `C_CopyObject(CKA_TOKEN=true)` stores it whole, in one write (SoftHSM copies inside
-/// one transaction): 19 instead of 175 file rewrites for a provisioning, and about a
-/// third of the time with the store on ext4 (`bench/results.md`).
+/// `C_CopyObject(CKA_TOKEN=true)` stores it in two transactions (SoftHSM commits the
+/// copied attributes, then applies the template): 19 instead of 175 file rewrites for
+/// a provisioning, and about a third of the time with the store on ext4
+/// (`bench/results.md`). PKCS#11 lets `CKA_TOKEN` change in a copy precisely to copy a
+/// session object to the token.
 ///
 /// The copy keeps the key's history: `CKA_LOCAL`, `CKA_ALWAYS_SENSITIVE` and
 /// `CKA_NEVER_EXTRACTABLE` stay true (PKCS#11 defines a copy of a locally generated
-/// key as local), and the key never leaves the token. Many hardware tokens (OpenSC cards,
-/// tpm2-pkcs11, YubiKey PIV) have no session keys or no `C_CopyObject`; they get
-/// [`Placement::Direct`], as every token did before.
+/// key as local), and the key never leaves the token; the copy's protection is read
+/// back, and a token that loses any of it gets the key made again directly. Many
+/// hardware tokens (OpenSC cards, tpm2-pkcs11, YubiKey PIV) have no session objects or
+/// no `C_CopyObject`; they get [`Placement::Direct`], as every token did before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
     /// Made as a session object, then copied to the token with `C_CopyObject`.
@@ -108,8 +111,11 @@ pub struct Pkcs11KeyStore {
     /// config); the module itself is added by the manifest code.
     mounts: Vec<PathBuf>,
     /// How new objects are made; probed at the first write (status and verify never
-    /// write, so they never probe).
+    /// write, so they never probe), and switched to `Direct` if a copy fails.
     placement: Option<Placement>,
+    /// Set by [`Pkcs11KeyStore::set_placement`]: also decides how `promote` moves
+    /// objects (otherwise it always tries a copy first).
+    forced: Option<Placement>,
 }
 
 impl Pkcs11KeyStore {
@@ -180,19 +186,21 @@ impl Pkcs11KeyStore {
             pin_file,
             mounts,
             placement: None,
+            forced: None,
         })
     }
 
-    /// Choose how new objects are made instead of probing the token. The tests use
-    /// it to take, on SoftHSM, the path of tokens that cannot copy objects.
+    /// Choose how new objects are made (and staged ones moved) instead of probing
+    /// the token. The tests use it to take, on SoftHSM, the path of tokens that
+    /// cannot copy objects.
     pub fn set_placement(&mut self, placement: Placement) {
-        self.placement = Some(placement);
+        self.forced = Some(placement);
     }
 
     /// How new objects are made on this token: probed once, with a session data
     /// object that is created, copied and destroyed (nothing reaches the token).
     pub fn placement(&mut self) -> Placement {
-        if let Some(p) = self.placement {
+        if let Some(p) = self.forced.or(self.placement) {
             return p;
         }
         let p = probe_placement(self.session());
@@ -203,57 +211,27 @@ impl Pkcs11KeyStore {
 
     /// Make objects with `make(on_token)` so that they end up on the token, each
     /// stored whole where the token allows it (see [`Placement`]). `make(false)` must
-    /// create session objects, `make(true)` the same objects on the token.
+    /// create session objects, `make(true)` the same objects on the token; `check`
+    /// vets the token copies (e.g. a key's protection) before they are kept.
     ///
-    /// A token that refuses the copy (although its probe passed) is switched to
-    /// [`Placement::Direct`] and the objects are made again on the token. Session
-    /// objects are always destroyed here; a killed process loses them with its
-    /// session, so they never outlive the run.
+    /// Until the copies are made and vetted nothing of ours is on the token, so any
+    /// failure on the way (no session keys, copy refused or failed, a copy that lost
+    /// protection) destroys what was made, switches the store to
+    /// [`Placement::Direct`] and makes the objects on the token directly; the error
+    /// reported is that path's. Session objects are always destroyed here, and a killed
+    /// process loses them with its session.
     fn make_on_token(
         &mut self,
         step: &str,
         make: impl Fn(&Session, bool) -> Result<Vec<ObjectHandle>, CkError>,
+        check: impl Fn(&Session, &[ObjectHandle]) -> Result<(), String>,
     ) -> Result<Vec<ObjectHandle>, KeyStoreError> {
         let token = self.token.clone();
-        let placement = self.placement();
-        let session = self.session();
-        if placement == Placement::CopyFromSession {
-            let made = match make(session, false) {
-                Ok(made) => made,
-                Err(e) if copy_refused(&e) => {
-                    // No session keys on this token (the probe used a data object).
-                    tracing::debug!(
-                        "token {token}: {}; making objects on the token",
-                        describe(&e)
-                    );
-                    self.placement = Some(Placement::Direct);
-                    return make(self.session(), true).map_err(|e| write_error(step, &token, e));
-                }
-                Err(e) => return Err(write_error(step, &token, e)),
-            };
-            let mut copies = Vec::with_capacity(made.len());
-            let mut refused = None;
-            for &h in &made {
-                match session.copy_object(h, &[Attribute::Token(true)]) {
-                    Ok(c) => copies.push(c),
-                    Err(e) => {
-                        refused = Some(e);
-                        break;
-                    }
-                }
-            }
-            destroy_all(session, &made);
-            match refused {
-                None => return Ok(copies),
-                Some(e) => {
-                    destroy_all(session, &copies);
-                    if !copy_refused(&e) {
-                        return Err(write_error(step, &token, e));
-                    }
-                    tracing::debug!(
-                        "token {token} cannot copy objects to the token ({}): making them there",
-                        describe(&e)
-                    );
+        if self.placement() == Placement::CopyFromSession {
+            match copy_from_session(self.session(), &make, &check)? {
+                Ok(copies) => return Ok(copies),
+                Err(why) => {
+                    tracing::debug!("token {token}: {why}; making objects on the token");
                     self.placement = Some(Placement::Direct);
                 }
             }
@@ -347,16 +325,20 @@ impl KeyStore for Pkcs11KeyStore {
             Mechanism::EccKeyPairGen
         };
         let step = format!("generate the {alg} key pair {}", u.object);
-        let made = self.make_on_token(&step, |session, on_token| {
-            let with = |t: &[Attribute]| {
-                let mut t = t.to_vec();
-                t.push(Attribute::Token(on_token));
-                t
-            };
-            let (pub_h, priv_h) =
-                session.generate_key_pair(&mechanism, &with(&public), &with(&private))?;
-            Ok(vec![priv_h, pub_h])
-        })?;
+        let made = self.make_on_token(
+            &step,
+            |session, on_token| {
+                let with = |t: &[Attribute]| {
+                    let mut t = t.to_vec();
+                    t.push(Attribute::Token(on_token));
+                    t
+                };
+                let (pub_h, priv_h) =
+                    session.generate_key_pair(&mechanism, &with(&public), &with(&private))?;
+                Ok(vec![priv_h, pub_h])
+            },
+            |session, copies| protected(session, copies[0]),
+        )?;
         let [priv_h, pub_h] = made[..] else {
             unreachable!("a key pair is two objects")
         };
@@ -462,7 +444,7 @@ impl KeyStore for Pkcs11KeyStore {
             object: live.to_owned(),
             id: u.id.clone(),
         });
-        let copies = self.placement() == Placement::CopyFromSession;
+        let copies = self.forced != Some(Placement::Direct);
         let session = self.session();
         let step = format!("move {} to {live}", u.object);
         let live_label = Attribute::Label(live.as_bytes().to_vec());
@@ -548,11 +530,15 @@ impl KeyStore for Pkcs11KeyStore {
             &identity_template(&u.object, &u.id, ObjectClass::CERTIFICATE),
         )?;
         let step = format!("store the certificate of {}", u.object);
-        self.make_on_token(&step, |session, on_token| {
-            let mut t = template.to_vec();
-            t.push(Attribute::Token(on_token));
-            Ok(vec![session.create_object(&t)?])
-        })?;
+        self.make_on_token(
+            &step,
+            |session, on_token| {
+                let mut t = template.to_vec();
+                t.push(Attribute::Token(on_token));
+                Ok(vec![session.create_object(&t)?])
+            },
+            |_, _| Ok(()),
+        )?;
         let session = self.session();
         for h in old {
             session
@@ -605,7 +591,82 @@ fn probe_placement(session: &Session) -> Placement {
     placement
 }
 
-/// The errors of a token that does not copy objects (or not to the token).
+/// Make objects in the session with `make(false)`, copy each to the token and vet
+/// the copies with `check`. `Ok(Err(why))`: it did not work and nothing of ours is left
+/// on the token (try directly); `Err`: a partial copy could not be destroyed (stop:
+/// making the objects again would duplicate its label and CKA_ID).
+fn copy_from_session(
+    session: &Session,
+    make: &impl Fn(&Session, bool) -> Result<Vec<ObjectHandle>, CkError>,
+    check: &impl Fn(&Session, &[ObjectHandle]) -> Result<(), String>,
+) -> Result<Result<Vec<ObjectHandle>, String>, KeyStoreError> {
+    let made = match make(session, false) {
+        Ok(made) => made,
+        Err(e) => return Ok(Err(format!("no session objects ({})", describe(&e)))),
+    };
+    let mut copies = Vec::with_capacity(made.len());
+    let mut failed = None;
+    for &h in &made {
+        match session.copy_object(h, &[Attribute::Token(true)]) {
+            Ok(c) => copies.push(c),
+            Err(e) => {
+                failed = Some(format!("cannot copy to the token ({})", describe(&e)));
+                break;
+            }
+        }
+    }
+    destroy_all(session, &made);
+    let failed = failed.or_else(|| check(session, &copies).err());
+    let Some(why) = failed else {
+        return Ok(Ok(copies));
+    };
+    for h in copies {
+        session.destroy_object(h).map_err(|e| {
+            ck(
+                format!("remove a partial copy on the token after: {why}"),
+                e,
+            )
+        })?;
+    }
+    Ok(Err(why))
+}
+
+/// A token copy of a private key must be protected as the key was made: on the
+/// token, private, sensitive, never extractable, and local.
+fn protected(session: &Session, key: ObjectHandle) -> Result<(), String> {
+    use AttributeType as T;
+    let want = [
+        (T::Token, true),
+        (T::Private, true),
+        (T::Sensitive, true),
+        (T::Extractable, false),
+        (T::AlwaysSensitive, true),
+        (T::NeverExtractable, true),
+        (T::Local, true),
+    ];
+    let types: Vec<T> = want.iter().map(|(t, _)| *t).collect();
+    let attrs = session
+        .get_attributes(key, &types)
+        .map_err(|e| format!("cannot read the copy's attributes ({})", describe(&e)))?;
+    for (t, expected) in want {
+        let got = attrs.iter().find_map(|a| match (a, t) {
+            (Attribute::Token(b), T::Token)
+            | (Attribute::Private(b), T::Private)
+            | (Attribute::Sensitive(b), T::Sensitive)
+            | (Attribute::Extractable(b), T::Extractable)
+            | (Attribute::AlwaysSensitive(b), T::AlwaysSensitive)
+            | (Attribute::NeverExtractable(b), T::NeverExtractable)
+            | (Attribute::Local(b), T::Local) => Some(*b),
+            _ => None,
+        });
+        if got != Some(expected) {
+            return Err(format!("the copy has {t} = {got:?}, not {expected}"));
+        }
+    }
+    Ok(())
+}
+
+/// The errors of a token that does not copy objects: `promote` then relabels in place.
 fn copy_refused(e: &CkError) -> bool {
     matches!(
         e,
