@@ -913,6 +913,7 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
     }
 
     let old = d.status();
+    let self_signed = fs::read(d.cert("device.crt")).unwrap();
     let good = ca.sign(&csr, "good", &["-days", "30"]);
     d.run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
         .ok();
@@ -961,6 +962,46 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
     assert_eq!(d.fr.calls(), Vec::<String>::new());
     assert_same_tree(&installed, &d.fr.snapshot(), "re-import");
     assert_eq!(d.ours(), ours);
+
+    // An import stopped after the keystore and before the file (the order it
+    // works in) is finished by the next one: the file is written, the connector
+    // restarts.
+    fs::write(d.cert("device.crt"), &self_signed).unwrap();
+    d.fr.clear_calls();
+    d.run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
+        .ok();
+    assert_eq!(
+        fs::read(d.cert("device.crt")).unwrap(),
+        fs::read(&good).unwrap()
+    );
+    assert_eq!(d.fr.calls(), [STOP, START]);
+    d.assert_keystore_agrees();
+    // A token that lost the certificate object gets it back from a re-import, even
+    // though the file is already in place.
+    #[cfg(feature = "pkcs11")]
+    if let Backend::SoftHsm(s) = &d.backend {
+        run_ok(
+            Command::new("pkcs11-tool")
+                .arg("--module")
+                .arg(&s.module)
+                .args(["--token-label", &s.label, "--login", "--pin", USER_PIN])
+                .args([
+                    "--delete-object",
+                    "--type",
+                    "cert",
+                    "--label",
+                    "device-primary",
+                ])
+                .env("SOFTHSM2_CONF", &s.conf),
+        );
+        d.fr.clear_calls();
+        let again = d
+            .run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
+            .ok();
+        assert!(again.stdout.contains("already installed"), "{again}");
+        assert_eq!(d.fr.calls(), Vec::<String>::new());
+        d.assert_keystore_agrees();
+    }
 }
 
 /// `reset --yes` removes every file, object and handle of ours, restores the manifest

@@ -74,15 +74,16 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
         }
     }
     let path = ctx.layout.host_cert_file(&paths::cert_name(role, false));
-    // Importing the file that is already installed changes nothing: no write, no new
-    // token object, no connector restart.
+    // The keystore first (a token's certificate object; idempotent), the file last:
+    // a run that stops in between is finished by the next one, and importing the file
+    // already installed writes nothing and restarts nothing.
     let installed = fsutil::read_optional(&path)?.as_deref() == Some(&pem[..]);
+    ks.attach_certificate(uri, &new.der)?;
     if installed {
         ctx.out
             .say(format!("The {role} certificate is already installed"));
     } else {
         fsutil::atomic_write(&path, &pem, fsutil::PUBLIC)?;
-        ks.attach_certificate(uri, &new.der)?;
         ctx.out.say(format!(
             "Installed the {role} certificate issued by {} ({} chain certificate(s))",
             new.issuer, new.chain_len

@@ -274,6 +274,7 @@ pub trait KeyStore {
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError>;
 
     /// Called once the key's certificate is final; PKCS#11 stores it as a token object.
+    /// Idempotent: calling it again with the same certificate changes nothing.
     fn attach_certificate(&mut self, _uri: &KeyUri, _cert_der: &[u8]) -> Result<(), KeyStoreError> {
         Ok(())
     }

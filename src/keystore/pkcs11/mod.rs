@@ -503,7 +503,9 @@ impl KeyStore for Pkcs11KeyStore {
 
     /// Store (or replace) the certificate object next to the key, same label and
     /// CKA_ID. The new object is created before the old one is destroyed, so a failure
-    /// never leaves the key without a certificate it had.
+    /// never leaves the key without a certificate it had; a run killed in between
+    /// leaves two, which the next call replaces by one. Idempotent: a lone object
+    /// already holding `cert_der` is kept as it is.
     fn attach_certificate(&mut self, uri: &KeyUri, cert_der: &[u8]) -> Result<(), KeyStoreError> {
         use der::{Decode, Encode};
         let u = self.uri(uri)?.clone();
@@ -529,6 +531,16 @@ impl KeyStore for Pkcs11KeyStore {
             self.session(),
             &identity_template(&u.object, &u.id, ObjectClass::CERTIFICATE),
         )?;
+        // Already there, alone: nothing to do (a re-run, or an import finishing).
+        if let [h] = old[..] {
+            let value = self
+                .session()
+                .get_attributes(h, &[AttributeType::Value])
+                .map_err(|e| ck("read the certificate object", e))?;
+            if value == [Attribute::Value(cert_der.to_vec())] {
+                return Ok(());
+            }
+        }
         let step = format!("store the certificate of {}", u.object);
         self.make_on_token(
             &step,
