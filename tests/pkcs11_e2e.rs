@@ -359,20 +359,29 @@ fn reset_removes_the_token_objects() {
 }
 
 /// A PIN file the user keeps in the certificates directory is read by the connector
-/// as it is (no `pkcs11.pin` copy) and is not the tool's to delete on reset.
+/// as it is (no `pkcs11.pin` copy) and is not the tool's to delete on reset; the
+/// `pkcs11.pin` an earlier run wrote (before the user switched to their own file)
+/// is, PIN and all.
 #[test]
-fn reset_keeps_the_users_pin_file() {
+fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
     if !available() {
         return;
     }
     let store = PrivateStore::new("leda");
     let root = root_with_template(&store);
+    let tools = root.join(CERT_DIR).join("pkcs11.pin");
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
+    assert!(tools.is_file());
+
     let own = root.join(CERT_DIR).join("token.pin");
-    std::fs::create_dir_all(own.parent().unwrap()).unwrap();
     std::fs::copy(&store.pin_file, &own).unwrap();
     let mut args = provision_args(&store, "ecdsa-p256");
     let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
     args[at + 1] = own.to_str().unwrap().to_owned();
+    args.push("--force".into());
     let out = run(tool(&store, &root).args(&args), 0);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
@@ -383,12 +392,12 @@ fn reset_keeps_the_users_pin_file() {
                 .contains("pin-source=file:/var/certificates/token.pin")),
         "{report}"
     );
-    assert!(!root.join(CERT_DIR).join("pkcs11.pin").exists());
     run(
         tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
         0,
     );
     assert!(store.object_labels().is_empty());
+    assert!(!tools.exists(), "the tool's PIN file outlived reset");
     assert_eq!(
         std::fs::read(&own).unwrap(),
         std::fs::read(&store.pin_file).unwrap()

@@ -7,7 +7,7 @@
 //! half-way is finished by running it again.
 
 use crate::error::{Error, Result};
-use crate::identity::{Identity, Journal, Phase, State};
+use crate::identity::{Identity, Journal, Phase};
 use crate::manifest::Manifest;
 use crate::paths::{self, CONNECTION_STRING_FILE, ID_SCOPE_FILE};
 
@@ -57,7 +57,7 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
             .map_or(crate::keystore::KeystoreKind::File, |s| s.keystore),
     );
     journal.phase = Phase::Committed;
-    journal.remove_files = identity_files(state.as_ref());
+    journal.remove_files = identity_files();
     if let Some(state) = &state {
         journal.old_keys = state.keys.values().cloned().collect();
         for (role, uri) in &state.keys {
@@ -86,7 +86,7 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
 }
 
 /// The certificate-directory files an identity consists of, besides its keys.
-fn identity_files(state: Option<&State>) -> Vec<String> {
+fn identity_files() -> Vec<String> {
     let mut files = vec![
         ID_SCOPE_FILE.to_string(),
         CONNECTION_STRING_FILE.to_string(),
@@ -96,12 +96,9 @@ fn identity_files(state: Option<&State>) -> Vec<String> {
             files.push(paths::cert_name(role, staged));
         }
     }
-    // The PIN file the tool writes for the connector, not one the user keeps in the
-    // certificates directory and passed with --pkcs11-pin-file (the connector then
-    // reads that one, and it is the user's to remove).
-    let pin = state.and_then(|s| s.backend.pkcs11_pin_file.as_ref());
-    if pin.is_some_and(|p| *p == paths::Layout::cert_file(paths::PKCS11_PIN_FILE)) {
-        files.push(paths::PKCS11_PIN_FILE.to_string());
-    }
+    // The PIN file the tool writes for the connector (the name is the tool's), also
+    // when a later run switched the connector to a PIN file the user keeps in the
+    // certificates directory; that one is the user's and stays.
+    files.push(paths::PKCS11_PIN_FILE.to_string());
     files
 }
