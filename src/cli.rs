@@ -41,6 +41,9 @@ impl Cli {
         let sub = match &self.command {
             None => return Ok(top.clone()),
             Some(Command::Provision(sub)) => sub,
+            Some(Command::Rotate { .. }) if top.days != ProvisionArgs::DEFAULT_DAYS => {
+                return Err("--days goes after the subcommand: `sdv-provision rotate --days N`".into())
+            }
             Some(_) if top_given => {
                 return Err("provision flags (--id-scope, --algorithm, --device-id, ...) only go with `provision`".into())
             }

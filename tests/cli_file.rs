@@ -983,6 +983,7 @@ fn rotate_days_sets_the_new_secondarys_validity() {
     for bad in ["0", "36501", "x"] {
         assert_rejected(&fr, &["rotate", "--days", bad], 2, &["--days"]);
     }
+    assert_rejected(&fr, &["--days", "30", "rotate"], 2, &["rotate --days"]);
 }
 
 #[test]
