@@ -12,6 +12,12 @@
 //! - a kill inside object creation can leave an object with neither label nor CKA_ID
 //!   (see [`TokenDevice::check_token`]).
 //!
+//! The tool copies session objects to the token (`Placement` in the keystore), which
+//! SoftHSM stores in two transactions: a kill in between leaves an object that has
+//! our label and CKA_ID but reads `CKA_TOKEN=false` in the token store. The journal's
+//! rollback finds it by label and id and removes it like any half-made key; the token
+//! check below would report it otherwise.
+//!
 //! The kill loop is the shared one (`tests/common/crash.rs`); this file adds the
 //! SoftHSM-specific repair before recovery and the token check after it.
 //! `SDV_CRASH_SEED=<n>` replays a run; `SDV_CRASH_KILLS_PKCS11=<n>` sets the rounds
@@ -94,9 +100,9 @@ impl TokenDevice {
     /// The token holds exactly the two live identities the state file names.
     ///
     /// SoftHSM 2.6 does not create objects atomically: it writes an empty object file,
-    /// then the attributes. A SIGKILL inside `C_CopyObject` (or `C_GenerateKeyPair` on
-    /// a token made to create directly) can leave an object with neither label nor
-    /// CKA_ID (a real token's creation is atomic). Nothing can tell
+    /// then the attributes. A SIGKILL between the two (in `C_CopyObject`, or in
+    /// `C_GenerateKeyPair` on a token that creates directly) leaves an object with
+    /// neither label nor CKA_ID (a real token's creation is atomic). Nothing can tell
     /// whose such an object is, so the tool leaves it alone; this check tolerates
     /// those, and only those (returns how many).
     fn check_token(&self, what: &str) -> usize {
