@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::fake_root::{assert_same_tree, snapshot, Node};
 use common::softhsm::{PrivateStore, USER_PIN};
 use serde_json::Value;
 
@@ -113,27 +114,6 @@ fn mounts(manifest: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Every file under `root`, with its content.
-fn snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(root, &mut out);
-    out.sort();
-    out
-}
-
 fn provision_cycle(alg: &str) {
     if !available() {
         return;
@@ -200,8 +180,11 @@ fn provision_cycle(alg: &str) {
     assert!(!m.iter().any(|(s, _)| s.ends_with(".key")), "{m:?}");
 
     // No PIN value in anything the tool wrote or printed.
-    for (path, content) in snapshot(&root) {
-        let content = String::from_utf8_lossy(&content);
+    for (path, node) in snapshot(&root) {
+        let Node::File { bytes, .. } = node else {
+            continue;
+        };
+        let content = String::from_utf8_lossy(&bytes);
         assert!(!content.contains("pin-value"), "{}", path.display());
         if !path.ends_with("pkcs11.pin") {
             assert!(!content.contains(USER_PIN), "PIN in {}", path.display());
@@ -241,7 +224,7 @@ fn provision_cycle(alg: &str) {
     assert_eq!(objects.len(), 6, "{objects:?}");
     let before = snapshot(&root);
     run(tool(&store, &root).args(provision_args(&store, alg)), 0);
-    assert_eq!(snapshot(&root), before, "a re-run rewrote files");
+    assert_same_tree(&before, &snapshot(&root), "a re-run");
     assert_eq!(store.object_labels(), objects);
 
     // Later commands find the token from the state file alone (recorded PIN file).
@@ -287,7 +270,7 @@ fn wrong_pin_fails_once_and_writes_nothing() {
     assert!(errors[0].contains("PIN was rejected"), "{stderr}");
     assert!(!stderr.contains("0000-wrong"), "{stderr}");
     assert!(out.stdout.is_empty() || serde_json::from_slice::<Value>(&out.stdout).is_ok());
-    assert_eq!(snapshot(&root), before, "a wrong PIN wrote something");
+    assert_same_tree(&before, &snapshot(&root), "a wrong PIN");
     assert!(store.object_labels().is_empty());
 }
 
@@ -402,6 +385,47 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
         std::fs::read(&own).unwrap(),
         std::fs::read(&store.pin_file).unwrap()
     );
+}
+
+/// `reset` with a wrong PIN fails before it changes anything: manifest, files and
+/// token objects stay, and no journal is left for a later run to finish.
+#[test]
+fn reset_with_a_wrong_pin_changes_nothing() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
+    let before = snapshot(&root);
+    let wrong = store.dir.path().join("wrong.pin");
+    std::fs::write(&wrong, "0000-wrong\n").unwrap();
+    let out = run(
+        tool(&store, &root)
+            .arg("--pkcs11-pin-file")
+            .arg(&wrong)
+            .args(["--non-interactive", "reset", "--yes"]),
+        1,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("PIN was rejected"), "{stderr}");
+    assert_same_tree(&before, &snapshot(&root), "a reset with a wrong PIN");
+    assert_eq!(store.object_labels().len(), 6);
+    // The identity is intact for the next runs.
+    run(tool(&store, &root).args(["--non-interactive", "verify"]), 0);
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
+    assert_same_tree(&before, &snapshot(&root), "the run after it");
 }
 
 /// With a terminal and no PIN source, the PIN is asked for once, hidden.

@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::fake_root::{assert_same_tree, snapshot};
 use common::swtpm::{cert_file, Abrmd, Swtpm};
 
 const SRK: u32 = 0x8100_0001;
@@ -316,6 +317,33 @@ fn unreachable_tpm_is_one_clear_error() {
         "{stderr}"
     );
     assert!(!manifest_path(root.path()).exists(), "nothing written");
+}
+
+/// `reset` with the TPM gone fails before it changes anything, and once the TPM is
+/// back the identity is intact (no journal left for a later run to finish).
+#[test]
+fn reset_with_the_tpm_gone_changes_nothing() {
+    if !have_tools() {
+        return;
+    }
+    let mut tpm = Swtpm::start();
+    let root = device_root();
+    let root = root.path();
+    provision_json(&tpm, root, &["--algorithm", "ecdsa-p256"]);
+    let before = snapshot(root);
+    tpm.kill();
+    let out = sdv(&tpm, root, &["reset", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{stderr}"
+    );
+    assert_same_tree(&before, &snapshot(root), "a reset with the TPM gone");
+    tpm.restart();
+    sdv_ok(&tpm, root, &["verify"]);
+    assert_eq!(sorted(tpm.persistent_handles()), [SRK, PRIMARY, SECONDARY]);
 }
 
 /// A TPM whose owner hierarchy has a password: without it (or with a wrong one) the

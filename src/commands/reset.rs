@@ -2,12 +2,16 @@
 //! recorded), certificates, cloud configuration, state, and its manifest entries.
 //! Never touches objects or handles the tool did not record.
 //!
-//! Order: manifest first (so the connector no longer points at what goes next), then
-//! keys and files, the state file last; every step is idempotent, so a reset killed
-//! half-way is finished by running it again.
+//! Order: the keystore is opened (logged in) before anything changes, so bad input
+//! (wrong PIN, token or TPM unreachable) changes nothing; then the manifest (so the
+//! connector no longer points at what goes next), then keys and files, the state file
+//! last; every step is idempotent, so a reset killed half-way is finished by running
+//! it again.
 
 use crate::error::{Error, Result};
 use crate::identity::{Identity, Journal, Phase};
+use crate::keystore::file::FileKeyStore;
+use crate::keystore::KeyStore;
 use crate::manifest::Manifest;
 use crate::paths::{self, CONNECTION_STRING_FILE, ID_SCOPE_FILE};
 
@@ -37,6 +41,13 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
         Err(_) if id.cloud.is_some() => None,
         Err(e) => return Err(e),
     };
+    // The keystore before anything changes: a wrong PIN, a missing token or an
+    // unreachable TPM stops the reset here, with the manifest and files untouched
+    // (a committed journal would otherwise make the next run finish the removal).
+    let mut ks: Box<dyn KeyStore> = match &state {
+        Some(s) => ctx.open_keystore(s.keystore, Some(s))?,
+        None => Box::new(FileKeyStore::new(ctx.layout.clone())),
+    };
     let manifest_changed = match Manifest::load(&ctx.layout)? {
         Some(m) => {
             let clean = m.stripped(
@@ -65,16 +76,7 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
         }
     }
     journal.save(&ctx.layout)?;
-    match &state {
-        Some(s) => {
-            let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
-            journal.roll_forward(&ctx.layout, ks.as_mut(), None)?;
-        }
-        None => {
-            let mut ks = crate::keystore::file::FileKeyStore::new(ctx.layout.clone());
-            journal.roll_forward(&ctx.layout, &mut ks, None)?;
-        }
-    }
+    journal.roll_forward(&ctx.layout, ks.as_mut(), None)?;
     ctx.out.say("Removed the device identity");
     if ctx.restart && manifest_changed {
         crate::connector::restart(crate::connector::Change::Manifest, &ctx.out);
