@@ -29,10 +29,26 @@ pub struct Cli {
 impl Cli {
     /// The provision flags in effect. Flags may stand before or after the
     /// `provision` word; giving one both ways with different values, or giving
-    /// provision flags with another subcommand, is a usage error.
+    /// provision flags with another subcommand, is a usage error. Without a cloud
+    /// flag, env [`CONNECTION_STRING_ENV`] gives the connection string: it is read
+    /// here, not by clap, so an exported value never collides with a flag.
     pub fn provision_args(&self) -> Result<ProvisionArgs, String> {
+        let mut args = self.merged_provision_args()?;
+        if args.id_scope.is_none()
+            && args.connection_string.is_none()
+            && args.connection_string_file.is_none()
+        {
+            args.connection_string = std::env::var(CONNECTION_STRING_ENV)
+                .ok()
+                .filter(|v| !v.is_empty());
+        }
+        Ok(args)
+    }
+
+    fn merged_provision_args(&self) -> Result<ProvisionArgs, String> {
         let top = &self.provision;
         let top_given = top.id_scope.is_some()
+            || top.connection_string.is_some()
             || top.connection_string_file.is_some()
             || top.algorithm.is_some()
             || top.device_id.is_some()
@@ -203,6 +219,10 @@ pub enum Command {
     },
 }
 
+/// The Hub connection string, when no cloud flag is given (keeps the SharedAccessKey
+/// out of argv).
+pub const CONNECTION_STRING_ENV: &str = "SDV_PROVISION_CONNECTION_STRING";
+
 #[derive(Debug, Clone, Default, Args)]
 pub struct ProvisionArgs {
     /// Azure DPS ID scope (DPS backend).
@@ -211,14 +231,9 @@ pub struct ProvisionArgs {
 
     /// Azure IoT Hub device connection string (Hub backend). A SharedAccessKey on the
     /// command line is visible to other local users; prefer
-    /// --connection-string-file or env SDV_PROVISION_CONNECTION_STRING.
-    #[arg(
-        long,
-        value_name = "STRING",
-        env = "SDV_PROVISION_CONNECTION_STRING",
-        hide_env_values = true,
-        conflicts_with = "connection_string_file"
-    )]
+    /// --connection-string-file or env SDV_PROVISION_CONNECTION_STRING (used when no
+    /// --id-scope, --connection-string or --connection-string-file is given).
+    #[arg(long, value_name = "STRING", conflicts_with = "connection_string_file")]
     pub connection_string: Option<String>,
 
     /// Read the Hub connection string from a file.

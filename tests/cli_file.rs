@@ -332,6 +332,62 @@ fn hub_flow_connection_string_file() {
     assert_hub_outcome(&fr, &run);
 }
 
+/// An exported SDV_PROVISION_CONNECTION_STRING is the lowest-priority source: any
+/// cloud flag wins over it, and it never collides with one (clap used to count it as
+/// a given --connection-string).
+#[test]
+fn connection_string_env_yields_to_every_cloud_flag() {
+    if !openssl() {
+        return;
+    }
+    let env_cs = hub_cs(ETH0_ID);
+    let with_env = |fr: &FakeRoot, args: &[&str]| {
+        Run::from(
+            fr.cmd()
+                .args(["--keystore", "file", "--algorithm", "ecdsa-p256"])
+                .args(args)
+                .env("SDV_PROVISION_CONNECTION_STRING", &env_cs)
+                .output()
+                .unwrap(),
+        )
+    };
+    // --id-scope: DPS, the environment's Hub string unused.
+    let fr = FakeRoot::with_manifest();
+    with_env(&fr, &["--id-scope", GOOD_SCOPE]).ok();
+    assert_eq!(
+        env_values(&read_json(&fr.p(MANIFEST)), "ID_SCOPE"),
+        [GOOD_SCOPE]
+    );
+    assert!(!fr.cert_file("azure.connectionstring").exists());
+    // --connection-string-file and `provision --connection-string`: theirs, not the
+    // environment's.
+    let other = env_cs.replace("HostName=hub.", "HostName=other-hub.");
+    let csf = fr.dir.path().join("cs.txt");
+    fs::write(&csf, &other).unwrap();
+    for args in [
+        vec!["--connection-string-file", csf.to_str().unwrap()],
+        vec!["provision", "--connection-string", other.as_str()],
+    ] {
+        let fr = FakeRoot::with_manifest();
+        with_env(&fr, &args).ok();
+        assert_eq!(
+            fs::read_to_string(fr.cert_file("azure.connectionstring"))
+                .unwrap()
+                .trim(),
+            other,
+            "{args:?}"
+        );
+    }
+    // A cloud flag with another subcommand is a usage error, not silently ignored.
+    let fr = FakeRoot::with_manifest();
+    assert_rejected(
+        &fr,
+        &["--connection-string", &other, "status"],
+        2,
+        &["provision"],
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Re-running and restarting
 // ---------------------------------------------------------------------------------
