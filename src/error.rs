@@ -108,7 +108,9 @@ impl Error {
     /// Process exit code: 2 for usage errors, 1 for everything else (DESIGN §5).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::MissingAnswer { .. } | Error::Usage(_) => 2,
+            Error::MissingAnswer { .. }
+            | Error::Usage(_)
+            | Error::Keystore(crate::keystore::KeyStoreError::MissingAnswer { .. }) => 2,
             _ => 1,
         }
     }

@@ -428,6 +428,31 @@ fn reset_with_a_wrong_pin_changes_nothing() {
     assert_same_tree(&before, &snapshot(&root), "the run after it");
 }
 
+/// No PIN source and no terminal: a missing answer (exit 2, like a missing
+/// --id-scope), one error line naming where to give the PIN, nothing written.
+#[test]
+fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let before = snapshot(&root);
+    let mut args = provision_args(&store, "ecdsa-p256");
+    let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
+    args.drain(at..at + 2);
+    let out = run(tool(&store, &root).args(&args), 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("--pkcs11-pin-file") && errors[0].contains("SDV_PROVISION_PKCS11_PIN"),
+        "{stderr}"
+    );
+    assert_same_tree(&before, &snapshot(&root), "a run without a PIN");
+    assert!(store.object_labels().is_empty());
+}
+
 /// With a terminal and no PIN source, the PIN is asked for once, hidden.
 #[test]
 fn interactive_pin_prompt_is_hidden() {

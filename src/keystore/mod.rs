@@ -369,6 +369,11 @@ pub enum KeyStoreError {
 
     #[error("key URI {0} does not belong to this keystore")]
     ForeignUri(String),
+
+    /// A secret the keystore needs, in a run that may not prompt (exit 2, a usage
+    /// error, like the tool's other missing answers).
+    #[error("{what} is needed but the run is non-interactive; pass {flag}")]
+    MissingAnswer { what: String, flag: String },
 }
 
 impl KeyStoreError {

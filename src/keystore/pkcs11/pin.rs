@@ -131,11 +131,9 @@ pub(super) fn user_pin(
         // Box<str>, which can reallocate and leave the typed PIN in freed memory.
         return Ok(SecretString::from(pin.as_str()));
     }
-    Err(KeyStoreError::Unavailable {
-        what: format!(
-            "the user PIN of PKCS#11 token {token} is needed but the run is non-interactive"
-        ),
-        hint: format!("pass --pkcs11-pin-file FILE or set {PIN_ENV}"),
+    Err(KeyStoreError::MissingAnswer {
+        what: format!("the user PIN of PKCS#11 token {token}"),
+        flag: format!("--pkcs11-pin-file FILE or set {PIN_ENV}"),
     })
 }
 
