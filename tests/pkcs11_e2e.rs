@@ -428,6 +428,64 @@ fn reset_with_a_wrong_pin_changes_nothing() {
     assert_same_tree(&before, &snapshot(&root), "the run after it");
 }
 
+/// A PIN changed on the token: `verify` and `csr` with the new PIN only read (the
+/// connector's PIN file keeps the old one: they run without the lock); the next
+/// `provision` writes the new PIN there.
+#[test]
+fn only_provision_updates_the_connectors_pin_file() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
+    let new_pin = "4321-new";
+    run(
+        Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&store.module)
+            .args(["--token-label", "leda", "--login", "--pin", USER_PIN])
+            .args(["--change-pin", "--new-pin", new_pin])
+            .env("SOFTHSM2_CONF", &store.conf),
+        0,
+    );
+    let new_pin_file = store.dir.path().join("new.pin");
+    std::fs::write(&new_pin_file, new_pin).unwrap();
+    let before = snapshot(&root);
+    let csr = store.dir.path().join("device.csr");
+    for args in [
+        vec!["verify".to_owned()],
+        vec![
+            "csr".into(),
+            "--role".into(),
+            "primary".into(),
+            "--out".into(),
+            csr.display().to_string(),
+        ],
+    ] {
+        run(
+            tool(&store, &root)
+                .arg("--pkcs11-pin-file")
+                .arg(&new_pin_file)
+                .arg("--non-interactive")
+                .args(&args),
+            0,
+        );
+    }
+    assert_same_tree(&before, &snapshot(&root), "verify and csr");
+    let mut args = provision_args(&store, "ecdsa-p256");
+    let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
+    args[at + 1] = new_pin_file.display().to_string();
+    run(tool(&store, &root).args(&args), 0);
+    assert_eq!(
+        std::fs::read_to_string(root.join(CERT_DIR).join("pkcs11.pin")).unwrap(),
+        new_pin
+    );
+}
+
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing
 /// --id-scope), one error line naming where to give the PIN, nothing written.
 #[test]

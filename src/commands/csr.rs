@@ -21,7 +21,7 @@ pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
             "run `sdv-provision` to complete the identity",
         )
     })?;
-    let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
+    let mut ks = ctx.open_keystore_to_read(state.keystore, Some(&state))?;
     let key = ks.open(uri)?;
     let pem = crate::cert::csr(key.as_ref(), &state.device_id)?;
     match out {

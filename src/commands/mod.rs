@@ -66,6 +66,7 @@ impl Ctx {
                 pkcs11_pin_file: g.pkcs11_pin_file.clone(),
                 pkcs11_init_token: g.pkcs11_init_token,
                 interactive,
+                read_only: false,
                 recorded: Default::default(),
             },
             json: g.json,
@@ -108,7 +109,27 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
+        self.open_keystore_with(kind, state, false)
+    }
+
+    /// [`Ctx::open_keystore`] for commands that only read and take no lock (`verify`,
+    /// `csr`): the keystore writes nothing while opening.
+    pub fn open_keystore_to_read(
+        &self,
+        kind: KeystoreKind,
+        state: Option<&State>,
+    ) -> Result<Box<dyn KeyStore>> {
+        self.open_keystore_with(kind, state, true)
+    }
+
+    fn open_keystore_with(
+        &self,
+        kind: KeystoreKind,
+        state: Option<&State>,
+        read_only: bool,
+    ) -> Result<Box<dyn KeyStore>> {
         let mut cfg = self.ks_config.clone();
+        cfg.read_only = read_only;
         if let Some(s) = state {
             cfg.recorded = s.backend.clone();
         }

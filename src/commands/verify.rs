@@ -75,7 +75,7 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             "no ID scope or connection string configured".into(),
         ),
     }
-    let mut ks = match ctx.open_keystore(state.keystore, Some(&state)) {
+    let mut ks = match ctx.open_keystore_to_read(state.keystore, Some(&state)) {
         Ok(ks) => Some(ks),
         Err(e) => {
             add(format!("keystore.{}", state.keystore), false, e.to_string());

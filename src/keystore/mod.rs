@@ -404,6 +404,9 @@ pub struct KeystoreConfig {
     pub pkcs11_init_token: bool,
     /// May we prompt (PIN)? False with `--non-interactive`, `--json` or no TTY.
     pub interactive: bool,
+    /// The command only reads (`verify`, `csr`): opening the keystore writes nothing,
+    /// not even the connector's PIN file (those commands run without the lock).
+    pub read_only: bool,
     /// What an earlier run recorded; used where no flag or env var says otherwise.
     pub recorded: BackendRecord,
 }

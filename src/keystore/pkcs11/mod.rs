@@ -132,7 +132,8 @@ impl Pkcs11KeyStore {
     ///   while a PIN changed on the token is picked up by the next run.
     ///
     /// It is not written when the user's `--pkcs11-pin-file` already lies inside the
-    /// certificates directory: the connector then reads that file.
+    /// certificates directory (the connector then reads that file), nor by commands
+    /// that only read ([`KeystoreConfig::read_only`]: `verify`, `csr`).
     pub fn open(config: &KeystoreConfig, layout: &Layout) -> Result<Pkcs11KeyStore, KeyStoreError> {
         let module = config
             .pkcs11_module

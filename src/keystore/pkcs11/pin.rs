@@ -192,6 +192,9 @@ pub(super) fn connector_pin_file(
             return Ok(device);
         }
     }
+    if config.read_only {
+        return Ok(Layout::cert_file(PIN_FILE_NAME));
+    }
     let host = layout.host_cert_file(PIN_FILE_NAME);
     let want = pin.expose_secret().as_bytes();
     let current = fsutil::read_optional(&host)
