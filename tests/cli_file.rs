@@ -147,7 +147,7 @@ fn dps_flow_default_algorithm() {
     );
     assert_transcript_thumbprints(&fr, &run);
     assert!(
-        run.stderr.contains("warning:") && run.stderr.contains("plain files"),
+        run.stderr.contains("warning:") && run.stderr.contains("plain files (--keystore file)"),
         "{run}"
     );
     // A new manifest: the container is recreated, exactly as DESIGN §1.6 says.
@@ -170,6 +170,36 @@ fn dps_flow_default_algorithm() {
 }
 
 /// With `--root`, the host's own `/etc` and `/data` are never touched.
+/// `--keystore auto` on a machine without a TPM or token falls back to files, and
+/// says why (DESIGN §2).
+#[test]
+fn auto_falls_back_to_files_with_a_warning() {
+    if !openssl() || std::path::Path::new("/dev/tpmrm0").exists() {
+        return;
+    }
+    let fr = FakeRoot::with_template();
+    let run = fr
+        .run(&[
+            "--id-scope",
+            GOOD_SCOPE,
+            "--algorithm",
+            "ecdsa-p256",
+            "--json",
+        ])
+        .ok();
+    assert_eq!(run.json()["keystore"], "file", "{run}");
+    let warnings: Vec<_> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("plain files"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{run}");
+    assert!(
+        warnings[0].contains("no TPM or PKCS#11 token found"),
+        "{run}"
+    );
+}
+
 #[test]
 fn host_paths_untouched_with_root() {
     if !openssl() {

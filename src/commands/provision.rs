@@ -168,7 +168,12 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 .unwrap_or_else(|| keystore::select_auto(&ctx.ks_config));
             let alg = args.algorithm.unwrap_or(Algorithm::Rsa2048);
             if kind == KeystoreKind::File {
-                out.warn("the device keys are plain files (no TPM or PKCS#11 token found); anyone who can read /data/var/certificates can copy this identity");
+                let why = if ctx.keystore.is_some() {
+                    "--keystore file"
+                } else {
+                    "no TPM or PKCS#11 token found"
+                };
+                out.warn(format!("the device keys are plain files ({why}); anyone who can read /data/var/certificates can copy this identity"));
             }
             let mut ks = ctx.open_keystore(kind, old.as_ref().filter(|s| s.keystore == kind))?;
             let (journal, built) = build_keys(
