@@ -200,6 +200,36 @@ fn auto_falls_back_to_files_with_a_warning() {
     );
 }
 
+/// `SDV_PROVISION_ROOT` stands for `--root`; an ID scope of an unusual form is used
+/// with one warning (DESIGN §1.2 only rejects unsafe characters).
+#[test]
+fn root_from_the_environment_and_an_unusual_id_scope() {
+    if !openssl() {
+        return;
+    }
+    let fr = FakeRoot::with_template();
+    let run = Run::from(
+        fr.cmd_without_root()
+            .env("SDV_PROVISION_ROOT", fr.root())
+            .args(["--keystore", "file", "--algorithm", "ecdsa-p256"])
+            .args(["--no-restart", "--id-scope", "MyScope42"])
+            .output()
+            .unwrap(),
+    )
+    .ok();
+    assert_eq!(
+        fr.read("data/var/certificates/azure.idscope").trim(),
+        "MyScope42"
+    );
+    assert!(fr.cert_file("device.crt").is_file());
+    let warnings: Vec<_> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("does not look like an Azure DPS scope"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{run}");
+}
+
 #[test]
 fn host_paths_untouched_with_root() {
     if !openssl() {

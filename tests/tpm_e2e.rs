@@ -319,6 +319,43 @@ fn unreachable_tpm_is_one_clear_error() {
     assert!(!manifest_path(root.path()).exists(), "nothing written");
 }
 
+/// `--keystore auto` picks the TPM a TCTI names, from `--tcti`, `TPM2TOOLS_TCTI` or
+/// `TCTI` (DESIGN §2); with DPS it warns once that today's connector needs a key file
+/// for DPS.
+#[test]
+fn auto_picks_the_tpm_a_tcti_names() {
+    if !have_tools() {
+        return;
+    }
+    let tpm = Swtpm::start();
+    for how in ["--tcti", "TPM2TOOLS_TCTI", "TCTI"] {
+        let root = device_root();
+        let mut cmd = Command::new(common::bin());
+        cmd.arg("--root")
+            .arg(root.path())
+            .args(["--no-restart", "--non-interactive", "--json"])
+            .args(["--id-scope", "0ne0012345A", "--device-id", "dev-auto"])
+            .env_remove("TPM2TOOLS_TCTI")
+            .env_remove("TCTI");
+        match how {
+            "--tcti" => cmd.args(["--tcti", &tpm.tcti()]),
+            var => cmd.env(var, tpm.tcti()),
+        };
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{how}: {stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["keystore"], "tpm", "{how}");
+        assert_eq!(
+            stderr.matches("needs a key file for DPS").count(),
+            1,
+            "{how}: {stderr}"
+        );
+        // The next identity on the same TPM needs the handles free again.
+        sdv_ok(&tpm, root.path(), &["reset", "--yes"]);
+    }
+}
+
 /// `reset` with the TPM gone fails before it changes anything, and once the TPM is
 /// back the identity is intact (no journal left for a later run to finish).
 #[test]
