@@ -189,7 +189,8 @@ pub enum Command {
     /// Make a new secondary key and certificate; --promote swaps it into primary.
     Rotate {
         /// Make the secondary the primary (manifest updated, connector restarted),
-        /// then create a fresh secondary.
+        /// remove the old primary, then create a fresh secondary (register its
+        /// thumbprint).
         #[arg(long)]
         promote: bool,
         /// Validity of the new secondary certificate, in days.

@@ -857,6 +857,13 @@ fn csr_is_signed_by_the_roles_key(kind: Kind) {
         openssl_out(&["req", "-pubkey", "-noout", "-in"], &csr),
         common::openssl_cert_pubkey(&d.cert("device2.crt"))
     );
+    // --json: the request and the key URI as `status --json` shows it (host side).
+    let doc = d.run(&["--json", "csr", "--role", "primary"]).ok().json();
+    assert_eq!(doc["role"], "primary");
+    assert!(doc["csr"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("-----BEGIN CERTIFICATE REQUEST-----")));
+    assert_eq!(doc["key_uri"], field(&d.status(), "primary", "key_uri"));
     assert_same_tree(&snap, &d.fr.snapshot(), "csr");
     assert_eq!(d.ours(), d.expected_ours());
 }

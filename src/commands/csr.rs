@@ -30,7 +30,7 @@ pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
             if ctx.json {
                 println!(
                     "{}",
-                    serde_json::json!({"role": role.as_str(), "path": path.display().to_string(), "key_uri": uri.to_string()})
+                    serde_json::json!({"role": role.as_str(), "path": path.display().to_string(), "key_uri": crate::output::host_uri(&ctx.layout, uri)})
                 );
             } else {
                 ctx.out.say(format!(
@@ -42,7 +42,7 @@ pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
         None if ctx.json => {
             println!(
                 "{}",
-                serde_json::json!({"role": role.as_str(), "csr": pem, "key_uri": uri.to_string()})
+                serde_json::json!({"role": role.as_str(), "csr": pem, "key_uri": crate::output::host_uri(&ctx.layout, uri)})
             );
         }
         None => print!("{pem}"),
