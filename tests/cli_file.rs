@@ -230,6 +230,43 @@ fn root_from_the_environment_and_an_unusual_id_scope() {
     assert_eq!(warnings.len(), 1, "{run}");
 }
 
+/// `notBefore` is back-dated one hour for device clocks that are a little behind
+/// (DESIGN §1.4), as openssl reads it.
+#[test]
+fn certificates_are_valid_from_an_hour_ago() {
+    if !openssl() {
+        return;
+    }
+    let fr = FakeRoot::with_template();
+    fr.provision_dps("ecdsa-p256", &[]);
+    let out = common::run_ok(
+        std::process::Command::new("openssl")
+            .args([
+                "x509",
+                "-noout",
+                "-startdate",
+                "-dateopt",
+                "iso_8601",
+                "-in",
+            ])
+            .arg(fr.cert_file("device.crt")),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.trim().trim_start_matches("notBefore=");
+    let format = time::format_description::parse_borrowed::<2>(
+        "[year]-[month]-[day] [hour]:[minute]:[second]Z",
+    )
+    .unwrap();
+    let start = time::PrimitiveDateTime::parse(start, &format)
+        .unwrap_or_else(|e| panic!("{text:?}: {e}"))
+        .assume_utc();
+    let back = (time::OffsetDateTime::now_utc() - start).whole_minutes();
+    assert!(
+        (59..=61).contains(&back),
+        "notBefore {start} is {back} min back"
+    );
+}
+
 #[test]
 fn host_paths_untouched_with_root() {
     if !openssl() {

@@ -319,6 +319,86 @@ fn unreachable_tpm_is_one_clear_error() {
     assert!(!manifest_path(root.path()).exists(), "nothing written");
 }
 
+/// The kanto-auto-deployer manifest shape (`mount_points`, `/device.crt`, a
+/// `device.key` mount, no `host_config.devices`) in TPM mode: the shape is kept, the
+/// key-file mount and `KEY_FILE` go, the blobs get mounts of their own, the TPM device
+/// is added, and foreign mounts stay (DESIGN §3).
+#[test]
+fn tpm_entries_in_the_auto_deployer_shape() {
+    if !have_tools() {
+        return;
+    }
+    let tpm = Swtpm::start();
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    std::fs::create_dir_all(manifest_path(root).parent().unwrap()).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/cloudconnector.auto-deployer.json"),
+        manifest_path(root),
+    )
+    .unwrap();
+    provision_json(&tpm, root, &[]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manifest_path(root)).unwrap()).unwrap();
+    assert!(m.get("mounts").is_none(), "shape converted");
+    let mounts: Vec<(String, String)> = m["mount_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["source"].as_str().unwrap().to_owned(),
+                x["destination"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let pair = |s: &str, d: &str| (s.to_owned(), d.to_owned());
+    assert_eq!(
+        mounts,
+        [
+            pair("/data/var/certificates/device.crt", "/device.crt"),
+            pair("/data/var/mosquitto", "/mosquitto"),
+            pair(
+                "/data/var/certificates/device.tpm.pub",
+                "/var/certificates/device.tpm.pub"
+            ),
+            pair(
+                "/data/var/certificates/device.tpm.priv",
+                "/var/certificates/device.tpm.priv"
+            ),
+        ]
+    );
+    let env = manifest_env(root);
+    for (k, v) in [
+        ("CERT_FILE", "/device.crt"),
+        ("KEY_URI", "handle:0x81000010"),
+        ("TPM_DEVICE", "/dev/tpmrm0"),
+        ("TPM_HANDLE", "0x81000001"),
+        ("TPM_KEY", "/var/certificates/device.tpm.priv"),
+        ("TPM_KEY_PUB", "/var/certificates/device.tpm.pub"),
+        ("TPM2OPENSSL_TCTI", "device:/dev/tpmrm0"),
+        ("ID_SCOPE", "0ne0012345A"),
+    ] {
+        assert_eq!(env_value(&env, k).as_deref(), Some(v), "{k} in {env:?}");
+    }
+    for k in ["KEY_FILE", "KEY_PATH", "CERT_PATH"] {
+        assert_eq!(env_value(&env, k), None, "{k} in {env:?}");
+    }
+    assert_eq!(
+        m["host_config"]["devices"],
+        serde_json::json!([{
+            "path_on_host": "/dev/tpmrm0",
+            "path_in_container": "/dev/tpmrm0",
+            "cgroup_permissions": "rwm"
+        }])
+    );
+    assert_eq!(
+        m["x_vendor_extension"],
+        serde_json::json!([{"z": 1, "a": 2}])
+    );
+}
+
 /// `--keystore auto` picks the TPM a TCTI names, from `--tcti`, `TPM2TOOLS_TCTI` or
 /// `TCTI` (DESIGN §2); with DPS it warns once that today's connector needs a key file
 /// for DPS.
