@@ -267,6 +267,52 @@ fn certificates_are_valid_from_an_hour_ago() {
     );
 }
 
+/// An `/etc` the tool cannot write (a read-only root filesystem): the device id is
+/// not stored, one warning says so, and the identity is made anyway (DESIGN §1.1).
+/// Root ignores modes, so `/etc` is made immutable (`chattr +i`).
+#[test]
+fn unwritable_etc_deviceid_is_a_warning() {
+    if !openssl() || !common::require("chattr", "an unwritable /etc") {
+        return;
+    }
+    let fr = FakeRoot::with_template();
+    let etc = fr.root().join("etc");
+    fs::create_dir_all(&etc).unwrap();
+    struct Mutable(PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let set = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&etc)
+        .output()
+        .unwrap();
+    if !set.status.success() {
+        eprintln!(
+            "SKIPPED: cannot make {} immutable ({})",
+            etc.display(),
+            String::from_utf8_lossy(&set.stderr).trim()
+        );
+        return;
+    }
+    let _mutable = Mutable(etc.clone());
+    let run = fr.provision_dps("ecdsa-p256", &[]);
+    assert!(!etc.join("deviceid").exists());
+    let warnings: Vec<_> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("could not store the device id"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{run}");
+    assert!(fr.cert_file("device.crt").is_file());
+    fr.run(&["verify"]).ok();
+}
+
 #[test]
 fn host_paths_untouched_with_root() {
     if !openssl() {
