@@ -222,4 +222,25 @@ mod tests {
             ("52-54-21-4c-f9-5a".to_string(), "eth0".to_string())
         );
     }
+
+    /// `can*` / `vcan*` are skipped by name, whatever type they report.
+    #[test]
+    fn can_interfaces_are_skipped_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let net = d.path().join("sys/class/net");
+        for (name, mac) in [
+            ("can1", "52:54:21:00:00:01"),
+            ("vcan0", "52:54:21:00:00:02"),
+            ("wlan0", "52:54:21:4c:f9:5c"),
+        ] {
+            let p = net.join(name);
+            fs::create_dir_all(&p).unwrap();
+            fs::write(p.join("address"), format!("{mac}\n")).unwrap();
+            fs::write(p.join("type"), "1\n").unwrap();
+        }
+        assert_eq!(
+            from_network(&Layout::new(d.path())).unwrap(),
+            ("52-54-21-4c-f9-5c".to_string(), "wlan0".to_string())
+        );
+    }
 }
