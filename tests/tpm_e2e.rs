@@ -239,9 +239,16 @@ fn ecdsa_p256_provision_warns_and_serves_tls13() {
         ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let compat: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.contains("today's Leda cloud connector"))
+        .collect();
+    assert_eq!(compat.len(), 1, "one line, both reasons: {stderr}");
     assert!(
-        stderr.contains("RSA-PSS") && stderr.contains("--algorithm rsa-2048"),
-        "warns that today's connector needs RSA: {stderr}"
+        compat[0].contains("RSA-PSS")
+            && compat[0].contains("--algorithm rsa-2048")
+            && compat[0].contains("needs a key file for DPS"),
+        "warns that today's connector needs RSA and a key file for DPS: {stderr}"
     );
     assert_eq!(
         common::openssl_cert_pubkey(&cert_file(root.path(), "device.crt")),

@@ -287,20 +287,30 @@ pub fn converge(
     Ok(())
 }
 
-/// One warning line per combination today's Leda connector cannot use (DESIGN §3).
+/// One warning line when today's Leda connector cannot use the identity, naming every
+/// reason (DESIGN §3: PKCS#11 keys, a TPM key that is not RSA, DPS with a hardware
+/// key).
 pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
-    let out = &ctx.out;
+    let mut reasons = Vec::new();
     match state.keystore {
-        KeystoreKind::Pkcs11 => out.warn(
-            "today's Leda cloud connector cannot use PKCS#11 keys yet; the manifest carries KEY_URI for URI-aware consumers",
+        KeystoreKind::Pkcs11 => reasons.push(
+            "it cannot use PKCS#11 keys yet (the manifest carries KEY_URI for URI-aware consumers)",
         ),
-        KeystoreKind::Tpm if !state.algorithm.is_rsa() => out.warn(
-            "today's Leda cloud connector signs TPM keys with RSA-PSS only; use --algorithm rsa-2048 for it",
-        ),
+        KeystoreKind::Tpm if !state.algorithm.is_rsa() => {
+            reasons.push("it signs TPM keys with RSA-PSS only (use --algorithm rsa-2048 for it)")
+        }
         _ => {}
     }
     if state.keystore != KeystoreKind::File && matches!(cloud, Cloud::Dps { .. }) {
-        out.warn("today's Leda cloud connector needs a key file for DPS; with a hardware key it can only use a Hub connection string");
+        reasons.push(
+            "it needs a key file for DPS (with a hardware key it can only use a Hub connection string)",
+        );
+    }
+    if !reasons.is_empty() {
+        ctx.out.warn(format!(
+            "today's Leda cloud connector cannot use this identity: {}",
+            reasons.join("; ")
+        ));
     }
 }
 
