@@ -100,9 +100,13 @@ fn env_entry<'a>(manifest: &'a Value, key: &str) -> Option<&'a str> {
         .find_map(|e| e.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// The (source, destination) pairs of `mounts`, or of `mount_points` in the
+/// kanto-auto-deployer shape.
 fn mounts(manifest: &Value) -> Vec<(String, String)> {
-    manifest["mounts"]
-        .as_array()
+    manifest
+        .get("mounts")
+        .or_else(|| manifest.get("mount_points"))
+        .and_then(Value::as_array)
         .unwrap()
         .iter()
         .map(|m| {
@@ -392,6 +396,63 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
         std::fs::read(&own).unwrap(),
         std::fs::read(&store.pin_file).unwrap()
     );
+}
+
+/// The kanto-auto-deployer manifest shape (`mount_points`, `/device.crt`, a
+/// `device.key` mount) in PKCS#11 mode: the shape and the certificate's destination
+/// are kept, the key-file mount and `KEY_FILE` go, and the PIN file, module, token
+/// store and config get mounts (DESIGN §3).
+#[test]
+fn pkcs11_entries_in_the_auto_deployer_shape() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = store.dir.path().join("root");
+    let manifest_path = root.join(MANIFEST);
+    std::fs::create_dir_all(manifest_path.parent().unwrap()).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/cloudconnector.auto-deployer.json"),
+        &manifest_path,
+    )
+    .unwrap();
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
+    let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    assert!(manifest.get("mounts").is_none(), "shape converted");
+    let pair = |s: &Path, d: &str| (s.display().to_string(), d.to_owned());
+    let same = |p: &Path| pair(p, &p.display().to_string());
+    assert_eq!(
+        mounts(&manifest),
+        [
+            pair(
+                Path::new("/data/var/certificates/device.crt"),
+                "/device.crt"
+            ),
+            pair(Path::new("/data/var/mosquitto"), "/mosquitto"),
+            pair(
+                Path::new("/data/var/certificates/pkcs11.pin"),
+                "/var/certificates/pkcs11.pin"
+            ),
+            same(&store.module),
+            same(&store.tokendir()),
+            same(&store.conf),
+        ]
+    );
+    assert_eq!(env_entry(&manifest, "CERT_FILE"), Some("/device.crt"));
+    assert!(env_entry(&manifest, "KEY_URI")
+        .is_some_and(|u| u.ends_with("?pin-source=file:/var/certificates/pkcs11.pin")));
+    assert_eq!(
+        env_entry(&manifest, "PKCS11_MODULE_PATH"),
+        store.module.to_str()
+    );
+    for k in ["KEY_FILE", "KEY_PATH", "CERT_PATH"] {
+        assert_eq!(env_entry(&manifest, k), None, "{k}");
+    }
+    assert!(manifest["host_config"].get("devices").is_none());
 }
 
 /// `reset` with a wrong PIN fails before it changes anything: manifest, files and
