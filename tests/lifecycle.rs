@@ -960,11 +960,13 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
     assert_eq!(d.ours(), ours);
 
     // Importing the same file again changes nothing and restarts nothing.
+    let reimport = || {
+        d.fr.clear_calls();
+        d.run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
+            .ok()
+    };
     let installed = d.fr.snapshot();
-    d.fr.clear_calls();
-    let again = d
-        .run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
-        .ok();
+    let again = reimport();
     assert!(again.stdout.contains("already installed"), "{again}");
     assert_eq!(d.fr.calls(), Vec::<String>::new());
     assert_same_tree(&installed, &d.fr.snapshot(), "re-import");
@@ -974,9 +976,7 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
     // works in) is finished by the next one: the file is written, the connector
     // restarts.
     fs::write(d.cert("device.crt"), &self_signed).unwrap();
-    d.fr.clear_calls();
-    d.run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
-        .ok();
+    reimport();
     assert_eq!(
         fs::read(d.cert("device.crt")).unwrap(),
         fs::read(&good).unwrap()
@@ -1001,10 +1001,7 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
                 ])
                 .env("SOFTHSM2_CONF", &s.conf),
         );
-        d.fr.clear_calls();
-        let again = d
-            .run_restarting(&["import-cert", "--role", "primary", good.to_str().unwrap()])
-            .ok();
+        let again = reimport();
         assert!(again.stdout.contains("already installed"), "{again}");
         assert_eq!(d.fr.calls(), Vec::<String>::new());
         d.assert_keystore_agrees();

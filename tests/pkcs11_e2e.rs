@@ -76,6 +76,18 @@ fn provision_args(store: &PrivateStore, alg: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// [`provision_args`] with another `--pkcs11-pin-file` (`None`: no PIN source).
+fn with_pin_file(mut args: Vec<String>, pin_file: Option<&Path>) -> Vec<String> {
+    let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
+    match pin_file {
+        Some(p) => args[at + 1] = p.display().to_string(),
+        None => {
+            args.drain(at..at + 2);
+        }
+    }
+    args
+}
+
 /// Run `cmd`, expect exit status `code`, and return what it printed.
 fn run(cmd: &mut Command, code: i32) -> Output {
     let out = cmd.output().unwrap();
@@ -372,9 +384,7 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
 
     let own = root.join(CERT_DIR).join("token.pin");
     std::fs::copy(&store.pin_file, &own).unwrap();
-    let mut args = provision_args(&store, "ecdsa-p256");
-    let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
-    args[at + 1] = own.to_str().unwrap().to_owned();
+    let mut args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&own));
     args.push("--force".into());
     let out = run(tool(&store, &root).args(&args), 0);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -544,9 +554,7 @@ fn only_provision_updates_the_connectors_pin_file() {
         );
     }
     assert_same_tree(&before, &snapshot(&root), "verify and csr");
-    let mut args = provision_args(&store, "ecdsa-p256");
-    let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
-    args[at + 1] = new_pin_file.display().to_string();
+    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&new_pin_file));
     run(tool(&store, &root).args(&args), 0);
     assert_eq!(
         std::fs::read_to_string(root.join(CERT_DIR).join("pkcs11.pin")).unwrap(),
@@ -564,9 +572,7 @@ fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
     let store = PrivateStore::new("leda");
     let root = root_with_template(&store);
     let before = snapshot(&root);
-    let mut args = provision_args(&store, "ecdsa-p256");
-    let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
-    args.drain(at..at + 2);
+    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), None);
     let out = run(tool(&store, &root).args(&args), 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
