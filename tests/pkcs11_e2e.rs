@@ -366,8 +366,8 @@ fn reset_removes_the_token_objects() {
 
 /// A PIN file the user keeps in the certificates directory is read by the connector
 /// as it is (no `pkcs11.pin` copy) and is not the tool's to delete on reset; the
-/// `pkcs11.pin` an earlier run wrote (before the user switched to their own file)
-/// is, PIN and all.
+/// `pkcs11.pin` an earlier run wrote goes once the manifest names the user's file,
+/// and `reset` removes one in any case.
 #[test]
 fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
     if !available() {
@@ -396,6 +396,12 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
                 .contains("pin-source=file:/var/certificates/token.pin")),
         "{report}"
     );
+    // The manifest names the user's file now: the tool's copy of the PIN is gone.
+    assert!(
+        !tools.exists(),
+        "a stale copy of the PIN outlived the switch"
+    );
+    std::fs::write(&tools, USER_PIN).unwrap(); // as if an older run had left it
     run(
         tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
         0,

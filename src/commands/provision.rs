@@ -12,7 +12,7 @@ use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::{self, file::FileKeyStore, Algorithm, KeyStore, KeyUri, KeystoreKind, Role};
 use crate::manifest::Manifest;
-use crate::paths::DEVICE_ID_FILE;
+use crate::paths::{Layout, DEVICE_ID_FILE, PKCS11_PIN_FILE};
 
 use super::{
     build_keys, commit, compatibility_warnings, converge, recover, report, update_manifest, Ctx,
@@ -258,8 +258,21 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
     converge(ctx, &state, &cloud, certs_changed, manifest_changed)?;
+    remove_stale_pin_copy(layout, &state)?;
     let complete = report(ctx)?.is_empty();
     Ok(if complete { 0 } else { 1 })
+}
+
+/// The tool's copy of the PKCS#11 PIN (`pkcs11.pin`) once the manifest no longer
+/// names it: after a `--force` to another keystore, or to a PIN file the user keeps in
+/// the certificates directory. Removed only after the manifest is in place; a run
+/// stopped before that leaves it for the next run.
+fn remove_stale_pin_copy(layout: &Layout, state: &State) -> Result<()> {
+    let ours = Layout::cert_file(PKCS11_PIN_FILE);
+    if state.backend.pkcs11_pin_file.as_ref() != Some(&ours) {
+        fsutil::remove_file(&layout.host(&ours))?;
+    }
+    Ok(())
 }
 
 fn resolve_device_id(
