@@ -34,13 +34,30 @@ impl Cli {
     /// here, not by clap, so an exported value never collides with a flag.
     pub fn provision_args(&self) -> Result<ProvisionArgs, String> {
         let mut args = self.merged_provision_args()?;
-        if args.id_scope.is_none()
-            && args.connection_string.is_none()
-            && args.connection_string_file.is_none()
-        {
-            args.connection_string = std::env::var(CONNECTION_STRING_ENV)
-                .ok()
-                .filter(|v| !v.is_empty());
+        let cloud_flags = [
+            args.id_scope.is_some(),
+            args.connection_string.is_some(),
+            args.connection_string_file.is_some(),
+        ]
+        .into_iter()
+        .filter(|given| *given)
+        .count();
+        if cloud_flags > 1 {
+            // clap checks each side of the `provision` word; this checks both together.
+            return Err(
+                "--id-scope, --connection-string and --connection-string-file \
+                        exclude each other; give one"
+                    .into(),
+            );
+        }
+        let provisioning = matches!(self.command, None | Some(Command::Provision(_)));
+        if provisioning && cloud_flags == 0 {
+            if let Some(v) = std::env::var_os(CONNECTION_STRING_ENV).filter(|v| !v.is_empty()) {
+                let v = v
+                    .into_string()
+                    .map_err(|_| format!("{CONNECTION_STRING_ENV} is not valid UTF-8"))?;
+                args.connection_string = Some(v);
+            }
         }
         Ok(args)
     }

@@ -8,6 +8,15 @@ use crate::output::Out;
 
 pub const CONTAINER: &str = "cloudconnector";
 
+/// Secrets the user may hand us through the environment; the connector's tools
+/// (`kanto-cm`, `systemctl`) do not inherit them.
+const SECRET_ENV: [&str; 4] = [
+    "SDV_PROVISION_CONNECTION_STRING",
+    "SDV_PROVISION_PKCS11_PIN",
+    "SDV_PROVISION_PKCS11_SO_PIN",
+    "SDV_PROVISION_TPM_OWNER_AUTH",
+];
+
 /// What changed in this run, which decides how hard to restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -55,7 +64,11 @@ pub fn restart(change: Change, out: &Out) {
     let _spinner = crate::progress::spinner(out, "Restarting the cloud connector");
     for (program, args) in steps {
         let t = std::time::Instant::now();
-        let status = Command::new(program)
+        let mut cmd = Command::new(program);
+        for var in SECRET_ENV {
+            cmd.env_remove(var);
+        }
+        let status = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -529,6 +529,33 @@ fn connection_string_env_yields_to_every_cloud_flag() {
         2,
         &["provision"],
     );
+    // Two cloud flags, one on each side of `provision` (clap sees one side at a time).
+    let csf = csf.to_str().unwrap();
+    for args in [
+        [
+            "--id-scope",
+            GOOD_SCOPE,
+            "provision",
+            "--connection-string-file",
+            csf,
+        ],
+        [
+            "--connection-string",
+            &other,
+            "provision",
+            "--connection-string-file",
+            csf,
+        ],
+        [
+            "--connection-string-file",
+            csf,
+            "provision",
+            "--id-scope",
+            GOOD_SCOPE,
+        ],
+    ] {
+        assert_rejected(&fr, &args, 2, &["exclude each other"]);
+    }
 }
 
 // ---------------------------------------------------------------------------------

@@ -184,10 +184,15 @@ fn drive(
                 !calls.is_empty(),
                 "{what}: the connector was never restarted"
             );
+            let env = fr.child_env();
             for (name, s) in &secrets.never_printed {
                 assert!(
                     !calls.contains(s.as_str()),
                     "{what}: the {name} was in argv: {calls}"
+                );
+                assert!(
+                    !env.contains(s.as_str()),
+                    "{what}: the {name} was in a child's environment"
                 );
             }
         }

@@ -142,12 +142,14 @@ impl FakeRoot {
         symlink(format!("../../{under}/{name}"), net.join(name)).unwrap();
     }
 
-    /// A fake program in `bin/` that appends `NAME ARGV…` to `calls.log`.
+    /// A fake program in `bin/` that appends `NAME ARGV…` to `calls.log` and its
+    /// environment to `env.log`.
     pub fn fake_tool(&self, name: &str) {
         let p = self.bin_dir().join(name);
         let script = format!(
-            "#!/bin/sh\nprintf '%s\\n' \"{name} $*\" >> '{}'\nexit 0\n",
-            self.log().display()
+            "#!/bin/sh\nprintf '%s\\n' \"{name} $*\" >> '{}'\nenv >> '{}'\nexit 0\n",
+            self.log().display(),
+            self.dir.path().join("env.log").display()
         );
         fs::write(&p, script).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
@@ -155,6 +157,11 @@ impl FakeRoot {
 
     pub fn remove_fake_tool(&self, name: &str) {
         fs::remove_file(self.bin_dir().join(name)).unwrap();
+    }
+
+    /// The environments the fake tools ran with, one `KEY=VALUE` a line.
+    pub fn child_env(&self) -> String {
+        fs::read_to_string(self.dir.path().join("env.log")).unwrap_or_default()
     }
 
     /// The recorded calls, one per line, in order.
