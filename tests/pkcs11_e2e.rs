@@ -401,6 +401,31 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
         !tools.exists(),
         "a stale copy of the PIN outlived the switch"
     );
+    // Later runs without a PIN flag read the recorded file and make no copy of it.
+    let manifest = root.join(MANIFEST);
+    let before = std::fs::read(&manifest).unwrap();
+    run(
+        tool(&store, &root).args(["--non-interactive", "--no-restart", "rotate"]),
+        0,
+    );
+    assert!(!tools.exists(), "rotate made a copy of the PIN");
+    let key_uri = |bytes: &[u8]| {
+        let m: Value = serde_json::from_slice(bytes).unwrap();
+        env_entry(&m, "KEY_URI").map(str::to_owned)
+    };
+    assert_eq!(
+        key_uri(&std::fs::read(&manifest).unwrap()),
+        key_uri(&before)
+    );
+    // A reset that fails on a broken manifest changes nothing, PIN files included.
+    std::fs::write(&manifest, b"{ not json").unwrap();
+    let snap = snapshot(&root);
+    run(
+        tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
+        1,
+    );
+    assert_same_tree(&snap, &snapshot(&root), "a reset on a broken manifest");
+    std::fs::write(&manifest, &before).unwrap();
     std::fs::write(&tools, USER_PIN).unwrap(); // as if an older run had left it
     run(
         tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),

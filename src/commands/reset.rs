@@ -41,14 +41,16 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
         Err(_) if id.cloud.is_some() => None,
         Err(e) => return Err(e),
     };
-    // The keystore before anything changes: a wrong PIN, a missing token or an
-    // unreachable TPM stops the reset here, with the manifest and files untouched
-    // (a committed journal would otherwise make the next run finish the removal).
+    // The manifest is parsed, then the keystore opened, before anything changes: a
+    // broken manifest, a wrong PIN, a missing token or an unreachable TPM stops the
+    // reset here with everything untouched (a committed journal would otherwise make
+    // the next run finish the removal).
+    let manifest = Manifest::load(&ctx.layout)?;
     let mut ks: Box<dyn KeyStore> = match &state {
         Some(s) => ctx.open_keystore(s.keystore, Some(s))?,
         None => Box::new(FileKeyStore::new(ctx.layout.clone())),
     };
-    let manifest_changed = match Manifest::load(&ctx.layout)? {
+    let manifest_changed = match manifest {
         Some(m) => {
             let clean = m.stripped(
                 state

@@ -405,7 +405,8 @@ pub struct KeystoreConfig {
     /// May we prompt (PIN)? False with `--non-interactive`, `--json` or no TTY.
     pub interactive: bool,
     /// The command only reads (`verify`, `csr`): opening the keystore writes nothing,
-    /// not even the connector's PIN file (those commands run without the lock).
+    /// not even the connector's PIN file (those commands run without the lock); a
+    /// PKCS#11 token gets a read-only session and is never initialised.
     pub read_only: bool,
     /// What an earlier run recorded; used where no flag or env var says otherwise.
     pub recorded: BackendRecord,

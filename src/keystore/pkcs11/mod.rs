@@ -157,7 +157,7 @@ impl Pkcs11KeyStore {
                 check_user_pin_state(&ctx, slot, &token)?;
                 (slot, user_pin(config, layout, &token)?)
             }
-            Err(_) if config.pkcs11_init_token => {
+            Err(_) if config.pkcs11_init_token && !config.read_only => {
                 let pin = user_pin(config, layout, &token)?;
                 init_token(&ctx, &module, &token, &pin)?;
                 let slot = find_token(&ctx, &module, &token)?
@@ -166,7 +166,14 @@ impl Pkcs11KeyStore {
             }
             Err(labels) => return Err(not_found(&module, &token, &labels)),
         };
-        let session = ctx.open_rw_session(slot).map_err(|e| match e {
+        // Commands that only read get a read-only session: they work on a
+        // write-protected token and cannot change one by mistake.
+        let session = if config.read_only {
+            ctx.open_ro_session(slot)
+        } else {
+            ctx.open_rw_session(slot)
+        };
+        let session = session.map_err(|e| match e {
             CkError::Pkcs11(RvError::TokenWriteProtected, _) => KeyStoreError::Rejected {
                 what: format!(
                     "PKCS#11 token {token} is write-protected ({})",

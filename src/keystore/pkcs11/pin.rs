@@ -187,10 +187,19 @@ pub(super) fn connector_pin_file(
     layout: &Layout,
     pin: &SecretString,
 ) -> Result<PathBuf, KeyStoreError> {
-    if let Some(user) = &config.pkcs11_pin_file {
-        if let Some(device) = inside_cert_dir(layout, user) {
-            return Ok(device);
+    let ours = Layout::cert_file(PIN_FILE_NAME);
+    match (&config.pkcs11_pin_file, &config.recorded.pkcs11_pin_file) {
+        (Some(user), _) => {
+            if let Some(device) = inside_cert_dir(layout, user) {
+                return Ok(device);
+            }
         }
+        // No PIN file given: the connector keeps reading the user's own file an
+        // earlier run recorded (no copy of the PIN is made beside it).
+        (None, Some(recorded)) if *recorded != ours && layout.host(recorded).is_file() => {
+            return Ok(recorded.clone());
+        }
+        (None, _) => {}
     }
     if config.read_only {
         return Ok(Layout::cert_file(PIN_FILE_NAME));
