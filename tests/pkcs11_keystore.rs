@@ -145,6 +145,28 @@ fn full_cycle(alg: Algorithm, placement: Option<Placement>) {
         }
         // The two identities never share an id.
         assert_ne!(pk(&uris[0]).id, pk(&uris[1]).id);
+        // SoftHSM copies and keeps protection: nothing fell back to direct creation.
+        assert_eq!(
+            ks.placement(),
+            placement.unwrap_or(Placement::CopyFromSession)
+        );
+        // Attaching the same certificate again keeps the object (no rewrite).
+        let s = hsm.session();
+        let cert_of = |uri: &KeyUri| {
+            s.find_objects(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::Label(pk(uri).object.as_bytes().to_vec()),
+            ])
+            .unwrap()
+        };
+        let before = cert_of(&uris[0]);
+        assert_eq!(before.len(), 1);
+        ks.attach_certificate(&uris[0], &certs[0].1.der).unwrap();
+        assert_eq!(
+            cert_of(&uris[0]),
+            before,
+            "the certificate object was re-made"
+        );
         // No session object is left behind, while the store's session still lives
         // (session objects are visible to every session of the process).
         assert_eq!(

@@ -442,8 +442,9 @@ impl KeyStore for Pkcs11KeyStore {
     /// loses the object if the process dies mid-update, while a copy is a new object and
     /// a destroy is an unlink. Every step is idempotent: for each class, the staged
     /// object, its live copy, or both exist at every instant, and a re-run finishes
-    /// the move. Tokens that cannot copy ([`Placement::Direct`], or a refused copy)
-    /// get the staged objects relabelled in place.
+    /// the move. Without a copy (a token set to [`Placement::Direct`], any copy
+    /// error, or a key copy that lost its protection) the staged objects are
+    /// relabelled in place.
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
         let u = self.uri(from)?.clone();
         let live = label(role, false);
@@ -462,23 +463,18 @@ impl KeyStore for Pkcs11KeyStore {
                 let Some(&first) = staged.first() else {
                     continue;
                 };
-                if find(session, &identity_template(live, &u.id, class))?.is_empty() {
-                    // A token that cannot copy gets the staged objects relabelled in
-                    // place instead.
-                    match copies.then(|| session.copy_object(first, slice::from_ref(&live_label))) {
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) if !copy_refused(&e) => {
-                            return Err(write_error(&step, &u.token, e))
-                        }
-                        _ => {
-                            for h in &staged {
-                                session
-                                    .update_attributes(*h, slice::from_ref(&live_label))
-                                    .map_err(|e| write_error(&step, &u.token, e))?;
-                            }
-                            continue;
-                        }
+                if find(session, &identity_template(live, &u.id, class))?.is_empty()
+                    && !(copies && copy_keeping_protection(session, first, class, &live_label)?)
+                {
+                    // No copy (a token that cannot copy, any copy error, or a copy
+                    // that lost the key's protection): relabel the staged objects in
+                    // place. They are all still there, so this is always possible.
+                    for h in &staged {
+                        session
+                            .update_attributes(*h, slice::from_ref(&live_label))
+                            .map_err(|e| write_error(&step, &u.token, e))?;
                     }
+                    continue;
                 }
                 for h in staged {
                     session
@@ -686,19 +682,32 @@ fn protected(session: &Session, key: ObjectHandle) -> Result<(), String> {
     Ok(())
 }
 
-/// The errors of a token that does not copy objects: `promote` then relabels in place.
-fn copy_refused(e: &CkError) -> bool {
-    matches!(
-        e,
-        CkError::Pkcs11(
-            RvError::FunctionNotSupported
-                | RvError::ActionProhibited
-                | RvError::AttributeReadOnly
-                | RvError::AttributeValueInvalid
-                | RvError::TemplateInconsistent,
-            _,
-        )
-    )
+/// Copy `object` under `label`; a private key's copy must keep its protection
+/// ([`protected`]). `Ok(false)`, with nothing left behind, when that did not work;
+/// `Err` if a copy that lost protection cannot be destroyed.
+fn copy_keeping_protection(
+    session: &Session,
+    object: ObjectHandle,
+    class: ObjectClass,
+    label: &Attribute,
+) -> Result<bool, KeyStoreError> {
+    let copy = match session.copy_object(object, slice::from_ref(label)) {
+        Ok(copy) => copy,
+        Err(e) => {
+            tracing::debug!("no copy ({}); relabelling in place", describe(&e));
+            return Ok(false);
+        }
+    };
+    if class == ObjectClass::PRIVATE_KEY {
+        if let Err(why) = protected(session, copy) {
+            tracing::debug!("{why}; relabelling in place");
+            session
+                .destroy_object(copy)
+                .map_err(|e| ck(format!("remove a copy that lost protection ({why})"), e))?;
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Destroy objects we made, on a path that already failed or no longer needs them;
