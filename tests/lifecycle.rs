@@ -238,6 +238,15 @@ impl Device {
                 ),
             }
         }
+        // A token's connector PIN file is checked too.
+        match self.kind() {
+            #[cfg(feature = "pkcs11")]
+            Kind::SoftHsm => assert!(
+                checks.get("keystore.pin_file").is_some_and(|c| c.0),
+                "keystore.pin_file not ok:\n{r}"
+            ),
+            _ => assert!(!checks.contains_key("keystore.pin_file"), "{r}"),
+        }
     }
 
     /// Verify fails (exit 1), exactly the checks in `failing` fail, and each one's

@@ -538,8 +538,8 @@ fn reset_with_a_wrong_pin_changes_nothing() {
 }
 
 /// A PIN changed on the token: `verify` and `csr` with the new PIN only read (the
-/// connector's PIN file keeps the old one: they run without the lock); the next
-/// `provision` writes the new PIN there.
+/// connector's PIN file keeps the old one: they run without the lock), and `verify`
+/// fails on that stale file; the next `provision` writes the new PIN there.
 #[test]
 fn only_provision_updates_the_connectors_pin_file() {
     if !available() {
@@ -564,26 +564,27 @@ fn only_provision_updates_the_connectors_pin_file() {
     let new_pin_file = store.dir.path().join("new.pin");
     std::fs::write(&new_pin_file, new_pin).unwrap();
     let before = snapshot(&root);
+    let with_new_pin = |args: &[&str]| {
+        let mut c = tool(&store, &root);
+        c.arg("--pkcs11-pin-file")
+            .arg(&new_pin_file)
+            .arg("--non-interactive")
+            .args(args);
+        c
+    };
+    let out = run(&mut with_new_pin(&["verify"]), 1);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fails: Vec<_> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fails.len(), 1, "{stdout}");
+    assert!(
+        fails[0].contains("keystore.pin_file") && fails[0].contains("pkcs11.pin"),
+        "{stdout}"
+    );
     let csr = store.dir.path().join("device.csr");
-    for args in [
-        vec!["verify".to_owned()],
-        vec![
-            "csr".into(),
-            "--role".into(),
-            "primary".into(),
-            "--out".into(),
-            csr.display().to_string(),
-        ],
-    ] {
-        run(
-            tool(&store, &root)
-                .arg("--pkcs11-pin-file")
-                .arg(&new_pin_file)
-                .arg("--non-interactive")
-                .args(&args),
-            0,
-        );
-    }
+    run(
+        &mut with_new_pin(&["csr", "--role", "primary", "--out", csr.to_str().unwrap()]),
+        0,
+    );
     assert_same_tree(&before, &snapshot(&root), "verify and csr");
     let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&new_pin_file));
     run(tool(&store, &root).args(&args), 0);
@@ -591,6 +592,7 @@ fn only_provision_updates_the_connectors_pin_file() {
         std::fs::read_to_string(root.join(CERT_DIR).join("pkcs11.pin")).unwrap(),
         new_pin
     );
+    run(&mut with_new_pin(&["verify"]), 0);
 }
 
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing

@@ -82,6 +82,12 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             None
         }
     };
+    if let Some((name, outcome)) = ks.as_ref().and_then(|ks| ks.check_store()) {
+        match outcome {
+            Ok(detail) => add(format!("keystore.{name}"), true, detail),
+            Err(e) => add(format!("keystore.{name}"), false, e.to_string()),
+        }
+    }
     for role in Role::ALL {
         let view = id.role(role);
         let cert = match &view.cert {

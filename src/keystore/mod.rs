@@ -285,6 +285,14 @@ pub trait KeyStore {
         BackendRecord::default()
     }
 
+    /// Check what consumers need from the store itself, for `verify`: the check's
+    /// name (`verify` shows it as `keystore.<name>`) and its outcome; `None` when
+    /// there is nothing to check (PKCS#11 checks the connector's PIN file). Changes
+    /// nothing.
+    fn check_store(&self) -> Option<(&'static str, Result<String, KeyStoreError>)> {
+        None
+    }
+
     /// Check the copies of the key at `uri` that consumers load instead of the key
     /// itself, for `verify`: `None` when there are none (files, PKCS#11), else what was
     /// checked, or why the copies are not that key. Changes nothing.

@@ -39,7 +39,7 @@ mod pin;
 mod token;
 
 use key::{ec_params, key_algorithm, public_der, Pkcs11Key};
-use pin::{check_user_pin_state, connector_pin_file, login, user_pin};
+use pin::{check_user_pin_state, connector_pin_file, login, pin_file_holds, user_pin};
 use token::{consumer_mounts, find_token, init_token, load_module, not_found, MODULE_HINT};
 
 /// Token label used when neither a flag nor an earlier run names one.
@@ -107,6 +107,9 @@ pub struct Pkcs11KeyStore {
     session: Mutex<Session>,
     /// Device path of the PIN file the connector reads.
     pin_file: PathBuf,
+    /// Does that file hold the PIN the token accepted? (Read-only commands do not
+    /// rewrite it; `verify` reports a stale one.)
+    pin_file_current: bool,
     /// Extra host paths a containerised consumer needs (SoftHSM's token store and
     /// config); the module itself is added by the manifest code.
     mounts: Vec<PathBuf>,
@@ -186,12 +189,14 @@ impl Pkcs11KeyStore {
         login(&session, &token, &pin)?;
 
         let pin_file = connector_pin_file(config, layout, &pin)?;
+        let pin_file_current = pin_file_holds(layout, &pin_file, &pin);
         let mounts = consumer_mounts(&ctx);
         Ok(Pkcs11KeyStore {
             module,
             token,
             session: Mutex::new(session),
             pin_file,
+            pin_file_current,
             mounts,
             placement: None,
             forced: None,
@@ -562,6 +567,28 @@ impl KeyStore for Pkcs11KeyStore {
                 .map_err(|e| write_error(&step, &u.token, e))?;
         }
         Ok(())
+    }
+
+    /// The connector's PIN file must hold the PIN the token accepted, or its login
+    /// fails (and uses up the token's retries).
+    fn check_store(&self) -> Option<(&'static str, Result<String, KeyStoreError>)> {
+        let outcome = if self.pin_file_current {
+            Ok(format!(
+                "{} holds the PIN token {} accepted",
+                self.pin_file.display(),
+                self.token
+            ))
+        } else {
+            Err(KeyStoreError::Rejected {
+                what: format!(
+                    "{} does not hold the PIN token {} accepted; the connector's login would fail",
+                    self.pin_file.display(),
+                    self.token
+                ),
+                hint: "run sdv-provision with the current PIN to update it".into(),
+            })
+        };
+        Some(("pin_file", outcome))
     }
 
     fn record(&self) -> BackendRecord {

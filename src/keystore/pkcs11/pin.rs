@@ -179,6 +179,20 @@ fn read_pin_file(path: &Path, flag: &str) -> Result<SecretString, KeyStoreError>
     Ok(SecretString::from(text))
 }
 
+/// Does the PIN file at device path `file` hold `pin` (one trailing newline allowed)?
+/// Read like the tool's other files: never through a link, never blocking on a FIFO.
+pub(super) fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -> bool {
+    let Ok(Some(bytes)) = fsutil::read_optional(&layout.host(file)) else {
+        return false;
+    };
+    let bytes = Zeroizing::new(bytes);
+    let mut held: &[u8] = &bytes;
+    if let Some(p) = held.strip_suffix(b"\n") {
+        held = p.strip_suffix(b"\r").unwrap_or(p);
+    }
+    held == pin.expose_secret().as_bytes()
+}
+
 /// Device path of the PIN file the connector reads; writes `<certdir>/pkcs11.pin`
 /// (0600, atomically, only when it differs) unless the user's PIN file already lies in
 /// the certificates directory.
