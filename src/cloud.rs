@@ -167,7 +167,7 @@ impl ConnectionString {
                 "GatewayHostName" => check_host(k, v)?,
                 other => {
                     return Err(format!(
-                        "unknown key {other:?} in the connection string (expected HostName, DeviceId, SharedAccessKey, x509)"
+                        "unknown key {other:?} in the connection string (expected HostName, DeviceId, SharedAccessKey, x509, GatewayHostName)"
                     ))
                 }
             }
@@ -216,7 +216,12 @@ pub fn from_flags(
     }
     if let Some(s) = connection_string {
         let cs = ConnectionString::parse(s)
-            .map_err(|e| Error::input(e, "pass a valid --connection-string"))?;
+            .map_err(|e| {
+                Error::input(
+                    e,
+                    "pass a valid connection string (--connection-string, --connection-string-file or env SDV_PROVISION_CONNECTION_STRING)",
+                )
+            })?;
         return Ok(Some(Cloud::Hub(cs)));
     }
     Ok(None)
