@@ -580,6 +580,21 @@ fn only_provision_updates_the_connectors_pin_file() {
         fails[0].contains("keystore.pin_file") && fails[0].contains("pkcs11.pin"),
         "{stdout}"
     );
+    // A PIN file of the user's in the certificates directory, holding the new PIN,
+    // does not hide that the file the manifest names is stale.
+    let mine = root.join(CERT_DIR).join("mine.pin");
+    std::fs::write(&mine, new_pin).unwrap();
+    let mut c = tool(&store, &root);
+    c.arg("--pkcs11-pin-file")
+        .arg(&mine)
+        .args(["--non-interactive", "verify"]);
+    let out = run(&mut c, 1);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("FAIL keystore.pin_file: /data/var/certificates/pkcs11.pin"),
+        "{stdout}"
+    );
+    std::fs::remove_file(&mine).unwrap();
     let csr = store.dir.path().join("device.csr");
     run(
         &mut with_new_pin(&["csr", "--role", "primary", "--out", csr.to_str().unwrap()]),
@@ -593,6 +608,77 @@ fn only_provision_updates_the_connectors_pin_file() {
         new_pin
     );
     run(&mut with_new_pin(&["verify"]), 0);
+}
+
+/// The recorded user PIN file in the certificates directory is the connector's only
+/// while it holds the PIN the token accepts: a PIN changed on the token (new PIN from
+/// the environment) or the file gone makes the run write the tool's `pkcs11.pin`,
+/// and state, manifest and verify follow.
+#[test]
+fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let own = root.join(CERT_DIR).join("token.pin");
+    std::fs::create_dir_all(own.parent().unwrap()).unwrap();
+    std::fs::copy(&store.pin_file, &own).unwrap();
+    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&own));
+    run(tool(&store, &root).args(&args), 0);
+    let tools = root.join(CERT_DIR).join("pkcs11.pin");
+    let pin_source = || {
+        let m: Value =
+            serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
+        let uri = env_entry(&m, "KEY_URI").unwrap().to_owned();
+        uri.split_once("?pin-source=file:").unwrap().1.to_owned()
+    };
+    assert_eq!(pin_source(), "/var/certificates/token.pin");
+
+    // The PIN changes on the token; the next run gets the new one from the env.
+    let new_pin = "4321-new";
+    run(
+        Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&store.module)
+            .args(["--token-label", "leda", "--login", "--pin", USER_PIN])
+            .args(["--change-pin", "--new-pin", new_pin])
+            .env("SOFTHSM2_CONF", &store.conf),
+        0,
+    );
+    let rerun = |extra: &[&str]| {
+        let mut args = with_pin_file(provision_args(&store, "ecdsa-p256"), None);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut c = tool(&store, &root);
+        c.env("SDV_PROVISION_PKCS11_PIN", new_pin).args(args);
+        c
+    };
+    run(&mut rerun(&[]), 0);
+    assert_eq!(std::fs::read_to_string(&tools).unwrap(), new_pin);
+    assert_eq!(pin_source(), "/var/certificates/pkcs11.pin");
+    assert_eq!(
+        std::fs::read(&own).unwrap(),
+        std::fs::read(&store.pin_file).unwrap()
+    );
+    let verify = |c: &mut Command| {
+        c.env("SDV_PROVISION_PKCS11_PIN", new_pin)
+            .args(["--non-interactive", "verify"]);
+        run(c, 0)
+    };
+    verify(&mut tool(&store, &root));
+
+    // Back to the user's file (now holding the new PIN), then the file disappears.
+    std::fs::write(&own, new_pin).unwrap();
+    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&own));
+    let mut c = tool(&store, &root);
+    run(c.args(&args).arg("--force"), 0);
+    assert_eq!(pin_source(), "/var/certificates/token.pin");
+    assert!(!tools.exists());
+    std::fs::remove_file(&own).unwrap();
+    run(&mut rerun(&[]), 0);
+    assert_eq!(pin_source(), "/var/certificates/pkcs11.pin");
+    assert_eq!(std::fs::read_to_string(&tools).unwrap(), new_pin);
+    verify(&mut tool(&store, &root));
 }
 
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing

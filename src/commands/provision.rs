@@ -115,6 +115,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
         (Some(s), _, false) => {
             check_unchanged(ctx, args, s.keystore, s.algorithm)?;
             let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
+            let s = &refresh_pin_file(layout, s, ks.as_ref())?;
             certs_changed |= check_certificates(ctx, ks.as_mut(), s, &id, args.days)?;
             let missing: Vec<Role> = Role::ALL
                 .into_iter()
@@ -261,6 +262,22 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     remove_stale_pin_copy(layout, &state)?;
     let complete = report(ctx)?.is_empty();
     Ok(if complete { 0 } else { 1 })
+}
+
+/// A re-run's PKCS#11 store may have chosen another connector PIN file than the
+/// identity records (the recorded user file went missing or no longer holds the PIN
+/// the token accepts, so the tool wrote its own copy): the state follows, and with it
+/// the manifest (converged later in this run; a run stopped in between is repaired by
+/// the next, since the state then names a file that exists).
+fn refresh_pin_file(layout: &Layout, state: &State, ks: &dyn KeyStore) -> Result<State> {
+    let chosen = ks.record().pkcs11_pin_file;
+    if state.keystore != KeystoreKind::Pkcs11 || chosen == state.backend.pkcs11_pin_file {
+        return Ok(state.clone());
+    }
+    let mut next = state.clone();
+    next.backend.pkcs11_pin_file = chosen;
+    next.save(layout)?;
+    Ok(next)
 }
 
 /// The tool's copy of the PKCS#11 PIN (`pkcs11.pin`) once the manifest no longer

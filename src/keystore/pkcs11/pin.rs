@@ -194,29 +194,33 @@ pub(super) fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -
 }
 
 /// Device path of the PIN file the connector reads; writes `<certdir>/pkcs11.pin`
-/// (0600, atomically, only when it differs) unless the user's PIN file already lies in
-/// the certificates directory.
+/// (0600, atomically, only when it differs) unless the connector can read a PIN file
+/// of the user's in the certificates directory:
+/// - the `--pkcs11-pin-file` given, when it lies there;
+/// - else the one an earlier run recorded, while it still holds the PIN the token
+///   just accepted (a PIN from the environment or a prompt may be newer).
+///
+/// Read-only commands (`verify`, `csr`) write nothing and answer with the file the
+/// identity records: the one the manifest names.
 pub(super) fn connector_pin_file(
     config: &KeystoreConfig,
     layout: &Layout,
     pin: &SecretString,
 ) -> Result<PathBuf, KeyStoreError> {
     let ours = Layout::cert_file(PIN_FILE_NAME);
+    if config.read_only {
+        return Ok(config.recorded.pkcs11_pin_file.clone().unwrap_or(ours));
+    }
     match (&config.pkcs11_pin_file, &config.recorded.pkcs11_pin_file) {
         (Some(user), _) => {
             if let Some(device) = inside_cert_dir(layout, user) {
                 return Ok(device);
             }
         }
-        // No PIN file given: the connector keeps reading the user's own file an
-        // earlier run recorded (no copy of the PIN is made beside it).
-        (None, Some(recorded)) if *recorded != ours && layout.host(recorded).is_file() => {
+        (None, Some(recorded)) if *recorded != ours && pin_file_holds(layout, recorded, pin) => {
             return Ok(recorded.clone());
         }
         (None, _) => {}
-    }
-    if config.read_only {
-        return Ok(Layout::cert_file(PIN_FILE_NAME));
     }
     let host = layout.host_cert_file(PIN_FILE_NAME);
     let want = pin.expose_secret().as_bytes();
@@ -227,7 +231,7 @@ pub(super) fn connector_pin_file(
         fsutil::atomic_write(&host, want, fsutil::SECRET)
             .map_err(|e| KeyStoreError::backend("write the connector's PIN file", e.to_string()))?;
     }
-    Ok(Layout::cert_file(PIN_FILE_NAME))
+    Ok(ours)
 }
 
 /// The device path of `host_path` if it lies inside the certificates directory.
