@@ -638,10 +638,26 @@ fn promote(placement: Placement) {
     let (old, _) = make(&mut ks, false);
     let (next, next_cert) = make(&mut ks, true);
     assert_eq!(pk(&next).object, "device-primary.next");
+    let handles = |label: &str| {
+        let s = hsm.session();
+        let mut h: Vec<_> = hsm.objects(&s, label).iter().map(|h| h.handle()).collect();
+        h.sort();
+        h
+    };
+    let staged = handles("device-primary.next");
 
     let live = ks.promote(&next, Role::Primary).unwrap();
     assert_eq!(pk(&live).object, "device-primary");
     assert_eq!(pk(&live).id, pk(&next).id);
+    // Copied (new objects) or relabelled (the staged objects themselves).
+    match placement {
+        Placement::CopyFromSession => {
+            assert!(handles("device-primary")
+                .iter()
+                .all(|h| !staged.contains(h)))
+        }
+        Placement::Direct => assert_eq!(handles("device-primary"), staged),
+    }
     let s = hsm.session();
     assert!(hsm.objects(&s, "device-primary.next").is_empty());
     let objs = hsm.objects(&s, "device-primary");

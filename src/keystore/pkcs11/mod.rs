@@ -447,9 +447,9 @@ impl KeyStore for Pkcs11KeyStore {
     /// loses the object if the process dies mid-update, while a copy is a new object and
     /// a destroy is an unlink. Every step is idempotent: for each class, the staged
     /// object, its live copy, or both exist at every instant, and a re-run finishes
-    /// the move. Without a copy (a token set to [`Placement::Direct`], any copy
-    /// error, or a key copy that lost its protection) the staged objects are
-    /// relabelled in place.
+    /// the move. Without a copy (a token set to [`Placement::Direct`], a token that
+    /// refuses to copy, or a key copy that lost its protection) the staged objects
+    /// are relabelled in place; other copy errors stop the move, for the next run.
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
         let u = self.uri(from)?.clone();
         let live = label(role, false);
@@ -468,12 +468,23 @@ impl KeyStore for Pkcs11KeyStore {
                 let Some(&first) = staged.first() else {
                     continue;
                 };
-                if find(session, &identity_template(live, &u.id, class))?.is_empty()
+                let mut copied = find(session, &identity_template(live, &u.id, class))?;
+                if class == ObjectClass::PRIVATE_KEY {
+                    // A copy an interrupted run made but never vetted is vetted now.
+                    for &h in &copied {
+                        if let Err(why) = protected(session, h) {
+                            session.destroy_object(h).map_err(|e| {
+                                ck(format!("remove a copy that lost protection ({why})"), e)
+                            })?;
+                        }
+                    }
+                    copied = find(session, &identity_template(live, &u.id, class))?;
+                }
+                if copied.is_empty()
                     && !(copies && copy_keeping_protection(session, first, class, &live_label)?)
                 {
-                    // No copy (a token that cannot copy, any copy error, or a copy
-                    // that lost the key's protection): relabel the staged objects in
-                    // place. They are all still there, so this is always possible.
+                    // No copy (a token that cannot copy, or a key copy that lost its
+                    // protection): relabel the staged objects in place.
                     for h in &staged {
                         session
                             .update_attributes(*h, slice::from_ref(&live_label))
@@ -710,8 +721,11 @@ fn protected(session: &Session, key: ObjectHandle) -> Result<(), String> {
 }
 
 /// Copy `object` under `label`; a private key's copy must keep its protection
-/// ([`protected`]). `Ok(false)`, with nothing left behind, when that did not work;
-/// `Err` if a copy that lost protection cannot be destroyed.
+/// ([`protected`]). `Ok(false)`, with nothing left behind, when the token does not
+/// copy ([`copy_refused`]) or the copy lost protection: relabel instead. Any other
+/// error (token full, storage failing) is returned: a relabel rewrites the object in
+/// place, which on such a store can lose it, while the failed promotion is retried
+/// by the next run.
 fn copy_keeping_protection(
     session: &Session,
     object: ObjectHandle,
@@ -720,10 +734,11 @@ fn copy_keeping_protection(
 ) -> Result<bool, KeyStoreError> {
     let copy = match session.copy_object(object, slice::from_ref(label)) {
         Ok(copy) => copy,
-        Err(e) => {
+        Err(e) if copy_refused(&e) => {
             tracing::debug!("no copy ({}); relabelling in place", describe(&e));
             return Ok(false);
         }
+        Err(e) => return Err(ck("copy a staged object to its live label", e)),
     };
     if class == ObjectClass::PRIVATE_KEY {
         if let Err(why) = protected(session, copy) {
@@ -735,6 +750,21 @@ fn copy_keeping_protection(
         }
     }
     Ok(true)
+}
+
+/// The errors of a token that does not copy objects (or this one).
+fn copy_refused(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::FunctionNotSupported
+                | RvError::ActionProhibited
+                | RvError::AttributeReadOnly
+                | RvError::AttributeValueInvalid
+                | RvError::TemplateInconsistent,
+            _,
+        )
+    )
 }
 
 /// Destroy objects we made, on a path that already failed or no longer needs them;
