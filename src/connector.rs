@@ -45,23 +45,25 @@ pub fn plan(change: Change) -> Vec<(&'static str, Vec<&'static str>)> {
 }
 
 /// Run the restart sequence. Failures are warnings: the identity is already complete
-/// on disk, and the user can restart the connector by hand.
-pub fn restart(change: Change, out: &Out) {
+/// on disk, and the user can restart the connector by hand. True when every step ran
+/// and succeeded (or there was nothing to do).
+pub fn restart(change: Change, out: &Out) -> bool {
     let steps = plan(change);
     if steps.is_empty() {
-        return;
+        return true;
     }
     if crate::which("kanto-cm").is_none() {
         out.warn(
             "kanto-cm is not on PATH; restart the cloud connector yourself (or pass --no-restart)",
         );
-        return;
+        return false;
     }
     out.say(match change {
         Change::Manifest => "Recreating the Cloud Connector container...",
         _ => "Restarting the Cloud Connector container...",
     });
     let _spinner = crate::progress::spinner(out, "Restarting the cloud connector");
+    let mut all_ok = true;
     for (program, args) in steps {
         let t = std::time::Instant::now();
         let mut cmd = Command::new(program);
@@ -77,8 +79,35 @@ pub fn restart(change: Change, out: &Out) {
         tracing::info!(program, ?args, elapsed = ?t.elapsed(), ?status, "connector step");
         match status {
             Ok(s) if s.success() => {}
-            Ok(s) => out.warn(format!("{program} {} exited with {s}", args.join(" "))),
-            Err(e) => out.warn(format!("cannot run {program}: {e}")),
+            Ok(s) => {
+                all_ok = false;
+                out.warn(format!("{program} {} exited with {s}", args.join(" ")))
+            }
+            Err(e) => {
+                all_ok = false;
+                out.warn(format!("cannot run {program}: {e}"))
+            }
+        }
+    }
+    all_ok
+}
+
+#[cfg(test)]
+mod tests {
+    /// The names children must not inherit are the ones the tool reads secrets from.
+    #[test]
+    fn secret_env_names_match_the_readers() {
+        #[allow(unused_mut)] // without the keystore features there is one name
+        let mut readers = vec![crate::cli::CONNECTION_STRING_ENV];
+        #[cfg(feature = "pkcs11")]
+        readers.extend([
+            crate::keystore::pkcs11::PIN_ENV,
+            crate::keystore::pkcs11::SO_PIN_ENV,
+        ]);
+        #[cfg(feature = "tpm")]
+        readers.push(crate::keystore::tpm::OWNER_AUTH_ENV);
+        for name in readers {
+            assert!(super::SECRET_ENV.contains(&name), "{name}");
         }
     }
 }

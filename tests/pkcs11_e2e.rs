@@ -396,7 +396,20 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
                 .contains("pin-source=file:/var/certificates/token.pin")),
         "{report}"
     );
-    // The manifest names the user's file now: the tool's copy of the PIN is gone.
+    // The manifest names the user's file now. The container was not recreated
+    // (--no-restart) and may still mount the tool's copy of the PIN: it stays until a
+    // run finds the connector on the current manifest, like the re-run here.
+    assert!(
+        tools.exists(),
+        "removed while the old container may mount it"
+    );
+    run(
+        tool(&store, &root).args(with_pin_file(
+            provision_args(&store, "ecdsa-p256"),
+            Some(&own),
+        )),
+        0,
+    );
     assert!(
         !tools.exists(),
         "a stale copy of the PIN outlived the switch"
@@ -673,12 +686,47 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
     let mut c = tool(&store, &root);
     run(c.args(&args).arg("--force"), 0);
     assert_eq!(pin_source(), "/var/certificates/token.pin");
+    run(tool(&store, &root).args(&args), 0);
     assert!(!tools.exists());
     std::fs::remove_file(&own).unwrap();
     run(&mut rerun(&[]), 0);
     assert_eq!(pin_source(), "/var/certificates/pkcs11.pin");
     assert_eq!(std::fs::read_to_string(&tools).unwrap(), new_pin);
     verify(&mut tool(&store, &root));
+}
+
+/// `--force` to the file keystore: the token's objects go, and so does the tool's
+/// copy of the PIN once the connector runs the new manifest.
+#[test]
+fn force_to_the_file_keystore_removes_the_tokens_objects_and_pin_copy() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
+    let tools = root.join(CERT_DIR).join("pkcs11.pin");
+    assert!(tools.is_file());
+    let to_file = [
+        "--keystore",
+        "file",
+        "--non-interactive",
+        "--no-restart",
+        "provision",
+        "--algorithm",
+        "ecdsa-p256",
+    ];
+    run(tool(&store, &root).args(to_file).arg("--force"), 0);
+    assert!(store.object_labels().is_empty(), "the token's objects stay");
+    assert!(root.join(CERT_DIR).join("device.key").is_file());
+    run(tool(&store, &root).args(to_file), 0);
+    assert!(
+        !tools.exists(),
+        "the tool's copy of the PIN outlived the switch"
+    );
 }
 
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing

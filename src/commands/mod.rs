@@ -256,14 +256,15 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
 
 /// Bring the manifest in line and restart the connector as needed. `certs_changed`
 /// says whether this run changed keys or certificates; `manifest_changed` whether it
-/// already rewrote the manifest earlier.
+/// already rewrote the manifest earlier. True when the connector runs what the
+/// manifest says now (no manifest; nothing changed in it; or recreated from it).
 pub fn converge(
     ctx: &Ctx,
     state: &State,
     cloud: &Cloud,
     certs_changed: bool,
     manifest_changed: bool,
-) -> Result<()> {
+) -> Result<bool> {
     let manifest_changed = match update_manifest(ctx, state, cloud)? {
         None => {
             ctx.out.warn(format!(
@@ -281,10 +282,8 @@ pub fn converge(
     } else {
         Change::Nothing
     };
-    if ctx.restart {
-        connector::restart(change, &ctx.out);
-    }
-    Ok(())
+    let restarted = ctx.restart && connector::restart(change, &ctx.out);
+    Ok(!manifest_changed || restarted)
 }
 
 /// One warning line when today's Leda connector cannot use the identity, naming every

@@ -258,8 +258,9 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     // 5 and 6. Manifest and connector.
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
-    converge(ctx, &state, &cloud, certs_changed, manifest_changed)?;
-    remove_stale_pin_copy(layout, &state)?;
+    if converge(ctx, &state, &cloud, certs_changed, manifest_changed)? {
+        remove_stale_pin_copy(layout, &state)?;
+    }
     let complete = report(ctx)?.is_empty();
     Ok(if complete { 0 } else { 1 })
 }
@@ -282,8 +283,9 @@ fn refresh_pin_file(layout: &Layout, state: &State, ks: &dyn KeyStore) -> Result
 
 /// The tool's copy of the PKCS#11 PIN (`pkcs11.pin`) once the manifest no longer
 /// names it: after a `--force` to another keystore, or to a PIN file the user keeps in
-/// the certificates directory. Removed only after the manifest is in place; a run
-/// stopped before that leaves it for the next run.
+/// the certificates directory. Removed only once the connector runs the new manifest
+/// (a container still running the old one mounts the file); until then a later run
+/// (or `reset`) removes it.
 fn remove_stale_pin_copy(layout: &Layout, state: &State) -> Result<()> {
     let ours = Layout::cert_file(PKCS11_PIN_FILE);
     if state.backend.pkcs11_pin_file.as_ref() != Some(&ours) {
