@@ -45,25 +45,23 @@ pub fn plan(change: Change) -> Vec<(&'static str, Vec<&'static str>)> {
 }
 
 /// Run the restart sequence. Failures are warnings: the identity is already complete
-/// on disk, and the user can restart the connector by hand. True when every step ran
-/// and succeeded (or there was nothing to do).
-pub fn restart(change: Change, out: &Out) -> bool {
+/// on disk, and the user can restart the connector by hand.
+pub fn restart(change: Change, out: &Out) {
     let steps = plan(change);
     if steps.is_empty() {
-        return true;
+        return;
     }
     if crate::which("kanto-cm").is_none() {
         out.warn(
             "kanto-cm is not on PATH; restart the cloud connector yourself (or pass --no-restart)",
         );
-        return false;
+        return;
     }
     out.say(match change {
         Change::Manifest => "Recreating the Cloud Connector container...",
         _ => "Restarting the Cloud Connector container...",
     });
     let _spinner = crate::progress::spinner(out, "Restarting the cloud connector");
-    let mut all_ok = true;
     for (program, args) in steps {
         let t = std::time::Instant::now();
         let mut cmd = Command::new(program);
@@ -79,17 +77,10 @@ pub fn restart(change: Change, out: &Out) -> bool {
         tracing::info!(program, ?args, elapsed = ?t.elapsed(), ?status, "connector step");
         match status {
             Ok(s) if s.success() => {}
-            Ok(s) => {
-                all_ok = false;
-                out.warn(format!("{program} {} exited with {s}", args.join(" ")))
-            }
-            Err(e) => {
-                all_ok = false;
-                out.warn(format!("cannot run {program}: {e}"))
-            }
+            Ok(s) => out.warn(format!("{program} {} exited with {s}", args.join(" "))),
+            Err(e) => out.warn(format!("cannot run {program}: {e}")),
         }
     }
-    all_ok
 }
 
 #[cfg(test)]

@@ -366,8 +366,8 @@ fn reset_removes_the_token_objects() {
 
 /// A PIN file the user keeps in the certificates directory is read by the connector
 /// as it is (no `pkcs11.pin` copy) and is not the tool's to delete on reset; the
-/// `pkcs11.pin` an earlier run wrote goes once the manifest names the user's file,
-/// and `reset` removes one in any case.
+/// `pkcs11.pin` an earlier run wrote stays after the switch (a container not yet
+/// recreated may mount it) and goes with `reset`.
 #[test]
 fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
     if !available() {
@@ -396,25 +396,14 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
                 .contains("pin-source=file:/var/certificates/token.pin")),
         "{report}"
     );
-    // The manifest names the user's file now. The container was not recreated
-    // (--no-restart) and may still mount the tool's copy of the PIN: it stays until a
-    // run finds the connector on the current manifest, like the re-run here.
+    // The manifest names the user's file now. A container not yet recreated from it
+    // may still mount the tool's copy of the PIN: that copy stays, until reset.
     assert!(
         tools.exists(),
         "removed while the old container may mount it"
     );
-    run(
-        tool(&store, &root).args(with_pin_file(
-            provision_args(&store, "ecdsa-p256"),
-            Some(&own),
-        )),
-        0,
-    );
-    assert!(
-        !tools.exists(),
-        "a stale copy of the PIN outlived the switch"
-    );
-    // Later runs without a PIN flag read the recorded file and make no copy of it.
+    // Later runs without a PIN flag read the recorded file and do not touch the copy.
+    std::fs::remove_file(&tools).unwrap();
     let manifest = root.join(MANIFEST);
     let before = std::fs::read(&manifest).unwrap();
     run(
@@ -439,7 +428,7 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
     );
     assert_same_tree(&snap, &snapshot(&root), "a reset on a broken manifest");
     std::fs::write(&manifest, &before).unwrap();
-    std::fs::write(&tools, USER_PIN).unwrap(); // as if an older run had left it
+    std::fs::write(&tools, USER_PIN).unwrap(); // the copy left by the switch
     run(
         tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
         0,
@@ -686,8 +675,6 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
     let mut c = tool(&store, &root);
     run(c.args(&args).arg("--force"), 0);
     assert_eq!(pin_source(), "/var/certificates/token.pin");
-    run(tool(&store, &root).args(&args), 0);
-    assert!(!tools.exists());
     std::fs::remove_file(&own).unwrap();
     run(&mut rerun(&[]), 0);
     assert_eq!(pin_source(), "/var/certificates/pkcs11.pin");
@@ -695,10 +682,10 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
     verify(&mut tool(&store, &root));
 }
 
-/// `--force` to the file keystore: the token's objects go, and so does the tool's
-/// copy of the PIN once the connector runs the new manifest.
+/// `--force` to the file keystore: the token's objects go; the tool's copy of the PIN
+/// stays (a container not yet recreated may mount it) until `reset`.
 #[test]
-fn force_to_the_file_keystore_removes_the_tokens_objects_and_pin_copy() {
+fn force_to_the_file_keystore_removes_the_tokens_objects() {
     if !available() {
         return;
     }
@@ -724,9 +711,14 @@ fn force_to_the_file_keystore_removes_the_tokens_objects_and_pin_copy() {
     assert!(root.join(CERT_DIR).join("device.key").is_file());
     run(tool(&store, &root).args(to_file), 0);
     assert!(
-        !tools.exists(),
-        "the tool's copy of the PIN outlived the switch"
+        tools.is_file(),
+        "removed while an old container may mount it"
     );
+    run(
+        tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
+        0,
+    );
+    assert!(!tools.exists(), "the tool's copy of the PIN outlived reset");
 }
 
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing

@@ -67,6 +67,7 @@ impl Ctx {
                 pkcs11_init_token: g.pkcs11_init_token,
                 interactive,
                 read_only: false,
+                manage_pin_file: false,
                 recorded: Default::default(),
             },
             json: g.json,
@@ -109,7 +110,17 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
-        self.open_keystore_with(kind, state, false)
+        self.open_keystore_with(kind, state, false, false)
+    }
+
+    /// [`Ctx::open_keystore`] for `provision`, the one command that may choose the
+    /// connector's PIN file (and then converges the manifest).
+    pub fn open_keystore_to_provision(
+        &self,
+        kind: KeystoreKind,
+        state: Option<&State>,
+    ) -> Result<Box<dyn KeyStore>> {
+        self.open_keystore_with(kind, state, false, true)
     }
 
     /// [`Ctx::open_keystore`] for commands that only read and take no lock (`verify`,
@@ -119,7 +130,7 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
-        self.open_keystore_with(kind, state, true)
+        self.open_keystore_with(kind, state, true, false)
     }
 
     fn open_keystore_with(
@@ -127,9 +138,11 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
         read_only: bool,
+        manage_pin_file: bool,
     ) -> Result<Box<dyn KeyStore>> {
         let mut cfg = self.ks_config.clone();
         cfg.read_only = read_only;
+        cfg.manage_pin_file = manage_pin_file;
         if let Some(s) = state {
             cfg.recorded = s.backend.clone();
         }
@@ -256,15 +269,14 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
 
 /// Bring the manifest in line and restart the connector as needed. `certs_changed`
 /// says whether this run changed keys or certificates; `manifest_changed` whether it
-/// already rewrote the manifest earlier. True when the connector runs what the
-/// manifest says now (no manifest; nothing changed in it; or recreated from it).
+/// already rewrote the manifest earlier.
 pub fn converge(
     ctx: &Ctx,
     state: &State,
     cloud: &Cloud,
     certs_changed: bool,
     manifest_changed: bool,
-) -> Result<bool> {
+) -> Result<()> {
     let manifest_changed = match update_manifest(ctx, state, cloud)? {
         None => {
             ctx.out.warn(format!(
@@ -282,8 +294,10 @@ pub fn converge(
     } else {
         Change::Nothing
     };
-    let restarted = ctx.restart && connector::restart(change, &ctx.out);
-    Ok(!manifest_changed || restarted)
+    if ctx.restart {
+        connector::restart(change, &ctx.out);
+    }
+    Ok(())
 }
 
 /// One warning line when today's Leda connector cannot use the identity, naming every

@@ -12,7 +12,7 @@ use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::{self, file::FileKeyStore, Algorithm, KeyStore, KeyUri, KeystoreKind, Role};
 use crate::manifest::Manifest;
-use crate::paths::{Layout, DEVICE_ID_FILE, PKCS11_PIN_FILE};
+use crate::paths::{Layout, DEVICE_ID_FILE};
 
 use super::{
     build_keys, commit, compatibility_warnings, converge, recover, report, update_manifest, Ctx,
@@ -114,9 +114,9 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let state = match (&id.state, id.legacy, rebuild) {
         (Some(s), _, false) => {
             check_unchanged(ctx, args, s.keystore, s.algorithm)?;
-            let mut ks = ctx.open_keystore(s.keystore, Some(s))?;
-            let s = &refresh_pin_file(layout, s, ks.as_ref())?;
+            let mut ks = ctx.open_keystore_to_provision(s.keystore, Some(s))?;
             certs_changed |= check_certificates(ctx, ks.as_mut(), s, &id, args.days)?;
+            let s = &refresh_pin_file(layout, s, ks.as_ref())?;
             let missing: Vec<Role> = Role::ALL
                 .into_iter()
                 .filter(|r| !s.keys.contains_key(r))
@@ -176,7 +176,8 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 };
                 out.warn(format!("the device keys are plain files ({why}); anyone who can read /data/var/certificates can copy this identity"));
             }
-            let mut ks = ctx.open_keystore(kind, old.as_ref().filter(|s| s.keystore == kind))?;
+            let mut ks =
+                ctx.open_keystore_to_provision(kind, old.as_ref().filter(|s| s.keystore == kind))?;
             let (journal, built) = build_keys(
                 ctx,
                 ks.as_mut(),
@@ -258,9 +259,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     // 5 and 6. Manifest and connector.
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
-    if converge(ctx, &state, &cloud, certs_changed, manifest_changed)? {
-        remove_stale_pin_copy(layout, &state)?;
-    }
+    converge(ctx, &state, &cloud, certs_changed, manifest_changed)?;
     let complete = report(ctx)?.is_empty();
     Ok(if complete { 0 } else { 1 })
 }
@@ -279,19 +278,6 @@ fn refresh_pin_file(layout: &Layout, state: &State, ks: &dyn KeyStore) -> Result
     next.backend.pkcs11_pin_file = chosen;
     next.save(layout)?;
     Ok(next)
-}
-
-/// The tool's copy of the PKCS#11 PIN (`pkcs11.pin`) once the manifest no longer
-/// names it: after a `--force` to another keystore, or to a PIN file the user keeps in
-/// the certificates directory. Removed only once the connector runs the new manifest
-/// (a container still running the old one mounts the file); until then a later run
-/// (or `reset`) removes it.
-fn remove_stale_pin_copy(layout: &Layout, state: &State) -> Result<()> {
-    let ours = Layout::cert_file(PKCS11_PIN_FILE);
-    if state.backend.pkcs11_pin_file.as_ref() != Some(&ours) {
-        fsutil::remove_file(&layout.host(&ours))?;
-    }
-    Ok(())
 }
 
 fn resolve_device_id(

@@ -416,6 +416,10 @@ pub struct KeystoreConfig {
     /// not even the connector's PIN file (those commands run without the lock); a
     /// PKCS#11 token gets a read-only session and is never initialised.
     pub read_only: bool,
+    /// Provisioning: the store may choose (and write) the connector's PIN file.
+    /// Every other command keeps the one the identity records, so the state and the
+    /// manifest never drift apart behind a command that does not converge them.
+    pub manage_pin_file: bool,
     /// What an earlier run recorded; used where no flag or env var says otherwise.
     pub recorded: BackendRecord,
 }

@@ -331,12 +331,14 @@ impl SoftHsm {
     }
 
     /// Flags as the CLI would merge them: module, token, PIN file, non-interactive.
+    /// (A provisioning run's: the store may write the connector's PIN file.)
     pub fn config(&self) -> KeystoreConfig {
         KeystoreConfig {
             pkcs11_module: Some(self.store.module.clone()),
             pkcs11_token: Some(self.label.clone()),
             pkcs11_pin_file: Some(self.pin_file.clone()),
             interactive: false,
+            manage_pin_file: true,
             ..KeystoreConfig::default()
         }
     }

@@ -448,8 +448,9 @@ impl KeyStore for Pkcs11KeyStore {
     /// a destroy is an unlink. Every step is idempotent: for each class, the staged
     /// object, its live copy, or both exist at every instant, and a re-run finishes
     /// the move. Without a copy (a token set to [`Placement::Direct`], a token that
-    /// refuses to copy, or a key copy that lost its protection) the staged objects
-    /// are relabelled in place; other copy errors stop the move, for the next run.
+    /// does not copy, or a key copy that lost its protection) the staged objects are
+    /// relabelled in place; a storage failure stops the move (with a hint), for the
+    /// next run.
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
         let u = self.uri(from)?.clone();
         let live = label(role, false);
@@ -481,7 +482,9 @@ impl KeyStore for Pkcs11KeyStore {
                     copied = find(session, &identity_template(live, &u.id, class))?;
                 }
                 if copied.is_empty()
-                    && !(copies && copy_keeping_protection(session, first, class, &live_label)?)
+                    && !(copies
+                        && copy_keeping_protection(session, first, class, &live_label)
+                            .map_err(|e| write_error(&step, &u.token, e))?)
                 {
                     // No copy (a token that cannot copy, or a key copy that lost its
                     // protection): relabel the staged objects in place.
@@ -721,47 +724,46 @@ fn protected(session: &Session, key: ObjectHandle) -> Result<(), String> {
 }
 
 /// Copy `object` under `label`; a private key's copy must keep its protection
-/// ([`protected`]). `Ok(false)`, with nothing left behind, when the token does not
-/// copy ([`copy_refused`]) or the copy lost protection: relabel instead. Any other
-/// error (token full, storage failing) is returned: a relabel rewrites the object in
-/// place, which on such a store can lose it, while the failed promotion is retried
-/// by the next run.
+/// ([`protected`]). `Ok(false)`, with nothing left behind, when the copy did not work
+/// or lost protection: relabel instead. A storage failure ([`storage_failure`]) is
+/// returned instead: a relabel rewrites the object in place, which on a full or
+/// failing store can lose it, while the failed move is retried by the next run once
+/// the storage is fixed. `Err` also if a copy that lost protection cannot be
+/// destroyed.
 fn copy_keeping_protection(
     session: &Session,
     object: ObjectHandle,
     class: ObjectClass,
     label: &Attribute,
-) -> Result<bool, KeyStoreError> {
+) -> Result<bool, CkError> {
     let copy = match session.copy_object(object, slice::from_ref(label)) {
         Ok(copy) => copy,
-        Err(e) if copy_refused(&e) => {
+        Err(e) if storage_failure(&e) => return Err(e),
+        Err(e) => {
             tracing::debug!("no copy ({}); relabelling in place", describe(&e));
             return Ok(false);
         }
-        Err(e) => return Err(ck("copy a staged object to its live label", e)),
     };
     if class == ObjectClass::PRIVATE_KEY {
         if let Err(why) = protected(session, copy) {
             tracing::debug!("{why}; relabelling in place");
-            session
-                .destroy_object(copy)
-                .map_err(|e| ck(format!("remove a copy that lost protection ({why})"), e))?;
+            session.destroy_object(copy)?;
             return Ok(false);
         }
     }
     Ok(true)
 }
 
-/// The errors of a token that does not copy objects (or this one).
-fn copy_refused(e: &CkError) -> bool {
+/// The token could not store a change: out of space, write-protected, or failing.
+fn storage_failure(e: &CkError) -> bool {
     matches!(
         e,
         CkError::Pkcs11(
-            RvError::FunctionNotSupported
-                | RvError::ActionProhibited
-                | RvError::AttributeReadOnly
-                | RvError::AttributeValueInvalid
-                | RvError::TemplateInconsistent,
+            RvError::DeviceMemory
+                | RvError::DeviceError
+                | RvError::GeneralError
+                | RvError::FunctionFailed
+                | RvError::TokenWriteProtected,
             _,
         )
     )

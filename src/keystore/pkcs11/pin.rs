@@ -200,15 +200,16 @@ pub(super) fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -
 /// - else the one an earlier run recorded, while it still holds the PIN the token
 ///   just accepted (a PIN from the environment or a prompt may be newer).
 ///
-/// Read-only commands (`verify`, `csr`) write nothing and answer with the file the
-/// identity records: the one the manifest names.
+/// Only provisioning chooses ([`KeystoreConfig::manage_pin_file`]); every other
+/// command writes nothing and answers with the file the identity records: the one
+/// the manifest names.
 pub(super) fn connector_pin_file(
     config: &KeystoreConfig,
     layout: &Layout,
     pin: &SecretString,
 ) -> Result<PathBuf, KeyStoreError> {
     let ours = Layout::cert_file(PIN_FILE_NAME);
-    if config.read_only {
+    if config.read_only || !config.manage_pin_file {
         return Ok(config.recorded.pkcs11_pin_file.clone().unwrap_or(ours));
     }
     match (&config.pkcs11_pin_file, &config.recorded.pkcs11_pin_file) {
