@@ -541,9 +541,10 @@ fn reset_with_a_wrong_pin_changes_nothing() {
 
 /// A PIN changed on the token: `verify` and `csr` with the new PIN only read (the
 /// connector's PIN file keeps the old one: they run without the lock), and `verify`
-/// fails on that stale file; the next `provision` writes the new PIN there.
+/// fails on that stale file; the next command that logs in and writes (here
+/// `rotate`) refreshes the tool's copy.
 #[test]
-fn only_provision_updates_the_connectors_pin_file() {
+fn read_only_commands_leave_the_connectors_pin_file_alone() {
     if !available() {
         return;
     }
@@ -603,8 +604,7 @@ fn only_provision_updates_the_connectors_pin_file() {
         0,
     );
     assert_same_tree(&before, &snapshot(&root), "verify and csr");
-    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&new_pin_file));
-    run(tool(&store, &root).args(&args), 0);
+    run(&mut with_new_pin(&["--no-restart", "rotate"]), 0);
     assert_eq!(
         std::fs::read_to_string(root.join(CERT_DIR).join("pkcs11.pin")).unwrap(),
         new_pin
@@ -719,6 +719,36 @@ fn force_to_the_file_keystore_removes_the_tokens_objects() {
         0,
     );
     assert!(!tools.exists(), "the tool's copy of the PIN outlived reset");
+}
+
+/// `--force` with another token label would have to remove the old keys through a
+/// store of the other token: refused before anything is made, with the way out.
+#[test]
+fn force_to_another_token_is_refused_before_anything_changes() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
+    let before = snapshot(&root);
+    let out = run(
+        tool(&store, &root)
+            .args(["--pkcs11-token", "other"])
+            .args(provision_args(&store, "ecdsa-p256"))
+            .arg("--force"),
+        1,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("token leda") && stderr.contains("reset --yes"),
+        "{stderr}"
+    );
+    assert_same_tree(&before, &snapshot(&root), "a refused --force");
+    assert_eq!(store.object_labels().len(), 6);
 }
 
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing

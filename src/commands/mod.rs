@@ -218,8 +218,12 @@ pub fn recover(ctx: &Ctx) -> Result<()> {
         Phase::Committed => {
             tracing::info!(?journal, "rolling forward an interrupted run");
             let next = journal.next_state.clone();
+            // Once the old keys are gone (`old_removed`) the state may already be the
+            // new identity's, which cannot open the old keystore: it is not needed.
             let mut old_ks = match journal.old_keystore {
-                Some(k) if k != journal.keystore => Some(ctx.open_keystore(k, state.as_ref())?),
+                Some(k) if k != journal.keystore && !journal.old_removed => {
+                    Some(ctx.open_keystore(k, state.as_ref())?)
+                }
                 _ => None,
             };
             let mut ks = ctx.open_keystore(journal.keystore, next.as_ref().or(state.as_ref()))?;
@@ -414,6 +418,9 @@ pub fn build_keys(
 
 /// Make built keys part of the identity: directly for fresh roles; for staged ones by
 /// committing the journal and moving them into place (old keys removed only then).
+/// `provision` records the store's settings in the next state (it converges the
+/// manifest afterwards); `rotate` keeps the recorded ones (`record_backend` false),
+/// so the state never names settings the manifest was not converged to.
 pub fn commit(
     ctx: &Ctx,
     ks: &mut dyn KeyStore,
@@ -421,8 +428,11 @@ pub fn commit(
     built: Vec<Built>,
     mut next: State,
     old: Option<(&State, Vec<keystore::KeyUri>)>,
+    record_backend: bool,
 ) -> Result<State> {
-    next.backend = ks.record();
+    if record_backend {
+        next.backend = ks.record();
+    }
     // Fresh roles go straight into the next state; staged ones are moved into
     // place by the roll-forward. Either way the committed journal, not the state
     // file, is the commit point: a kill between writing the state and clearing a

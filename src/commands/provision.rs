@@ -134,7 +134,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                     &device_id,
                     args.days,
                 )?;
-                commit(ctx, ks.as_mut(), journal, built, s.clone(), None)?
+                commit(ctx, ks.as_mut(), journal, built, s.clone(), None, true)?
             }
         }
         (None, true, false) => {
@@ -159,7 +159,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                     &device_id,
                     args.days,
                 )?;
-                commit(ctx, ks.as_mut(), journal, built, adopted, None)?
+                commit(ctx, ks.as_mut(), journal, built, adopted, None, true)?
             }
         }
         (old, _, _) => {
@@ -175,6 +175,21 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                     "no TPM or PKCS#11 token found"
                 };
                 out.warn(format!("the device keys are plain files ({why}); anyone who can read /data/var/certificates can copy this identity"));
+            }
+            // The old keys are removed through the new store when both are PKCS#11:
+            // it must be the same token (a store only handles its own token's URIs).
+            if let (Some(o), Some(t)) = (
+                old.as_ref()
+                    .filter(|s| s.keystore == kind)
+                    .and_then(|s| s.backend.pkcs11_token.as_deref()),
+                ctx.ks_config.pkcs11_token.as_deref(),
+            ) {
+                if o != t {
+                    return Err(Error::input(
+                        format!("this identity's keys are in PKCS#11 token {o}; --force cannot move it to token {t} in one run"),
+                        format!("run `sdv-provision reset --yes` first (it removes the keys from {o}), then provision with --pkcs11-token {t}"),
+                    ));
+                }
             }
             let mut ks =
                 ctx.open_keystore_to_provision(kind, old.as_ref().filter(|s| s.keystore == kind))?;
@@ -223,6 +238,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 built,
                 next,
                 old_state.as_ref().zip(old_keys),
+                true,
             )?
         }
     };

@@ -89,7 +89,7 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     )?;
     let base: State = state.clone();
     let old = staged.then_some((&base, old_secondary));
-    state = commit(ctx, ks.as_mut(), journal, built, state.clone(), old)?;
+    state = commit(ctx, ks.as_mut(), journal, built, state.clone(), old, false)?;
     drop(ks);
     if promote {
         // The primary changed: the manifest follows and the connector restarts.

@@ -459,7 +459,9 @@ impl KeyStore for Pkcs11KeyStore {
             object: live.to_owned(),
             id: u.id.clone(),
         });
-        let copies = self.forced != Some(Placement::Direct);
+        // Copy unless the token is known not to (forced, or found this run): a token
+        // that fails every copy would otherwise report a storage failure here.
+        let copies = self.forced.or(self.placement) != Some(Placement::Direct);
         let session = self.session();
         let step = format!("move {} to {live}", u.object);
         let live_label = Attribute::Label(live.as_bytes().to_vec());
@@ -746,7 +748,9 @@ fn copy_keeping_protection(
     };
     if class == ObjectClass::PRIVATE_KEY {
         if let Err(why) = protected(session, copy) {
-            tracing::debug!("{why}; relabelling in place");
+            tracing::warn!(
+                "a copy of the staged key lost its protection ({why}); relabelling in place"
+            );
             session.destroy_object(copy)?;
             return Ok(false);
         }

@@ -201,28 +201,37 @@ pub(super) fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -
 ///   just accepted (a PIN from the environment or a prompt may be newer).
 ///
 /// Only provisioning chooses ([`KeystoreConfig::manage_pin_file`]); every other
-/// command writes nothing and answers with the file the identity records: the one
-/// the manifest names.
+/// command answers with the file the identity records (the one the manifest names)
+/// and only refreshes the content of the tool's own copy; `verify` and `csr` write
+/// nothing at all.
 pub(super) fn connector_pin_file(
     config: &KeystoreConfig,
     layout: &Layout,
     pin: &SecretString,
 ) -> Result<PathBuf, KeyStoreError> {
     let ours = Layout::cert_file(PIN_FILE_NAME);
-    if config.read_only || !config.manage_pin_file {
-        return Ok(config.recorded.pkcs11_pin_file.clone().unwrap_or(ours));
+    let recorded = config.recorded.pkcs11_pin_file.as_ref();
+    if config.read_only {
+        return Ok(recorded.cloned().unwrap_or(ours));
     }
-    match (&config.pkcs11_pin_file, &config.recorded.pkcs11_pin_file) {
-        (Some(user), _) => {
-            if let Some(device) = inside_cert_dir(layout, user) {
-                return Ok(device);
+    if config.manage_pin_file {
+        match (&config.pkcs11_pin_file, recorded) {
+            (Some(user), _) => {
+                if let Some(device) = inside_cert_dir(layout, user) {
+                    return Ok(device);
+                }
             }
+            (None, Some(r)) if *r != ours && pin_file_holds(layout, r, pin) => {
+                return Ok(r.clone());
+            }
+            (None, _) => {}
         }
-        (None, Some(recorded)) if *recorded != ours && pin_file_holds(layout, recorded, pin) => {
-            return Ok(recorded.clone());
-        }
-        (None, _) => {}
+    } else if let Some(r) = recorded.filter(|r| **r != ours) {
+        // Not provisioning: the user's file the identity records stays.
+        return Ok(r.clone());
     }
+    // The tool's own copy holds the PIN the token just accepted: a PIN changed on
+    // the token reaches the connector with the next run of any command that logs in.
     let host = layout.host_cert_file(PIN_FILE_NAME);
     let want = pin.expose_secret().as_bytes();
     let current = fsutil::read_optional(&host)
