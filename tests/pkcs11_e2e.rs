@@ -76,6 +76,18 @@ fn provision_args(store: &PrivateStore, alg: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// A fresh store and root, provisioned with ecdsa-p256 (the starting point of most
+/// tests here).
+fn provisioned() -> (PrivateStore, PathBuf) {
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    run(
+        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
+        0,
+    );
+    (store, root)
+}
+
 /// [`provision_args`] with another `--pkcs11-pin-file` (`None`: no PIN source).
 fn with_pin_file(mut args: Vec<String>, pin_file: Option<&Path>) -> Vec<String> {
     let at = args.iter().position(|a| a == "--pkcs11-pin-file").unwrap();
@@ -349,12 +361,7 @@ fn reset_removes_the_token_objects() {
     if !available() {
         return;
     }
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    let (store, root) = provisioned();
     assert_eq!(store.object_labels().len(), 6);
     run(
         tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
@@ -505,12 +512,7 @@ fn reset_with_a_wrong_pin_changes_nothing() {
     if !available() {
         return;
     }
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    let (store, root) = provisioned();
     let before = snapshot(&root);
     let wrong = store.dir.path().join("wrong.pin");
     std::fs::write(&wrong, "0000-wrong\n").unwrap();
@@ -548,12 +550,7 @@ fn read_only_commands_leave_the_connectors_pin_file_alone() {
     if !available() {
         return;
     }
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    let (store, root) = provisioned();
     let new_pin = "4321-new";
     run(
         Command::new("pkcs11-tool")
@@ -689,12 +686,7 @@ fn force_to_the_file_keystore_removes_the_tokens_objects() {
     if !available() {
         return;
     }
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    let (store, root) = provisioned();
     let tools = root.join(CERT_DIR).join("pkcs11.pin");
     assert!(tools.is_file());
     let to_file = [
@@ -728,12 +720,7 @@ fn force_to_another_token_is_refused_before_anything_changes() {
     if !available() {
         return;
     }
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    let (store, root) = provisioned();
     let before = snapshot(&root);
     let out = run(
         tool(&store, &root)
