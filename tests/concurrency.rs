@@ -14,14 +14,11 @@ fn device() -> tempfile::TempDir {
     fs::create_dir_all(&net).unwrap();
     fs::write(net.join("address"), "52:54:21:4c:f9:5a\n").unwrap();
     fs::write(net.join("type"), "1\n").unwrap();
-    let m = d.path().join("data/var/containers/manifests");
-    fs::create_dir_all(&m).unwrap();
-    fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/cloudconnector.kanto.json.template"),
-        m.join("cloudconnector.json.template"),
-    )
-    .unwrap();
+    common::fake_root::put_fixture(
+        d.path(),
+        "cloudconnector.kanto.json.template",
+        common::fake_root::TEMPLATE,
+    );
     d
 }
 

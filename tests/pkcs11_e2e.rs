@@ -7,11 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::fake_root::{assert_same_tree, snapshot, Node};
+use common::fake_root::{assert_same_tree, put_fixture, snapshot, Node, MANIFEST, TEMPLATE};
 use common::softhsm::{PrivateStore, USER_PIN};
 use serde_json::Value;
 
-const MANIFEST: &str = "data/var/containers/manifests/cloudconnector.json";
 const CERT_DIR: &str = "data/var/certificates";
 
 fn available() -> bool {
@@ -21,14 +20,7 @@ fn available() -> bool {
 /// A `--root` with Leda's Kanto manifest template in place.
 fn root_with_template(store: &PrivateStore) -> PathBuf {
     let root = store.dir.path().join("root");
-    let manifests = root.join("data/var/containers/manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/cloudconnector.kanto.json.template"),
-        manifests.join("cloudconnector.json.template"),
-    )
-    .unwrap();
+    put_fixture(&root, "cloudconnector.kanto.json.template", TEMPLATE);
     root
 }
 
@@ -460,13 +452,7 @@ fn pkcs11_entries_in_the_auto_deployer_shape() {
     let store = PrivateStore::new("leda");
     let root = store.dir.path().join("root");
     let manifest_path = root.join(MANIFEST);
-    std::fs::create_dir_all(manifest_path.parent().unwrap()).unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/cloudconnector.auto-deployer.json"),
-        &manifest_path,
-    )
-    .unwrap();
+    put_fixture(&root, "cloudconnector.auto-deployer.json", MANIFEST);
     run(
         tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
         0,

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::fake_root::{assert_same_tree, snapshot};
+use common::fake_root::{assert_same_tree, put_fixture, snapshot, MANIFEST, TEMPLATE};
 use common::swtpm::{cert_file, Abrmd, Swtpm};
 
 const SRK: u32 = 0x8100_0001;
@@ -24,19 +24,12 @@ fn have_tools() -> bool {
 /// A device root with the Kanto connector template in place.
 fn device_root() -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    let manifests = root.path().join("data/var/containers/manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/cloudconnector.kanto.json.template"),
-        manifests.join("cloudconnector.json.template"),
-    )
-    .unwrap();
+    put_fixture(root.path(), "cloudconnector.kanto.json.template", TEMPLATE);
     root
 }
 
 fn manifest_path(root: &Path) -> PathBuf {
-    root.join("data/var/containers/manifests/cloudconnector.json")
+    root.join(MANIFEST)
 }
 
 fn sdv(tpm: &Swtpm, root: &Path, args: &[&str]) -> Output {
@@ -338,13 +331,7 @@ fn tpm_entries_in_the_auto_deployer_shape() {
     let tpm = Swtpm::start();
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    std::fs::create_dir_all(manifest_path(root).parent().unwrap()).unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/cloudconnector.auto-deployer.json"),
-        manifest_path(root),
-    )
-    .unwrap();
+    put_fixture(root, "cloudconnector.auto-deployer.json", MANIFEST);
     provision_json(&tpm, root, &[]);
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(manifest_path(root)).unwrap()).unwrap();

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,14 +41,11 @@ impl Device {
         fs::create_dir_all(&net).unwrap();
         fs::write(net.join("address"), "52:54:21:4c:f9:5a\n").unwrap();
         fs::write(net.join("type"), "1\n").unwrap();
-        let m = root.join("data/var/containers/manifests");
-        fs::create_dir_all(&m).unwrap();
-        fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/cloudconnector.kanto.json.template"),
-            m.join("cloudconnector.json.template"),
-        )
-        .unwrap();
+        super::fake_root::put_fixture(
+            &root,
+            "cloudconnector.kanto.json.template",
+            super::fake_root::TEMPLATE,
+        );
         Device {
             _dir: dir,
             root,

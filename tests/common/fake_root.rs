@@ -28,6 +28,14 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Copy fixture `name` to `rel` under `root` (e.g. the connector template to
+/// [`TEMPLATE`]), making its directories.
+pub fn put_fixture(root: &Path, name: &str, rel: &str) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::copy(fixture(name), p).unwrap();
+}
+
 pub fn hub_cs(device_id: &str) -> String {
     format!("HostName=hub.azure-devices.net;DeviceId={device_id};SharedAccessKey={SECRET_KEY}")
 }
@@ -111,7 +119,7 @@ impl FakeRoot {
     }
 
     pub fn put_fixture(&self, name: &str, rel: &str) {
-        self.write(rel, fs::read(fixture(name)).unwrap());
+        put_fixture(&self.root(), name, rel);
     }
 
     /// A plain directory interface (as the tool's own unit tests use).
