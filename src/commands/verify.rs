@@ -83,10 +83,9 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
         }
     };
     if let Some((name, outcome)) = ks.as_ref().and_then(|ks| ks.check_store()) {
-        match outcome {
-            Ok(detail) => add(format!("keystore.{name}"), true, detail),
-            Err(e) => add(format!("keystore.{name}"), false, e.to_string()),
-        }
+        let ok = outcome.is_ok();
+        let detail = outcome.unwrap_or_else(|e| e.to_string());
+        add(format!("keystore.{name}"), ok, detail);
     }
     for role in Role::ALL {
         let view = id.role(role);
@@ -144,10 +143,10 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
         // Copies consumers load instead of the key (TPM blobs, for today's connector),
         // checked against a key that passed: one failure names one cause.
         if key_ok {
-            match ks.check_copies(uri) {
-                None => {}
-                Some(Ok(detail)) => add(format!("{role}.key.copies"), true, detail),
-                Some(Err(e)) => add(format!("{role}.key.copies"), false, e.to_string()),
+            if let Some(outcome) = ks.check_copies(uri) {
+                let ok = outcome.is_ok();
+                let detail = outcome.unwrap_or_else(|e| e.to_string());
+                add(format!("{role}.key.copies"), ok, detail);
             }
         }
     }

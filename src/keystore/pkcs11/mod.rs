@@ -39,7 +39,7 @@ mod pin;
 mod token;
 
 use key::{ec_params, key_algorithm, public_der, Pkcs11Key};
-use pin::{check_user_pin_state, connector_pin_file, login, pin_file_holds, user_pin};
+use pin::{check_user_pin_state, connector_pin_file, login, user_pin};
 use token::{consumer_mounts, find_token, init_token, load_module, not_found, MODULE_HINT};
 
 /// Token label used when neither a flag nor an earlier run names one.
@@ -188,8 +188,7 @@ impl Pkcs11KeyStore {
         })?;
         login(&session, &token, &pin)?;
 
-        let pin_file = connector_pin_file(config, layout, &pin)?;
-        let pin_file_current = pin_file_holds(layout, &pin_file, &pin);
+        let (pin_file, pin_file_current) = connector_pin_file(config, layout, &pin)?;
         let mounts = consumer_mounts(&ctx);
         Ok(Pkcs11KeyStore {
             module,

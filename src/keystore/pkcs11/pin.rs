@@ -181,7 +181,7 @@ fn read_pin_file(path: &Path, flag: &str) -> Result<SecretString, KeyStoreError>
 
 /// Does the PIN file at device path `file` hold `pin` (one trailing newline allowed)?
 /// Read like the tool's other files: never through a link, never blocking on a FIFO.
-pub(super) fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -> bool {
+fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -> bool {
     let Ok(Some(bytes)) = fsutil::read_optional(&layout.host(file)) else {
         return false;
     };
@@ -193,12 +193,13 @@ pub(super) fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -
     held == pin.expose_secret().as_bytes()
 }
 
-/// Device path of the PIN file the connector reads; writes `<certdir>/pkcs11.pin`
-/// (0600, atomically, only when it differs) unless the connector can read a PIN file
-/// of the user's in the certificates directory:
-/// - the `--pkcs11-pin-file` given, when it lies there;
-/// - else the one an earlier run recorded, while it still holds the PIN the token
-///   just accepted (a PIN from the environment or a prompt may be newer).
+/// Device path of the PIN file the connector reads, and whether it holds `pin` (the
+/// PIN the token just accepted). Writes `<certdir>/pkcs11.pin` (0600, atomically,
+/// only when it differs) unless the connector can read a PIN file of the user's in
+/// the certificates directory:
+/// - the `--pkcs11-pin-file` given, when it lies there (the PIN was read from it);
+/// - else the one an earlier run recorded, while it still holds the PIN (a PIN from
+///   the environment or a prompt may be newer).
 ///
 /// Only provisioning chooses ([`KeystoreConfig::manage_pin_file`]); every other
 /// command answers with the file the identity records (the one the manifest names)
@@ -208,40 +209,40 @@ pub(super) fn connector_pin_file(
     config: &KeystoreConfig,
     layout: &Layout,
     pin: &SecretString,
-) -> Result<PathBuf, KeyStoreError> {
+) -> Result<(PathBuf, bool), KeyStoreError> {
     let ours = Layout::cert_file(PIN_FILE_NAME);
     let recorded = config.recorded.pkcs11_pin_file.as_ref();
+    let checked = |p: &Path| (p.to_owned(), pin_file_holds(layout, p, pin));
     if config.read_only {
-        return Ok(recorded.cloned().unwrap_or(ours));
+        return Ok(checked(recorded.unwrap_or(&ours)));
     }
     if config.manage_pin_file {
         match (&config.pkcs11_pin_file, recorded) {
             (Some(user), _) => {
                 if let Some(device) = inside_cert_dir(layout, user) {
-                    return Ok(device);
+                    return Ok((device, true));
                 }
             }
             (None, Some(r)) if *r != ours && pin_file_holds(layout, r, pin) => {
-                return Ok(r.clone());
+                return Ok((r.clone(), true));
             }
             (None, _) => {}
         }
     } else if let Some(r) = recorded.filter(|r| **r != ours) {
         // Not provisioning: the user's file the identity records stays.
-        return Ok(r.clone());
+        return Ok(checked(r));
     }
     // The tool's own copy holds the PIN the token just accepted: a PIN changed on
     // the token reaches the connector with the next run of any command that logs in.
-    let host = layout.host_cert_file(PIN_FILE_NAME);
-    let want = pin.expose_secret().as_bytes();
-    let current = fsutil::read_optional(&host)
-        .map_err(|e| KeyStoreError::backend("read the connector's PIN file", e.to_string()))?
-        .map(Zeroizing::new);
-    if current.as_deref().map(|c| &c[..]) != Some(want) {
-        fsutil::atomic_write(&host, want, fsutil::SECRET)
-            .map_err(|e| KeyStoreError::backend("write the connector's PIN file", e.to_string()))?;
+    if !pin_file_holds(layout, &ours, pin) {
+        fsutil::atomic_write(
+            &layout.host(&ours),
+            pin.expose_secret().as_bytes(),
+            fsutil::SECRET,
+        )
+        .map_err(|e| KeyStoreError::backend("write the connector's PIN file", e.to_string()))?;
     }
-    Ok(ours)
+    Ok((ours, true))
 }
 
 /// The device path of `host_path` if it lies inside the certificates directory.
