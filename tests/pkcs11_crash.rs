@@ -12,11 +12,10 @@
 //! - a kill inside object creation can leave an object with neither label nor CKA_ID
 //!   (see [`TokenDevice::check_token`]).
 //!
-//! The tool copies session objects to the token (`Placement` in the keystore), which
-//! SoftHSM stores in two transactions: a kill in between leaves an object that has
-//! our label and CKA_ID but reads `CKA_TOKEN=false` in the token store. The journal's
-//! rollback finds it by label and id and removes it like any half-made key; the token
-//! check below would report it otherwise.
+//! Objects are made on the token directly and their CKA_ID is journaled right after
+//! `C_GenerateKeyPair` returns. A kill in between leaves a pair no journal names: not
+//! provably ours, so the tool leaves it (and says so). The token check below counts
+//! such pairs separately; every other object must be the identity's.
 //!
 //! The kill loop is the shared one (`tests/common/crash.rs`); this file adds the
 //! SoftHSM-specific repair before recovery and the token check after it.

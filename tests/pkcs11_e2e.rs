@@ -881,3 +881,105 @@ fn manifest_write_failure_leaves_no_orphans() {
     assert!(key_uri.starts_with(primary), "{key_uri} vs {primary}");
     assert_eq!(store.object_labels().len(), 6);
 }
+
+/// pkcs11-tool on this store, logged in.
+fn pkcs11_tool(store: &PrivateStore) -> Command {
+    let mut c = Command::new("pkcs11-tool");
+    c.arg("--module")
+        .arg(&store.module)
+        .args(["--token-label", &store.label, "--login", "--pin", USER_PIN])
+        .env("SOFTHSM2_CONF", &store.conf);
+    c
+}
+
+/// Every object with CKA_ID `id` as pkcs11-tool lists it (all its attributes), plus
+/// its public key's DER: what must stay byte for byte.
+fn objects_with_id(store: &PrivateStore, id: &str) -> String {
+    let out = common::run_ok(pkcs11_tool(store).arg("--list-objects"));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut blocks = Vec::new();
+    for block in listing
+        .split("\n")
+        .fold(Vec::<String>::new(), |mut acc, line| {
+            if !line.starts_with(' ') || acc.is_empty() {
+                acc.push(String::new());
+            }
+            let last = acc.last_mut().unwrap();
+            last.push_str(line);
+            last.push('\n');
+            acc
+        })
+    {
+        if block
+            .lines()
+            .any(|l| l.trim() == format!("ID:         {id}"))
+        {
+            blocks.push(block);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let der = dir.path().join("pub.der");
+    common::run_ok(
+        pkcs11_tool(store)
+            .args(["--read-object", "--type", "pubkey", "--id", id, "-o"])
+            .arg(&der),
+    );
+    format!(
+        "{}\n{}",
+        blocks.join(""),
+        hex::encode(std::fs::read(der).unwrap())
+    )
+}
+
+/// Finding 4: a key pair someone else made under the live label `device-primary`
+/// (another CKA_ID) survives `rotate`, `rotate --promote`, `provision --force` and
+/// `reset`, byte for byte: the tool finds its objects by CKA_ID and label, and no
+/// step sweeps a label.
+#[test]
+fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
+    if !available() {
+        return;
+    }
+    let (store, root) = provisioned();
+    common::run_ok(pkcs11_tool(&store).args([
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "device-primary",
+        "--id",
+        "0102",
+    ]));
+    let foreign = objects_with_id(&store, "0102");
+    assert_eq!(
+        foreign.matches("label:      device-primary").count(),
+        2,
+        "{foreign}"
+    );
+    let base: Vec<String> = provision_args(&store, "ecdsa-p256")[..6].to_vec();
+    let cmds: [&[&str]; 4] = [
+        &["rotate"],
+        &["rotate", "--promote"],
+        &[
+            "provision",
+            "--force",
+            "--id-scope",
+            "0ne0012345A",
+            "--device-id",
+            "52-54-21-4c-f9-5a",
+        ],
+        &["reset", "--yes"],
+    ];
+    for cmd in cmds {
+        run(
+            tool(&store, &root)
+                .args(&base)
+                .args(["--non-interactive", "--no-restart"])
+                .args(cmd),
+            0,
+        );
+        assert_eq!(objects_with_id(&store, "0102"), foreign, "after {cmd:?}");
+    }
+    // Only the foreign pair is left.
+    assert_eq!(store.object_labels(), ["device-primary", "device-primary"]);
+}
