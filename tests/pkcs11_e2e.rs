@@ -983,3 +983,46 @@ fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
     // Only the foreign pair is left.
     assert_eq!(store.object_labels(), ["device-primary", "device-primary"]);
 }
+
+/// Finding 2: a state file's recorded `mounts` are never replayed into the manifest.
+/// An edited state adding the host's `/` is refused as edited, with nothing changed;
+/// one adding `/etc` (a clean path) mounts nothing new: the manifest's mounts come
+/// from the configuration (the module and SoftHSM's config) on every run.
+#[test]
+fn mounts_come_from_the_configuration_never_from_the_state() {
+    if !available() {
+        return;
+    }
+    let (store, root) = provisioned();
+    let state_path = root.join(CERT_DIR).join("sdv-provision.state.json");
+    let manifest_path = root.join(MANIFEST);
+    let read = |p: &Path| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let before = mounts(&read(&manifest_path));
+    let mut state = read(&state_path);
+    let rerun = || {
+        tool(&store, &root)
+            .args(provision_args(&store, "ecdsa-p256"))
+            .output()
+            .unwrap()
+    };
+
+    state["backend"]["mounts"] = serde_json::json!(["/"]);
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let tree = snapshot(&root);
+    let out = rerun();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sdv-provision.state.json") && err.contains("edited or corrupt"),
+        "{err}"
+    );
+    assert_same_tree(&tree, &snapshot(&root), "an edited state");
+
+    state["backend"]["mounts"] = serde_json::json!(["/etc"]);
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let out = rerun();
+    assert!(out.status.success(), "{}", text(&out));
+    let after = mounts(&read(&manifest_path));
+    assert!(after.iter().all(|(src, _)| src != "/etc"), "{after:?}");
+    assert_eq!(after, before);
+}
