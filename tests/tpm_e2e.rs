@@ -750,3 +750,43 @@ fn two_roots_on_one_tpm_never_remove_each_others_keys() {
     let (ok, text) = output(tpm.sdv(a.path(), &["verify"]));
     assert!(ok, "root A's identity after root B's runs:\n{text}");
 }
+
+/// A TPM identity recorded before ownership proofs existed (no `tpm_names`): the
+/// next mutating run records each key's Name once the handle's public area is shown
+/// to equal the key's public blob; a handle whose key does not match its blob gets
+/// no proof, and `reset` then leaves it in the TPM.
+#[test]
+fn an_older_state_gets_its_names_only_where_the_blobs_prove_them() {
+    if !have_tools() {
+        return;
+    }
+    let tpm = Swtpm::start();
+    let root = device_root();
+    let root = root.path();
+    provision_json(&tpm, root, &["--algorithm", "ecdsa-p256"]);
+    let state_path = cert_file(root, "sdv-provision.state.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let names = state["tpm_names"].clone();
+    assert_eq!(names.as_object().map(|m| m.len()), Some(2), "{state}");
+    let mut old = state.clone();
+    old.as_object_mut().unwrap().remove("tpm_names");
+    std::fs::write(&state_path, serde_json::to_vec(&old).unwrap()).unwrap();
+    sdv_ok(&tpm, root, &["provision", "--id-scope", "0ne0012345A"]);
+    let again: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(again["tpm_names"], names, "the Names were recorded again");
+
+    // The primary's public blob replaced by the secondary's: no proof for the
+    // primary handle, so reset keeps that key.
+    std::fs::write(&state_path, serde_json::to_vec(&old).unwrap()).unwrap();
+    std::fs::copy(
+        cert_file(root, "device2.tpm.pub"),
+        cert_file(root, "device.tpm.pub"),
+    )
+    .unwrap();
+    let out = sdv_ok(&tpm, root, &["reset", "--yes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot be shown"), "{stderr}");
+    assert_eq!(sorted(tpm.persistent_handles()), [SRK, PRIMARY]);
+}
