@@ -340,6 +340,14 @@ impl Journal {
         }
     }
 
+    /// The old keys a committed journal has yet to remove.
+    pub fn pending_old_keys(&self) -> &[OwnedKey] {
+        match self {
+            Journal::Committed(c) if !c.old_removed => &c.old_keys,
+            _ => &[],
+        }
+    }
+
     pub fn next_state(&self) -> Option<&State> {
         match self {
             Journal::Committed(c) => c.next_state.as_ref(),

@@ -1026,3 +1026,61 @@ fn mounts_come_from_the_configuration_never_from_the_state() {
     assert!(after.iter().all(|(src, _)| src != "/etc"), "{after:?}");
     assert_eq!(after, before);
 }
+
+/// A journal edited to name objects that are not the identity's (a foreign pair
+/// under our label, by its CKA_ID; another token's object) is refused before the
+/// token is opened: one error naming the journal, the tree and the foreign objects
+/// unchanged.
+#[test]
+fn an_edited_journal_naming_foreign_objects_touches_nothing() {
+    if !available() {
+        return;
+    }
+    let (store, root) = provisioned();
+    common::run_ok(pkcs11_tool(&store).args([
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "device-primary",
+        "--id",
+        "0102",
+    ]));
+    let foreign = objects_with_id(&store, "0102");
+    let base: Vec<String> = provision_args(&store, "ecdsa-p256")[..6].to_vec();
+    for uri in [
+        "pkcs11:token=leda;object=device-primary;id=%01%02;type=private",
+        "pkcs11:token=leda;object=someone-else;id=%01%02;type=private",
+    ] {
+        let journal = serde_json::json!({
+            "phase": "committed", "version": 1, "keystore": "pkcs11",
+            "old_keys": [{"uri": uri}], "old_removed": false, "moves": [],
+            "next_state": null, "remove_files": []
+        });
+        let path = root.join(CERT_DIR).join("sdv-provision.journal.json");
+        std::fs::write(&path, serde_json::to_vec(&journal).unwrap()).unwrap();
+        let tree = snapshot(&root);
+        for cmd in [&["rotate"][..], &["reset", "--yes"]] {
+            let out = run(
+                tool(&store, &root)
+                    .args(&base)
+                    .args(["--non-interactive", "--no-restart"])
+                    .args(cmd),
+                1,
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("sdv-provision.journal.json") && err.contains("edited or corrupt"),
+                "{uri} {cmd:?}: {err}"
+            );
+            assert_same_tree(&tree, &snapshot(&root), "an edited journal");
+            assert_eq!(objects_with_id(&store, "0102"), foreign, "{uri} {cmd:?}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+    assert_eq!(
+        store.object_labels().len(),
+        8,
+        "the identity's six and the foreign pair"
+    );
+}

@@ -264,14 +264,35 @@ fn check_slots(ctx: &Ctx, journal: &Journal, state: Option<&State>) -> Result<()
             .unwrap_or(0x8100_0011);
         allowed.extend([p, s, p + 0x100, s + 0x100]);
     }
+    let bad = |detail: String| Error::InvalidState {
+        path: ctx.layout.host_cert_file(identity::JOURNAL_FILE),
+        detail,
+    };
     for uri in journal.uris() {
         if let keystore::KeyUri::TpmHandle(h) = uri {
             if !allowed.contains(h) {
-                return Err(Error::InvalidState {
-                    path: ctx.layout.host_cert_file(identity::JOURNAL_FILE),
-                    detail: format!("{uri} is not one of the configured key handles"),
-                });
+                return Err(bad(format!(
+                    "{uri} is not one of the configured key handles"
+                )));
             }
+        }
+    }
+    // The keys a commit replaces are the identity's, as the state (still the old
+    // one until they are gone) names them; without a state only the original
+    // script's key files can be (an adoption).
+    for k in journal.pending_old_keys() {
+        let recorded = match state {
+            Some(s) => s
+                .owned_keys()
+                .iter()
+                .any(|o| o.uri == k.uri && (o.tpm_name.is_none() || o.tpm_name == k.tpm_name)),
+            None => matches!(k.uri, keystore::KeyUri::File(_)),
+        };
+        if !recorded {
+            return Err(bad(format!(
+                "old key {} is not one the state records",
+                k.uri
+            )));
         }
     }
     Ok(())
