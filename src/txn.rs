@@ -255,14 +255,29 @@ impl Journal {
                 ));
             }
         }
-        for slot in &p.planned {
-            if !p.made.iter().any(|m| m.slot == *slot) {
-                left.push(format!(
-                    "the {} key{} planned by an interrupted run was never recorded",
-                    slot.role,
-                    if slot.staged { " (staged)" } else { "" }
-                ));
+        let unrecorded: Vec<Slot> = p
+            .planned
+            .iter()
+            .filter(|s| !p.made.iter().any(|m| m.slot == **s))
+            .copied()
+            .collect();
+        if p.keystore == KeystoreKind::File {
+            // A key file's proof is its name: a planned one is ours, recorded or not.
+            for s in &unrecorded {
+                let key = OwnedKey::new(KeyUri::File(keystore::file::key_path(s.role, s.staged)));
+                ks.remove_owned(&key)?;
             }
+        } else if let Some(slot) = unrecorded.first() {
+            // Keys are made in plan order: the first unrecorded slot is the one the
+            // killed run was making (later ones were never started).
+            left.push(format!(
+                "the {} key{} an interrupted run was making was never recorded, so \
+                 anything it left in the keystore is not provably sdv-provision's",
+                slot.role,
+                if slot.staged { " (staged)" } else { "" }
+            ));
+        }
+        for slot in &p.planned {
             fsutil::remove_file(&layout.host_cert_file(&slot.cert_file()))?;
         }
         Journal::clear(layout)?;
