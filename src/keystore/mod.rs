@@ -246,8 +246,10 @@ pub trait DeviceKey: rcgen::SigningKey {
 
 /// A backend that makes, finds and destroys device keys.
 ///
-/// Locations are planned before keys are made ([`KeyStore::plan`]) so a run can record
-/// its intent first; a run killed after that can then be cleaned up by the next one.
+/// Locations are planned before keys are made ([`KeyStore::plan`]), but a plan proves
+/// nothing: a key becomes the tool's only through the proof
+/// [`KeyStore::generate_recorded`] hands over once it exists, and is removed only
+/// while that proof still holds ([`KeyStore::remove_owned`]; DESIGN §6).
 pub trait KeyStore {
     fn kind(&self) -> KeystoreKind;
 
