@@ -357,4 +357,55 @@ mod tests {
             );
         }
     }
+
+    /// Keys of the hardware keystores must be their role's slot: the configured
+    /// handle, the tool's label on the recorded token; Names only for present keys.
+    #[test]
+    fn state_keys_are_their_slots() {
+        let name = format!("\"000b{}\"", "ab".repeat(32));
+        let tpm = |keys: &str, extra: &str| {
+            format!(
+                r#"{{"version":1,"device_id":"d","keystore":"tpm","algorithm":"rsa-2048","keys":{{{keys}}}{extra}}}"#
+            )
+        };
+        let p11 = |uri: &str| {
+            format!(
+                r#"{{"version":1,"device_id":"d","keystore":"pkcs11","algorithm":"rsa-2048","keys":{{"primary":"{uri}"}},"backend":{{"pkcs11_token":"leda"}}}}"#
+            )
+        };
+        let good = [
+            tpm(r#""primary":"handle:0x81000010""#, ""),
+            tpm(
+                r#""primary":"handle:0x81000020""#,
+                r#","backend":{"tpm_primary_handle":2164260896}"#,
+            ),
+            tpm(
+                r#""primary":"handle:0x81000010""#,
+                &format!(r#","tpm_names":{{"primary":{name}}}"#),
+            ),
+            p11("pkcs11:token=leda;object=device-primary;id=%01;type=private"),
+        ];
+        for g in &good {
+            State::parse(g.as_bytes()).unwrap_or_else(|e| panic!("{e}: {g}"));
+        }
+        let bad = [
+            tpm(r#""primary":"handle:0x81000020""#, ""),
+            tpm(r#""primary":"handle:0x81000011""#, ""),
+            tpm(r#""primary":"handle:0x81000110""#, ""),
+            tpm(
+                r#""primary":"handle:0x81000010""#,
+                &format!(r#","tpm_names":{{"secondary":{name}}}"#),
+            ),
+            tpm(
+                r#""primary":"handle:0x81000010""#,
+                r#","tpm_names":{"primary":"000b00"}"#,
+            ),
+            p11("pkcs11:token=leda;object=device-secondary;id=%01;type=private"),
+            p11("pkcs11:token=other;object=device-primary;id=%01;type=private"),
+            p11("pkcs11:token=leda;object=someone-else;id=%01;type=private"),
+        ];
+        for b in &bad {
+            assert!(State::parse(b.as_bytes()).is_err(), "accepted: {b}");
+        }
+    }
 }
