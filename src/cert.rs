@@ -19,7 +19,8 @@ pub const CLOCK_SKEW: time::Duration = time::Duration::hours(1);
 /// A self-signed X.509 v3 client certificate, CN = device id, signed through `key`.
 pub fn self_signed(key: &dyn DeviceKey, device_id: &str, days: u32) -> Result<String> {
     let params = params(device_id, days)?;
-    Ok(params.self_signed(&key)?.pem())
+    let cert = params.self_signed(&key).map_err(|e| sign_failure(key, e))?;
+    Ok(cert.pem())
 }
 
 /// A PKCS#10 request for `key`, CN = device id, asking for clientAuth.
@@ -29,7 +30,19 @@ pub fn csr(key: &dyn DeviceKey, device_id: &str) -> Result<String> {
     // The issuing CA writes the authorityKeyIdentifier (its own key's id); the
     // request still carries our subjectKeyIdentifier.
     params.use_authority_key_identifier_extension = false;
-    Ok(params.serialize_request(&key)?.pem()?)
+    let request = params
+        .serialize_request(&key)
+        .map_err(|e| sign_failure(key, e))?;
+    Ok(request.pem()?)
+}
+
+/// rcgen's error for a failed signature is a bare "Remote key error"; the key may
+/// know why (a TPM in lockout), and that is the error to show.
+fn sign_failure(key: &dyn DeviceKey, e: rcgen::Error) -> Error {
+    match (e, key.take_sign_error()) {
+        (rcgen::Error::RemoteKeyError, Some(cause)) => cause.into(),
+        (e, _) => e.into(),
+    }
 }
 
 fn params(device_id: &str, days: u32) -> Result<rcgen::CertificateParams> {
@@ -184,7 +197,9 @@ pub fn key_matches(key: &dyn DeviceKey, spki: &[u8]) -> Result<bool> {
     let mut challenge = [0u8; 32];
     aws_lc_rs::rand::fill(&mut challenge)
         .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
-    let sig = key.sign(&challenge)?;
+    let sig = key
+        .sign(&challenge)
+        .map_err(|e| sign_failure(key, e))?;
     Ok(verify_signature(spki, key.alg(), &challenge, &sig))
 }
 

@@ -140,6 +140,11 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             ),
             Err(e) => add(format!("{role}.key"), false, format!("{uri}: {e}")),
         }
+        if let Some(outcome) = ks.check_key(uri) {
+            let ok = outcome.is_ok();
+            let detail = outcome.unwrap_or_else(|e| e.to_string());
+            add(format!("{role}.key.attributes"), ok, detail);
+        }
         // Copies consumers load instead of the key (TPM blobs, for today's connector),
         // checked against a key that passed: one failure names one cause.
         if key_ok {
