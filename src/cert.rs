@@ -27,8 +27,8 @@ pub fn self_signed(key: &dyn DeviceKey, device_id: &str, days: u32) -> Result<St
 pub fn csr(key: &dyn DeviceKey, device_id: &str) -> Result<String> {
     let mut params = params(device_id, 365)?;
     params.serial_number = None; // the CA picks the serial; rcgen refuses one in a CSR
-    // The issuing CA writes the authorityKeyIdentifier (its own key's id); the
-    // request still carries our subjectKeyIdentifier.
+                                 // The issuing CA writes the authorityKeyIdentifier (its own key's id); the
+                                 // request still carries our subjectKeyIdentifier.
     params.use_authority_key_identifier_extension = false;
     let request = params
         .serialize_request(&key)
@@ -197,9 +197,7 @@ pub fn key_matches(key: &dyn DeviceKey, spki: &[u8]) -> Result<bool> {
     let mut challenge = [0u8; 32];
     aws_lc_rs::rand::fill(&mut challenge)
         .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
-    let sig = key
-        .sign(&challenge)
-        .map_err(|e| sign_failure(key, e))?;
+    let sig = key.sign(&challenge).map_err(|e| sign_failure(key, e))?;
     Ok(verify_signature(spki, key.alg(), &challenge, &sig))
 }
 
@@ -242,7 +240,9 @@ mod tests {
             let uri = ks.plan(role, false).unwrap();
             let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
             let pem = self_signed(key.as_ref(), "dev-1", 30).unwrap();
-            let cert = Certificate::load_pem_chain(pem.as_bytes()).unwrap().remove(0);
+            let cert = Certificate::load_pem_chain(pem.as_bytes())
+                .unwrap()
+                .remove(0);
             let ski = cert
                 .tbs_certificate
                 .get::<SubjectKeyIdentifier>()

@@ -285,7 +285,10 @@ impl rcgen::SigningKey for TpmKey<'_> {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         self.tpm_sign(msg).map_err(|e| {
             tracing::error!("signing through the TPM failed: {e}");
-            *self.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(e);
             rcgen::Error::RemoteKeyError
         })
     }
