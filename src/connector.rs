@@ -46,12 +46,12 @@ pub fn incompatibilities(u: &Usage<'_>) -> Vec<&'static str> {
     }
     if u.keystore == KeystoreKind::Pkcs11 {
         reasons.push(
-            "it cannot use PKCS#11 keys (the manifest carries KEY_URI for URI-aware consumers)",
+            "it cannot use PKCS#11 keys yet (the manifest carries KEY_URI for URI-aware consumers)",
         );
     }
     if u.dps && u.keystore != KeystoreKind::File && !u.dps_registered {
         reasons.push(
-            "its DPS client needs a key file, and this device is not registered with DPS \
+            "it needs a key file for DPS, and this device is not registered with DPS \
              through its hardware key",
         );
     }

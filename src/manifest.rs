@@ -641,7 +641,10 @@ mod tests {
             })
         );
         assert_eq!(apply(&out, &want).unwrap(), out, "idempotent");
-        assert!(!e.iter().any(|x| x.starts_with("KEY_PATH=")), "read by nothing");
+        assert!(
+            !e.iter().any(|x| x.starts_with("KEY_PATH=")),
+            "read by nothing"
+        );
         assert_eq!(env_value(&out, "KEY_URI"), Some("handle:0x81000010"));
         assert_eq!(env_value(&out, "TPM_HANDLE"), Some("0x81000001"));
         assert_eq!(
