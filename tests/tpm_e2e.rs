@@ -610,6 +610,15 @@ fn auto_picks_the_tpm_a_tcti_names() {
             1,
             "{how}: {stderr}"
         );
+        // TPM RSA with DPS: that is the one reason, and the device is not registered.
+        let compat: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("today's Leda cloud connector"))
+            .collect();
+        assert!(
+            compat.len() == 1 && compat[0].contains("not registered") && !compat[0].contains(';'),
+            "{how}: {stderr}"
+        );
         // The next identity on the same TPM needs the handles free again.
         sdv_ok(&tpm, root.path(), &["reset", "--yes"]);
     }
