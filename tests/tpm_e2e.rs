@@ -779,7 +779,7 @@ fn power_loss_never_locks_the_identity_out() {
 /// (not rcgen's bare "Remote key error"), while the noDA secondary still signs.
 #[test]
 fn old_key_without_noda_and_a_tpm_in_lockout() {
-    if !have_tools() {
+    if !have_tools() || !Abrmd::available() {
         return;
     }
     let tpm = Swtpm::start();
@@ -820,10 +820,43 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
             .arg(&p),
     );
     common::run_ok(tpm.tool("tpm2_flushcontext").arg("-t"));
+    // What that run left: its blobs (tpm2_create's -u/-r format) and a self-signed
+    // certificate made through the key (OpenSSL's tpm2 provider).
+    std::fs::copy(&public, cert_file(root, "device.tpm.pub")).unwrap();
+    std::fs::copy(&private, cert_file(root, "device.tpm.priv")).unwrap();
+    {
+        let abrmd = Abrmd::start(&tpm);
+        let mut req = Command::new("openssl");
+        req.args([
+            "req",
+            "-new",
+            "-x509",
+            "-provider",
+            "tpm2",
+            "-provider",
+            "default",
+        ])
+        .args([
+            "-key",
+            &format!("handle:{p}"),
+            "-subj",
+            "/CN=dev-e2e-1",
+            "-days",
+            "30",
+        ])
+        .arg("-out")
+        .arg(cert_file(root, "device.crt"));
+        for (k, v) in abrmd.provider_env() {
+            req.env(k, v);
+        }
+        common::run_ok(&mut req);
+    }
 
     let out = sdv(&tpm, root, &["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
+    let failing: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(failing.len(), 1, "only the missing noDA fails: {text}");
     let line = |name: &str| {
         text.lines()
             .find(|l| l[5..].starts_with(&format!("{name}:")))

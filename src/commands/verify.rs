@@ -140,14 +140,15 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             ),
             Err(e) => add(format!("{role}.key"), false, format!("{uri}: {e}")),
         }
-        if let Some(outcome) = ks.check_key(uri) {
-            let ok = outcome.is_ok();
-            let detail = outcome.unwrap_or_else(|e| e.to_string());
-            add(format!("{role}.key.attributes"), ok, detail);
-        }
-        // Copies consumers load instead of the key (TPM blobs, for today's connector),
-        // checked against a key that passed: one failure names one cause.
+        // How the key was made (noDA) and the copies consumers load instead of it
+        // (TPM blobs, for today's connector), checked against a key that passed: one
+        // failure names one cause.
         if key_ok {
+            if let Some(outcome) = ks.check_key(uri) {
+                let ok = outcome.is_ok();
+                let detail = outcome.unwrap_or_else(|e| e.to_string());
+                add(format!("{role}.key.attributes"), ok, detail);
+            }
             if let Some(outcome) = ks.check_copies(uri) {
                 let ok = outcome.is_ok();
                 let detail = outcome.unwrap_or_else(|e| e.to_string());
