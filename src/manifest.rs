@@ -604,10 +604,8 @@ mod tests {
         assert_eq!(env_value(&back, "KEY_FILE"), Some("/device.key"));
     }
 
-    #[test]
-    fn tpm_mode() {
-        let base = leda_utils();
-        let want = Desired {
+    fn tpm_want() -> Desired {
+        Desired {
             cloud: (
                 "CONNECTION_STRING",
                 "HostName=h;DeviceId=d;x509=true".into(),
@@ -620,7 +618,13 @@ mod tests {
                 priv_blob: "/data/var/certificates/device.tpm.priv".into(),
             },
             previously_owned: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn tpm_mode() {
+        let base = leda_utils();
+        let want = tpm_want();
         let out = apply(&base, &want).unwrap();
         let e = env(&out);
         assert_eq!(
@@ -728,6 +732,22 @@ mod tests {
             }
             let out = apply(&theirs, &file_want("0ne0012345A")).unwrap();
             assert_eq!(apply(&out, &file_want("0ne0012345A")).unwrap(), out);
+            // TPM mode: KEY_FILE and the config file's mount and env entry, idempotent.
+            let want = tpm_want();
+            let out = apply(&theirs, &want).unwrap();
+            assert_eq!(apply(&out, &want).unwrap(), out, "{name}");
+            let config = connector_config(&out, &want).unwrap();
+            assert_eq!(
+                env_value(&out, "KEY_FILE"),
+                config["tpmKey"].as_str(),
+                "{name}"
+            );
+            assert_eq!(
+                env_value(&out, "CLOUD_CONNECTOR_CONFIG"),
+                Some("/var/certificates/cloudconnector.config.json"),
+                "{name}"
+            );
+            assert!(config["tpmHandle"].is_u64(), "{name}");
         }
     }
 }
