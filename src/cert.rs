@@ -26,9 +26,10 @@ pub fn self_signed(key: &dyn DeviceKey, device_id: &str, days: u32) -> Result<St
 /// A PKCS#10 request for `key`, CN = device id, asking for clientAuth.
 pub fn csr(key: &dyn DeviceKey, device_id: &str) -> Result<String> {
     let mut params = params(device_id, 365)?;
-    params.serial_number = None; // the CA picks the serial; rcgen refuses one in a CSR
-                                 // The issuing CA writes the authorityKeyIdentifier (its own key's id); the
-                                 // request still carries our subjectKeyIdentifier.
+    // The CA picks the serial; rcgen refuses one in a CSR.
+    params.serial_number = None;
+    // The certificate is the issuing CA's to make: its key identifiers come from the
+    // CA's profile (rcgen writes none into a request; an AKI would name the CA's key).
     params.use_authority_key_identifier_extension = false;
     let request = params
         .serialize_request(&key)
