@@ -41,6 +41,8 @@ fn tpm_keystore_survives_random_kills() {
         "device.tpm.priv",
         "device2.tpm.pub",
         "device2.tpm.priv",
+        // The connector's TPM settings (DESIGN §3), written with the manifest.
+        "cloudconnector.config.json",
         "azure.idscope",
         "sdv-provision.state.json",
     ];
@@ -61,7 +63,7 @@ fn tpm_keystore_survives_random_kills() {
         kills,
         &allowed,
         &|_| {},
-        &|_| {
+        &|what| {
             // A killed client can leave a transient object loaded. On a device the kernel
             // resource manager (/dev/tpmrm0) flushes it when the process dies; a bare
             // swtpm has no resource manager, so the test does that part.
@@ -71,7 +73,7 @@ fn tpm_keystore_survives_random_kills() {
             assert_eq!(
                 handles,
                 vec![SRK, PRIMARY, SECONDARY, FOREIGN],
-                "persistent handles after recovery"
+                "{what}: persistent handles after recovery"
             );
         },
         &name,
