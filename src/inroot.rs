@@ -1,0 +1,199 @@
+//! Paths under `--root`, resolved the way the device will see them (DESIGN §6 "Inside
+//! `--root`, always"), and the StrictModes check of the directories secrets go into.
+//!
+//! `--root` is the device's `/`: an absolute link in an image tree (`data ->
+//! /persist/data`) means `<root>/persist/data`, and no `..` or link leads out of it.
+//! The resolution is pathrs' (`openat2(RESOLVE_IN_ROOT)`, or its own O_PATH walk where
+//! openat2 is missing); the result is read back from `/proc/thread-self/fd`, so it is
+//! the real host path of the directory pathrs reached, with no link left in it.
+//!
+//! A directory that does not exist yet resolves to its deepest existing ancestor plus
+//! the missing names (they can hold no link). A link that leads nowhere inside the
+//! root is an error: on the device it leads nowhere either.
+//!
+//! Residual race, and why it is closed: [`crate::paths::Layout`] resolves each
+//! directory once per run and the file operations then use the link-free host path.
+//! Between the two, only someone who can write to a directory on that path could put
+//! a link in; [`check_private`] refuses to write secrets unless every directory from
+//! the certificates (and manifests) directory up to `--root` is owned by us or root
+//! and writable by nobody else, as sshd's StrictModes does. The check stops at
+//! `--root`: its own parents (say a sticky `/tmp`) are the operator's choice.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use pathrs::error::ErrorKind;
+use pathrs::procfs::{ProcfsBase, ProcfsHandle};
+use pathrs::{Handle, Root};
+
+use crate::error::{Error, Result};
+
+/// Host path of device directory `dir` (absolute, as the device names it), resolved
+/// inside `root`. `Err` is a one-line reason.
+pub fn resolve_dir(root: &Path, dir: &Path) -> std::result::Result<PathBuf, String> {
+    let tree =
+        Root::open(root).map_err(|e| format!("cannot open {}: {}", root.display(), why(&e)))?;
+    let top = host_of(&tree.resolve(".").map_err(|e| why(&e))?, None)?;
+    let comps: Vec<&OsStr> = dir
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            Component::ParentDir => Some(OsStr::new("..")),
+            _ => None,
+        })
+        .collect();
+    // A directory another run makes meanwhile just means: look again.
+    for _ in 0..8 {
+        if let Some(r) = resolve_once(&tree, &top, dir, &comps) {
+            return r;
+        }
+    }
+    Err(format!("{} keeps changing", dir.display()))
+}
+
+/// One try of [`resolve_dir`]: the longest prefix that exists, then the missing
+/// names (plain names, none of them a link). `None`: the tree changed, try again.
+fn resolve_once(
+    tree: &Root,
+    top: &Path,
+    dir: &Path,
+    comps: &[&OsStr],
+) -> Option<std::result::Result<PathBuf, String>> {
+    for i in (0..=comps.len()).rev() {
+        let prefix: PathBuf = std::iter::once(OsStr::new("."))
+            .chain(comps[..i].iter().copied())
+            .collect();
+        let h = match tree.resolve(&prefix) {
+            Ok(h) => h,
+            Err(e) if e.kind() == ErrorKind::OsError(Some(libc::ENOENT)) && i > 0 => continue,
+            Err(e) => return Some(Err(format!("{}: {}", shown(dir, i), why(&e)))),
+        };
+        let rest = &comps[i..];
+        if let Some(next) = rest.first() {
+            if let Ok(n) = tree.resolve_nofollow(prefix.join(next)) {
+                let link = rustix::fs::fstat(n.as_fd())
+                    .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_symlink());
+                return link.then(|| {
+                    Err(format!(
+                        "{} is a link to nothing inside --root",
+                        shown(dir, i + 1)
+                    ))
+                });
+            }
+            if rest.contains(&OsStr::new("..")) {
+                return Some(Err(format!(
+                    "{} goes through a missing directory",
+                    dir.display()
+                )));
+            }
+        }
+        return Some(host_of(&h, Some(top)).map(|base| rest.iter().fold(base, |p, c| p.join(c))));
+    }
+    Some(Err(format!("cannot resolve {}", dir.display())))
+}
+
+/// Host path of device path `path`: its directory resolved inside `root`, plus its
+/// name. A link in the last place is followed (inside the root) only when it leads to
+/// a directory; a link to a file stays, for the file operations to refuse.
+pub fn resolve(root: &Path, path: &Path) -> std::result::Result<PathBuf, String> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return resolve_dir(root, path);
+    };
+    let host = resolve_dir(root, parent)?.join(name);
+    if std::fs::symlink_metadata(&host).is_ok_and(|m| m.file_type().is_symlink()) {
+        if let Ok(dir) = resolve_dir(root, path) {
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                return Ok(dir);
+            }
+        }
+    }
+    Ok(host)
+}
+
+/// StrictModes: `dir` (a resolved host path) and each of its existing parents up to
+/// and including `root` must be directories owned by us or root and not writable by
+/// group or others. Directories still to be made are made 0755 by us.
+pub fn check_private(root: &Path, dir: &Path) -> Result<()> {
+    let me = rustix::process::geteuid().as_raw();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        match std::fs::symlink_metadata(d) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::read(d, e)),
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::input(
+                    format!("{} is not a directory", d.display()),
+                    "sdv-provision keeps keys below it; move it away and re-run",
+                ))
+            }
+            Ok(m) if m.uid() != me && m.uid() != 0 => {
+                return Err(Error::input(
+                    format!(
+                        "{} is owned by uid {}, not by this user or root",
+                        d.display(),
+                        m.uid()
+                    ),
+                    format!(
+                        "secrets are written below it; `chown {me} {}` (or root) and re-run",
+                        d.display()
+                    ),
+                ))
+            }
+            Ok(m) if m.mode() & 0o022 != 0 => {
+                return Err(Error::input(
+                    format!(
+                        "{} is writable by group or others (mode {:o})",
+                        d.display(),
+                        m.mode() & 0o7777
+                    ),
+                    format!(
+                        "secrets are written below it; `chmod go-w {}` and re-run",
+                        d.display()
+                    ),
+                ))
+            }
+            Ok(_) => {}
+        }
+        cur = (d != root).then(|| d.parent()).flatten();
+    }
+    Ok(())
+}
+
+/// The host path of what `h` refers to (from `/proc/thread-self/fd`), checked to lie
+/// under `top` (the root's own host path).
+fn host_of(h: &Handle, top: Option<&Path>) -> std::result::Result<PathBuf, String> {
+    let procfs = ProcfsHandle::new().map_err(|e| format!("cannot use /proc: {}", why(&e)))?;
+    let p = procfs
+        .readlink(
+            ProcfsBase::ProcThreadSelf,
+            format!("fd/{}", h.as_fd().as_raw_fd()),
+        )
+        .map_err(|e| format!("cannot use /proc: {}", why(&e)))?;
+    match top {
+        Some(t) if !p.starts_with(t) => Err(format!("{} is outside --root", p.display())),
+        _ => Ok(p),
+    }
+}
+
+/// The first `n` components of `dir`, for messages.
+fn shown(dir: &Path, n: usize) -> String {
+    let mut p = PathBuf::from("/");
+    for c in dir
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_) | Component::ParentDir))
+        .take(n)
+    {
+        p.push(c);
+    }
+    p.display().to_string()
+}
+
+fn why(e: &pathrs::error::Error) -> String {
+    match e.kind() {
+        ErrorKind::OsError(Some(n)) => io::Error::from_raw_os_error(n).to_string(),
+        _ => e.to_string(),
+    }
+}
