@@ -121,7 +121,15 @@ pub fn from_network(layout: &Layout) -> Result<(String, String)> {
         .unwrap_or_default();
     names.sort();
     for name in names {
-        if let Some(id) = physical_mac(&dir.join(&name), &name) {
+        // The kernel's `NAME -> ../../devices/…` link, read inside the root: one
+        // that leads to no directory there (say, out of the tree) is skipped.
+        let Ok(iface) = layout.try_host(Path::new(SYS_CLASS_NET).join(&name)) else {
+            continue;
+        };
+        if fs::symlink_metadata(&iface).is_ok_and(|m| m.file_type().is_symlink()) {
+            continue;
+        }
+        if let Some(id) = physical_mac(&dir.join(&name), &iface, &name) {
             return Ok((id, name));
         }
     }
@@ -131,11 +139,12 @@ pub fn from_network(layout: &Layout) -> Result<(String, String)> {
     ))
 }
 
-fn physical_mac(iface: &Path, name: &str) -> Option<String> {
+/// `link` is the entry in `sys/class/net`, `iface` the directory it resolves to.
+fn physical_mac(link: &Path, iface: &Path, name: &str) -> Option<String> {
     if name.starts_with("can") || name.starts_with("vcan") {
         return None;
     }
-    if let Ok(target) = fs::read_link(iface) {
+    if let Ok(target) = fs::read_link(link) {
         if target.to_string_lossy().contains("/virtual/") {
             return None;
         }

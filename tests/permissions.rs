@@ -376,3 +376,23 @@ fn directories_others_can_change_are_refused() {
     fs::set_permissions(fr.dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
     provision(&fr).ok();
 }
+
+/// Before: an interface link in `sys/class/net` that climbs out of the root was
+/// followed on the host, and the device id came from a MAC outside the tree. Read
+/// inside the root it leads nowhere, so there is no interface to take the id from.
+#[test]
+fn a_network_interface_linked_out_of_the_root_is_not_read() {
+    let fr = FakeRoot::bare();
+    fr.put_fixture("cloudconnector.kanto.json.template", TEMPLATE);
+    let outside = fr.dir.path().join("outside-net/eth9");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("address"), "52:54:00:12:34:56\n").unwrap();
+    fs::write(outside.join("type"), "1\n").unwrap();
+    fs::create_dir_all(fr.p("sys/class/net")).unwrap();
+    symlink("../../../../outside-net/eth9", fr.p("sys/class/net/eth9")).unwrap();
+    let before = fr.snapshot();
+    let run = provision(&fr);
+    assert!(run.one_error(1).contains("--device-id"), "{run}");
+    assert!(!run.all().contains("52-54-00-12-34-56"), "{run}");
+    assert_same_tree(&before, &fr.snapshot(), "interface link");
+}
