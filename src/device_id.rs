@@ -122,13 +122,10 @@ pub fn from_network(layout: &Layout) -> Result<(String, String)> {
     names.sort();
     for name in names {
         // The kernel's `NAME -> ../../devices/…` link, read inside the root: one
-        // that leads to no directory there (say, out of the tree) is skipped.
-        let Ok(iface) = layout.try_host(Path::new(SYS_CLASS_NET).join(&name)) else {
+        // that leads nowhere there (say, out of the tree) is skipped.
+        let Ok(iface) = layout.try_host_dir(Path::new(SYS_CLASS_NET).join(&name)) else {
             continue;
         };
-        if fs::symlink_metadata(&iface).is_ok_and(|m| m.file_type().is_symlink()) {
-            continue;
-        }
         if let Some(id) = physical_mac(&dir.join(&name), &iface, &name) {
             return Ok((id, name));
         }
@@ -149,11 +146,17 @@ fn physical_mac(link: &Path, iface: &Path, name: &str) -> Option<String> {
             return None;
         }
     }
-    let kind = fs::read_to_string(iface.join("type")).unwrap_or_default();
+    // Read like the tool's other files: never through a link, never blocking.
+    let read = |f: &str| {
+        crate::fsutil::read_optional_string(&iface.join(f))
+            .ok()
+            .flatten()
+    };
+    let kind = read("type").unwrap_or_default();
     if kind.trim() == "280" {
         return None; // ARPHRD_CAN
     }
-    let mac = fs::read_to_string(iface.join("address")).ok()?;
+    let mac = read("address")?;
     let mac = mac.trim().to_ascii_lowercase();
     let octets: Vec<&str> = mac.split(':').collect();
     let well_formed = octets.len() == 6

@@ -95,24 +95,6 @@ fn resolve_once(
     Some(Err(format!("cannot resolve {}", dir.display())))
 }
 
-/// Host path of device path `path`: its directory resolved inside `root`, plus its
-/// name. A link in the last place is followed (inside the root) only when it leads to
-/// a directory; a link to a file stays, for the file operations to refuse.
-pub fn resolve(root: &Path, path: &Path) -> std::result::Result<PathBuf, String> {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return resolve_dir(root, path);
-    };
-    let host = resolve_dir(root, parent)?.join(name);
-    if std::fs::symlink_metadata(&host).is_ok_and(|m| m.file_type().is_symlink()) {
-        if let Ok(dir) = resolve_dir(root, path) {
-            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-                return Ok(dir);
-            }
-        }
-    }
-    Ok(host)
-}
-
 /// StrictModes: `dir` (a resolved host path) and each of its existing parents up to
 /// and including `root` must be directories owned by us or root and not writable by
 /// group or others. Directories still to be made are made 0755 by us.

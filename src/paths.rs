@@ -70,23 +70,25 @@ impl Layout {
     }
 
     /// [`Layout::host`], with the reason when the path cannot be resolved (a link to
-    /// nothing inside the root, a loop, a file where a directory should be).
+    /// nothing inside the root, a loop, a file where a directory should be). The last
+    /// component is never followed (a link there is for the file operations to
+    /// refuse), except for the fixed directories, which are resolved whole.
     pub fn try_host(&self, device_path: impl AsRef<Path>) -> Result<PathBuf> {
         let p = device_path.as_ref();
         let fail = |e: String| unresolvable(&self.root, p, e);
-        if FIXED_DIRS.iter().any(|d| Path::new(d) == p) {
-            return self.dir(p).map_err(fail);
-        }
         match (p.parent(), p.file_name()) {
-            (Some(dir), Some(name)) => {
-                let host = self.dir(dir).map_err(fail)?.join(name);
-                if std::fs::symlink_metadata(&host).is_ok_and(|m| m.file_type().is_symlink()) {
-                    return crate::inroot::resolve(&self.root, p).map_err(fail);
-                }
-                Ok(host)
+            (Some(dir), Some(name)) if !FIXED_DIRS.iter().any(|d| Path::new(d) == p) => {
+                Ok(self.dir(dir).map_err(fail)?.join(name))
             }
             _ => self.dir(p).map_err(fail),
         }
+    }
+
+    /// Host path of a device *directory*, resolved whole inside the root (a link in
+    /// the last place is followed there too).
+    pub fn try_host_dir(&self, device_dir: impl AsRef<Path>) -> Result<PathBuf> {
+        let p = device_dir.as_ref();
+        self.dir(p).map_err(|e| unresolvable(&self.root, p, e))
     }
 
     /// Resolve the fixed directories (certificates, manifests, `/etc`, network
