@@ -14,8 +14,8 @@
 //! Residual race, and why it is closed: [`crate::paths::Layout`] resolves each
 //! directory once per run and the file operations then use the link-free host path.
 //! Between the two, only someone who can write to a directory on that path could put
-//! a link in; [`check_private`] refuses to write secrets unless every directory from
-//! the certificates (and manifests) directory up to `--root` is owned by us or root
+//! a link in; [`check_private`] refuses to write unless every directory from the
+//! certificates, manifests and `/etc` directory up to `--root` is owned by us or root
 //! and writable by nobody else, as sshd's StrictModes does. The check stops at
 //! `--root`: its own parents (say a sticky `/tmp`) are the operator's choice.
 
@@ -119,7 +119,7 @@ pub fn check_private(root: &Path, dir: &Path) -> Result<()> {
                         m.uid()
                     ),
                     format!(
-                        "secrets are written below it; `chown {me} {}` (or root) and re-run",
+                        "sdv-provision writes keys or settings below it; `chown {me} {}` (or root) and re-run",
                         d.display()
                     ),
                 ))
@@ -132,7 +132,7 @@ pub fn check_private(root: &Path, dir: &Path) -> Result<()> {
                         m.mode() & 0o7777
                     ),
                     format!(
-                        "secrets are written below it; `chmod go-w {}` and re-run",
+                        "sdv-provision writes keys or settings below it; `chmod go-w {}` and re-run",
                         d.display()
                     ),
                 ))

@@ -101,10 +101,11 @@ impl Layout {
         Ok(())
     }
 
-    /// StrictModes (see [`crate::inroot::check_private`]) for the directories secrets
-    /// are written into: the certificates and the manifests directory.
+    /// StrictModes (see [`crate::inroot::check_private`]) for the directories the
+    /// tool writes into: the certificates and the manifests directory (secrets) and
+    /// `/etc` (the device id), so no one else can swap a link in after resolution.
     pub fn check_private_dirs(&self) -> Result<()> {
-        for d in [CERT_DIR, MANIFEST_DIR] {
+        for d in [CERT_DIR, MANIFEST_DIR, "/etc"] {
             crate::inroot::check_private(&self.root, &self.host(d))?;
         }
         Ok(())

@@ -338,9 +338,9 @@ fn an_absolute_link_inside_the_tree_resolves_inside_it() {
     }
 }
 
-/// StrictModes (as sshd checks): every directory from the certificates (and the
-/// manifests) directory up to `--root` must be ours (or root's) and writable by
-/// nobody else. Before: keys were written into a group-writable directory or one
+/// StrictModes (as sshd checks): every directory from the certificates, the
+/// manifests and the `/etc` directory up to `--root` must be ours (or root's) and
+/// writable by nobody else. Before: keys were written into a group-writable directory or one
 /// another user owns, where that user could swap them. `--root`'s own parent (here a
 /// sticky, world-writable one like `/tmp`) is not checked.
 #[test]
@@ -348,10 +348,11 @@ fn directories_others_can_change_are_refused() {
     if !openssl() {
         return;
     }
-    for rel in ["", "data", "data/var", CERTS, MANIFESTS] {
+    for rel in ["", "data", "data/var", CERTS, MANIFESTS, "etc"] {
         for foreign in [false, true] {
             let fr = FakeRoot::with_template();
             fs::create_dir_all(fr.p(CERTS)).unwrap();
+            fs::create_dir_all(fr.p("etc")).unwrap();
             let dir = if rel.is_empty() { fr.root() } else { fr.p(rel) };
             if foreign {
                 std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
