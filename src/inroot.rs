@@ -34,9 +34,6 @@ use crate::error::{Error, Result};
 /// Host path of device directory `dir` (absolute, as the device names it), resolved
 /// inside `root`. `Err` is a one-line reason.
 pub fn resolve_dir(root: &Path, dir: &Path) -> std::result::Result<PathBuf, String> {
-    let tree =
-        Root::open(root).map_err(|e| format!("cannot open {}: {}", root.display(), why(&e)))?;
-    let top = host_of(&tree.resolve(".").map_err(|e| why(&e))?, None)?;
     let comps: Vec<&OsStr> = dir
         .components()
         .filter_map(|c| match c {
@@ -45,6 +42,20 @@ pub fn resolve_dir(root: &Path, dir: &Path) -> std::result::Result<PathBuf, Stri
             _ => None,
         })
         .collect();
+    // A root that does not exist yet (a library caller's fresh tree; the CLI refuses
+    // one) holds no links: only plain names below it.
+    if std::fs::symlink_metadata(root).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
+        if comps.contains(&OsStr::new("..")) {
+            return Err(format!(
+                "{} goes through a missing directory",
+                dir.display()
+            ));
+        }
+        return Ok(comps.iter().fold(root.to_owned(), |p, c| p.join(c)));
+    }
+    let tree =
+        Root::open(root).map_err(|e| format!("cannot open {}: {}", root.display(), why(&e)))?;
+    let top = host_of(&tree.resolve(".").map_err(|e| why(&e))?, None)?;
     // A directory another run makes meanwhile just means: look again.
     for _ in 0..8 {
         if let Some(r) = resolve_once(&tree, &top, dir, &comps) {
@@ -100,6 +111,8 @@ fn resolve_once(
 /// group or others. Directories still to be made are made 0755 by us.
 pub fn check_private(root: &Path, dir: &Path) -> Result<()> {
     let me = rustix::process::geteuid().as_raw();
+    // `dir` is a resolved (canonical) path: compare it with the canonical root.
+    let root = &std::fs::canonicalize(root).map_err(|e| Error::read(root, e))?;
     let mut cur = Some(dir);
     while let Some(d) = cur {
         match std::fs::symlink_metadata(d) {
@@ -177,5 +190,52 @@ fn why(e: &pathrs::error::Error) -> String {
     match e.kind() {
         ErrorKind::OsError(Some(n)) => io::Error::from_raw_os_error(n).to_string(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn resolves_inside_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("persist/data/var")).unwrap();
+        std::os::unix::fs::symlink("/persist/data", root.join("data")).unwrap();
+        std::os::unix::fs::symlink("../../../..", root.join("persist/data/up")).unwrap();
+        let top = fs::canonicalize(&root).unwrap();
+        let r = |p: &str| resolve_dir(&root, Path::new(p));
+        assert_eq!(
+            r("/data/var/certificates"),
+            Ok(top.join("persist/data/var/certificates"))
+        );
+        assert_eq!(r("/data/up/etc"), Ok(top.join("etc")));
+        assert_eq!(r("/../../etc"), Ok(top.join("etc")));
+        std::os::unix::fs::symlink("/nowhere", root.join("etc")).unwrap();
+        assert!(r("/etc").unwrap_err().contains("link to nothing"));
+        let fresh = d.path().join("fresh");
+        let f = |p: &str| resolve_dir(&fresh, Path::new(p));
+        assert_eq!(f("/data/var"), Ok(fresh.join("data/var")));
+        assert!(f("/../etc").is_err());
+    }
+
+    #[test]
+    fn strict_modes_stop_at_a_root_named_through_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let certs = root.join("data/var/certificates");
+        fs::create_dir_all(&certs).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&root, &link).unwrap();
+        // The parent of the root (a temp dir) is not checked, even world-writable.
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        let certs = fs::canonicalize(&certs).unwrap();
+        check_private(&link, &certs).unwrap();
+        fs::set_permissions(root.join("data"), fs::Permissions::from_mode(0o757)).unwrap();
+        assert!(check_private(&link, &certs).is_err());
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o700)).unwrap();
     }
 }
