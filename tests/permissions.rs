@@ -1,7 +1,9 @@
 //! Permissions and ownership (DESIGN §6): under `umask 000` nothing the tool creates is
 //! world-writable and secrets are 0600; a symbolic link planted at a key, certificate
 //! or manifest path — before the first provisioning and on a re-run — is refused with
-//! one clear error, and its target is untouched.
+//! one clear error, and its target is untouched. Directories: links are read inside
+//! the root (one leading out is refused, an absolute in-tree one works), and
+//! directories others can change are refused (StrictModes).
 
 mod common;
 
