@@ -82,6 +82,7 @@ impl Ctx {
     }
 
     /// `--root` must be an existing directory: a typo must not create a new tree.
+    /// Its fixed directories are then resolved inside it, once for the run.
     pub fn check_root(&self) -> Result<()> {
         let root = self.layout.root();
         if !root.is_dir() {
@@ -90,19 +91,22 @@ impl Ctx {
                 "create it or pass the right --root",
             ));
         }
-        Ok(())
+        self.layout.resolve_dirs()
     }
 
     /// Take the run lock (mutating commands only; `status` never blocks). The wait
     /// can be changed with env `SDV_PROVISION_LOCK_TIMEOUT` (seconds; 0 = fail at once).
+    /// The directories secrets go into pass the StrictModes check first, before the
+    /// lock (or anything else) is made.
     pub fn lock(&self) -> Result<RunLock> {
         self.check_root()?;
+        self.layout.check_private_dirs()?;
         let timeout = std::env::var("SDV_PROVISION_LOCK_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(LOCK_TIMEOUT);
-        RunLock::acquire(self.layout.root(), timeout)
+        RunLock::acquire(&self.layout.host_cert_dir(), self.layout.root(), timeout)
     }
 
     /// Open a keystore; settings an earlier run recorded fill in missing flags.
