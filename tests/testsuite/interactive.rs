@@ -1,0 +1,162 @@
+//! The interactive mode, driven through a real pseudo-terminal (rexpect): the
+//! dialoguer backend choice, validated input that re-asks, hidden input for the
+//! connection string (DESIGN §1.2, §7).
+use crate::common;
+
+use std::fs;
+use std::process::{Command, Stdio};
+
+use common::fake_root::*;
+use rexpect::process::wait::WaitStatus;
+use rexpect::session::PtySession;
+
+const TIMEOUT_MS: u64 = 30_000;
+const DOWN: &str = "\x1b[B";
+const ENTER: &str = "\r";
+
+/// Start the binary on a pty. `FakeRoot::cmd` points stdin at /dev/null; here stdin,
+/// stdout and stderr must all stay on the terminal.
+fn spawn(fr: &FakeRoot, extra: &[&str]) -> PtySession {
+    let mut cmd: Command = fr.cmd();
+    cmd.args(["--keystore", "file", "--algorithm", "ecdsa-p256"])
+        .args(extra)
+        .env("TERM", "xterm")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    rexpect::session::spawn_command(cmd, Some(TIMEOUT_MS)).expect("spawn on a pty")
+}
+
+/// Wait for `needle`, returning what came before it; panic with context otherwise.
+fn expect(p: &mut PtySession, needle: &str, seen: &mut String) {
+    match p.exp_string(needle) {
+        Ok(before) => {
+            seen.push_str(&before);
+            seen.push_str(needle);
+        }
+        Err(e) => panic!("did not see {needle:?} ({e}); output so far:\n{seen}"),
+    }
+}
+
+fn finish(p: &mut PtySession, seen: &mut String) -> WaitStatus {
+    match p.exp_eof() {
+        Ok(rest) => seen.push_str(&rest),
+        Err(e) => panic!("the program did not finish ({e}); output so far:\n{seen}"),
+    }
+    p.process().wait().expect("wait")
+}
+
+fn choose(p: &mut PtySession, seen: &mut String) {
+    expect(p, "Neither Id Scope file nor ConnectionString found", seen);
+    expect(p, "h) Azure IoT Hub with Connection String", seen);
+}
+
+#[test]
+fn interactive_dps_reasks_on_a_bad_scope() {
+    let fr = FakeRoot::with_template();
+    let mut p = spawn(&fr, &[]);
+    let mut seen = String::new();
+    choose(&mut p, &mut seen);
+    // Enter takes the first item, DPS.
+    p.send(ENTER).unwrap();
+    p.flush().unwrap();
+    expect(&mut p, "Please enter your Id Scope", &mut seen);
+    p.send_line("bad scope!").unwrap();
+    // The validation message, and the same question again.
+    expect(&mut p, "only letters and digits are allowed", &mut seen);
+    expect(&mut p, "Please enter your Id Scope", &mut seen);
+    p.send_line(GOOD_SCOPE).unwrap();
+    expect(&mut p, "Primary thumbprint: ", &mut seen);
+    let status = finish(&mut p, &mut seen);
+    assert!(
+        matches!(status, WaitStatus::Exited(_, 0)),
+        "{status:?}\n{seen}"
+    );
+
+    assert_eq!(
+        fr.read("data/var/certificates/azure.idscope").trim(),
+        GOOD_SCOPE
+    );
+    let m = read_json(&fr.p(MANIFEST));
+    assert_eq!(env_values(&m, "ID_SCOPE"), [GOOD_SCOPE]);
+    for f in ["device.crt", "device.key", "device2.crt", "device2.key"] {
+        assert!(fr.cert_file(f).is_file(), "{f} missing");
+    }
+    assert_eq!(mode(&fr.cert_file("device.key")), 0o600);
+    assert_eq!(fr.read("etc/deviceid").trim(), ETH0_ID);
+    assert!(!fr.cert_file("azure.connectionstring").exists());
+    let sha1 = common::openssl_sha1(&fr.cert_file("device.crt"));
+    assert!(seen.contains(&sha1), "thumbprint {sha1} not shown:\n{seen}");
+    // The bad scope never reached the disk.
+    assert!(!fs::read_to_string(fr.p(MANIFEST))
+        .unwrap()
+        .contains("bad scope"));
+    // Once configured, nothing is asked: a re-run on the terminal finishes by itself.
+    let before = fr.snapshot();
+    let mut p = spawn(&fr, &[]);
+    let mut again = String::new();
+    expect(&mut p, "Id Scope file found", &mut again);
+    let status = finish(&mut p, &mut again);
+    assert!(
+        matches!(status, WaitStatus::Exited(_, 0)),
+        "{status:?}\n{again}"
+    );
+    assert!(!again.contains("Please enter"), "{again}");
+    assert_same_tree(&before, &fr.snapshot(), "interactive re-run");
+}
+
+#[test]
+fn interactive_hub_hidden_connection_string() {
+    let fr = FakeRoot::with_manifest();
+    let mut p = spawn(&fr, &[]);
+    let mut seen = String::new();
+    choose(&mut p, &mut seen);
+    p.send(DOWN).unwrap();
+    p.send(ENTER).unwrap();
+    p.flush().unwrap();
+    expect(&mut p, "Connection String of the device", &mut seen);
+    // Another device's string is refused, and asked again.
+    p.send_line(&hub_cs("another-device")).unwrap();
+    expect(&mut p, "is not this device's id", &mut seen);
+    expect(&mut p, "Connection String of the device", &mut seen);
+    p.send_line(&hub_cs(ETH0_ID)).unwrap();
+    expect(&mut p, "Primary thumbprint: ", &mut seen);
+    let status = finish(&mut p, &mut seen);
+    assert!(
+        matches!(status, WaitStatus::Exited(_, 0)),
+        "{status:?}\n{seen}"
+    );
+    // Hidden input: the secret never showed on the terminal.
+    assert!(
+        !seen.contains(SECRET_KEY),
+        "the SharedAccessKey was echoed:\n{seen}"
+    );
+    let csf = fr.cert_file("azure.connectionstring");
+    assert_eq!(fs::read_to_string(&csf).unwrap().trim(), hub_cs(ETH0_ID));
+    assert_eq!(mode(&csf), 0o600);
+    let m = read_json(&fr.p(MANIFEST));
+    assert_eq!(env_values(&m, "CONNECTION_STRING"), [hub_cs(ETH0_ID)]);
+    assert!(env_values(&m, "ID_SCOPE").is_empty());
+}
+
+/// `--non-interactive` on a terminal: no prompt, the usage error instead.
+#[test]
+fn non_interactive_flag_on_a_terminal_does_not_prompt() {
+    let fr = FakeRoot::with_template();
+    let before = fr.snapshot();
+    let mut p = spawn(&fr, &["--non-interactive"]);
+    let mut seen = String::new();
+    expect(&mut p, "error:", &mut seen);
+    let status = finish(&mut p, &mut seen);
+    assert!(
+        matches!(status, WaitStatus::Exited(_, 2)),
+        "{status:?}\n{seen}"
+    );
+    assert!(
+        seen.contains("--id-scope") && seen.contains("--connection-string"),
+        "{seen}"
+    );
+    assert!(!seen.contains("Do you want to use"), "{seen}");
+    assert_same_tree(&before, &fr.snapshot(), "--non-interactive on a tty");
+}
