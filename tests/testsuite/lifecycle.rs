@@ -21,15 +21,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::device::{Backend, Device, Kind};
 use common::fake_root::{
-    assert_same_tree, env_values, read_json, FakeRoot, Run, CERTS, ETH0_ID, GOOD_SCOPE, MANIFEST,
-    TEMPLATE,
+    assert_same_tree, env_values, read_json, Run, CERTS, ETH0_ID, GOOD_SCOPE, MANIFEST, TEMPLATE,
 };
 use common::run_ok;
 #[cfg(feature = "pkcs11")]
-use common::softhsm::{PrivateStore, USER_PIN};
-#[cfg(feature = "tpm")]
-use common::swtpm::Swtpm;
+use common::softhsm::USER_PIN;
 use serde_json::Value;
 
 #[cfg(feature = "tpm")]
@@ -48,132 +46,7 @@ const START: &str = "kanto-cm start -n cloudconnector";
 const REMOVE: &str = "kanto-cm remove -n cloudconnector";
 const REDEPLOY: &str = "systemctl restart kanto-auto-deployer";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    File,
-    #[cfg(feature = "pkcs11")]
-    SoftHsm,
-    #[cfg(feature = "tpm")]
-    Swtpm,
-}
-
-enum Backend {
-    File,
-    #[cfg(feature = "pkcs11")]
-    SoftHsm(PrivateStore),
-    #[cfg(feature = "tpm")]
-    Swtpm(Swtpm),
-}
-
-/// One scratch device (Kanto manifest template, fake `kanto-cm`/`systemctl`, a fake
-/// `eth0` whose MAC gives the device id [`ETH0_ID`]) with its keystore.
-struct Device {
-    fr: FakeRoot,
-    backend: Backend,
-}
-
 impl Device {
-    /// `None` when a tool is missing on a developer machine (under `CI=true`,
-    /// [`common::require`] panics instead).
-    fn start(kind: Kind) -> Option<Device> {
-        require_tools!(Openssl => None);
-        let backend = match kind {
-            Kind::File => Backend::File,
-            #[cfg(feature = "pkcs11")]
-            Kind::SoftHsm => {
-                require_tools!(SoftHsm => None);
-                Backend::SoftHsm(PrivateStore::new("leda"))
-            }
-            #[cfg(feature = "tpm")]
-            Kind::Swtpm => {
-                require_tools!(Swtpm, Tpm2Tools => None);
-                Backend::Swtpm(Swtpm::start())
-            }
-        };
-        Some(Device {
-            fr: FakeRoot::with_template(),
-            backend,
-        })
-    }
-
-    fn kind(&self) -> Kind {
-        match self.backend {
-            Backend::File => Kind::File,
-            #[cfg(feature = "pkcs11")]
-            Backend::SoftHsm(_) => Kind::SoftHsm,
-            #[cfg(feature = "tpm")]
-            Backend::Swtpm(_) => Kind::Swtpm,
-        }
-    }
-
-    /// The binary with `--root`, the keystore flags and environment, non-interactive.
-    fn base_cmd(&self) -> Command {
-        let mut c = self.fr.cmd();
-        c.arg("--non-interactive");
-        match &self.backend {
-            Backend::File => {
-                c.args(["--keystore", "file"]);
-            }
-            #[cfg(feature = "pkcs11")]
-            Backend::SoftHsm(s) => {
-                c.args(["--keystore", "pkcs11", "--pkcs11-module"])
-                    .arg(&s.module)
-                    .arg("--pkcs11-pin-file")
-                    .arg(&s.pin_file)
-                    .env_remove("SDV_PROVISION_PKCS11_SO_PIN")
-                    .env_remove("SDV_PROVISION_PKCS11_SO_PIN_FILE");
-                for (k, v) in s.env() {
-                    c.env(k, v);
-                }
-            }
-            #[cfg(feature = "tpm")]
-            Backend::Swtpm(t) => {
-                c.args(["--keystore", "tpm", "--tcti", &t.tcti()])
-                    .env("TSS2_LOG", "all+none");
-            }
-        }
-        c
-    }
-
-    /// Run with `--no-restart`.
-    fn run(&self, args: &[&str]) -> Run {
-        Run::from(
-            self.base_cmd()
-                .arg("--no-restart")
-                .args(args)
-                .output()
-                .expect("run sdv-provision"),
-        )
-    }
-
-    /// Run with the fake `kanto-cm`/`systemctl` in reach, recording restarts.
-    fn run_restarting(&self, args: &[&str]) -> Run {
-        Run::from(
-            self.base_cmd()
-                .args(args)
-                .output()
-                .expect("run sdv-provision"),
-        )
-    }
-
-    /// Provision (DPS) with `alg`; returns the `--json` report.
-    fn provision(&self, alg: &str) -> Value {
-        self.run(&[
-            "--json",
-            "provision",
-            "--id-scope",
-            GOOD_SCOPE,
-            "--algorithm",
-            alg,
-        ])
-        .ok()
-        .json()
-    }
-
-    fn status(&self) -> Value {
-        self.run(&["--json", "status"]).ok().json()
-    }
-
     /// `verify --json`: (exit code, check name -> (ok, detail)).
     fn verify(&self) -> (Option<i32>, BTreeMap<String, (bool, String)>, Run) {
         let r = self.run(&["--json", "verify"]);

@@ -9,6 +9,7 @@
 pub mod tools;
 
 pub mod crash;
+pub mod device;
 pub mod fake_root;
 pub mod softhsm;
 pub mod swtpm;
