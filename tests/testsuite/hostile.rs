@@ -447,45 +447,29 @@ fn connection_string_cases(out: &mut Vec<Case>) {
             }),
         );
     }
-    out.push(
-        case(
-            "--connection-string-file: a directory",
-            Base::Template,
-            &["--keystore", "file", "--connection-string-file"],
-            &["cs.d"],
-        )
-        .setup(|fr| {
-            let f = fr.dir.path().join("cs.d");
-            fs::create_dir(&f).unwrap();
-            vec![f.display().to_string()]
+    // Not a regular file: a directory, a FIFO, a symlink out of the root.
+    let specials: [(&str, &'static str, fn(&Path)); 3] = [
+        ("a directory", "cs.d", |f| fs::create_dir(f).unwrap()),
+        ("a FIFO", "cs.fifo", mkfifo),
+        ("symlink to the host's /etc/passwd", "cs.link", |f| {
+            symlink("/etc/passwd", f).unwrap()
         }),
-    );
-    out.push(
-        case(
-            "--connection-string-file: a FIFO",
-            Base::Template,
-            &["--keystore", "file", "--connection-string-file"],
-            &["cs.fifo"],
-        )
-        .setup(|fr| {
-            let f = fr.dir.path().join("cs.fifo");
-            mkfifo(&f);
-            vec![f.display().to_string()]
-        }),
-    );
-    out.push(
-        case(
-            "--connection-string-file: symlink to the host's /etc/passwd",
-            Base::Template,
-            &["--keystore", "file", "--connection-string-file"],
-            &["cs.link"],
-        )
-        .setup(|fr| {
-            let f = fr.dir.path().join("cs.link");
-            symlink("/etc/passwd", &f).unwrap();
-            vec![f.display().to_string()]
-        }),
-    );
+    ];
+    for (what, file, make) in specials {
+        out.push(
+            case(
+                format!("--connection-string-file: {what}"),
+                Base::Template,
+                &["--keystore", "file", "--connection-string-file"],
+                &[file],
+            )
+            .setup(move |fr| {
+                let f = fr.dir.path().join(file);
+                make(&f);
+                vec![f.display().to_string()]
+            }),
+        );
+    }
     // A hand-edited azure.connectionstring on a provisioned-for-Hub device is covered
     // by the state cases below through azure.idscope; here the Hub file itself.
     for content in ["HostName=h\0;DeviceId=x;SharedAccessKey=a\n", "garbage\n"] {

@@ -25,9 +25,9 @@ use common::device::{Backend, Device, Kind};
 use common::fake_root::{
     assert_same_tree, env_values, read_json, Run, CERTS, ETH0_ID, GOOD_SCOPE, MANIFEST, TEMPLATE,
 };
-use common::run_ok;
 #[cfg(feature = "pkcs11")]
 use common::softhsm::USER_PIN;
+use common::{openssl_out, run_ok};
 use serde_json::Value;
 
 #[cfg(feature = "tpm")]
@@ -510,11 +510,6 @@ impl Ca {
         );
         csr
     }
-}
-
-fn openssl_out(args: &[&str], file: &Path) -> String {
-    let out = run_ok(Command::new("openssl").args(args).arg(file));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 // ---------------------------------------------------------------------------------

@@ -26,28 +26,25 @@ fn manifest_path(root: &Path) -> PathBuf {
     root.join(MANIFEST)
 }
 
-fn sdv(tpm: &Swtpm, root: &Path, args: &[&str]) -> Output {
-    Command::new(common::bin())
-        .args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
+fn sdv_cmd(tpm: &Swtpm, root: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(common::bin());
+    c.args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
         .arg(root)
         .args(["--no-restart", "--non-interactive"])
         .args(args)
         .env_remove("TPM2TOOLS_TCTI")
-        .env_remove("TCTI")
+        .env_remove("TCTI");
+    c
+}
+
+fn sdv(tpm: &Swtpm, root: &Path, args: &[&str]) -> Output {
+    sdv_cmd(tpm, root, args)
         .output()
         .expect("run sdv-provision")
 }
 
 fn sdv_ok(tpm: &Swtpm, root: &Path, args: &[&str]) -> Output {
-    let out = sdv(tpm, root, args);
-    assert!(
-        out.status.success(),
-        "sdv-provision {args:?} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::run_ok(&mut sdv_cmd(tpm, root, args))
 }
 
 fn provision_json(tpm: &Swtpm, root: &Path, extra: &[&str]) -> serde_json::Value {

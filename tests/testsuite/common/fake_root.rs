@@ -421,34 +421,24 @@ pub fn read_json(p: &Path) -> serde_json::Value {
 
 /// The public key (SPKI PEM) of a private key file, as openssl derives it.
 pub fn openssl_key_pubkey(key: &Path) -> String {
-    let out = super::run_ok(
-        Command::new("openssl")
-            .args(["pkey", "-pubout", "-in"])
-            .arg(key),
-    );
-    String::from_utf8(out.stdout).unwrap()
+    super::openssl_out(&["pkey", "-pubout", "-in"], key)
 }
 
 /// `openssl x509 -noout -text` of a certificate.
 pub fn openssl_cert_text(cert: &Path) -> String {
-    let out = super::run_ok(
-        Command::new("openssl")
-            .args(["x509", "-noout", "-text", "-nameopt", "RFC2253", "-in"])
-            .arg(cert),
-    );
-    String::from_utf8(out.stdout).unwrap()
+    super::openssl_out(
+        &["x509", "-noout", "-text", "-nameopt", "RFC2253", "-in"],
+        cert,
+    )
 }
 
 /// The subject of a certificate, RFC 2253 (`CN=…`).
 pub fn openssl_subject(cert: &Path) -> String {
-    let out = super::run_ok(
-        Command::new("openssl")
-            .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"])
-            .arg(cert),
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .trim_start_matches("subject=")
-        .to_owned()
+    super::openssl_out(
+        &["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"],
+        cert,
+    )
+    .trim()
+    .trim_start_matches("subject=")
+    .to_owned()
 }

@@ -74,6 +74,12 @@ pub fn wait_for_path(path: &Path, deadline: Duration) {
     panic!("{} did not appear within {deadline:?}", path.display());
 }
 
+/// What `openssl ARGS FILE` prints on stdout (it must succeed).
+pub fn openssl_out(args: &[&str], file: &Path) -> String {
+    let out = run_ok(Command::new("openssl").args(args).arg(file));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `openssl verify -CAfile cert cert` must pass.
 pub fn openssl_verify(cert: &Path) {
     let out = run_ok(
@@ -97,13 +103,8 @@ pub fn openssl_sha256(cert: &Path) -> String {
 }
 
 fn openssl_fingerprint(cert: &Path, digest: &str) -> String {
-    let out = run_ok(
-        Command::new("openssl")
-            .args(["x509", "-noout", "-fingerprint", digest, "-in"])
-            .arg(cert),
-    );
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.trim()
+    openssl_out(&["x509", "-noout", "-fingerprint", digest, "-in"], cert)
+        .trim()
         .split_once('=')
         .expect("fingerprint line")
         .1
@@ -112,12 +113,7 @@ fn openssl_fingerprint(cert: &Path, digest: &str) -> String {
 
 /// The public key (SPKI PEM) of a certificate, as openssl extracts it.
 pub fn openssl_cert_pubkey(cert: &Path) -> String {
-    let out = run_ok(
-        Command::new("openssl")
-            .args(["x509", "-noout", "-pubkey", "-in"])
-            .arg(cert),
-    );
-    String::from_utf8(out.stdout).unwrap()
+    openssl_out(&["x509", "-noout", "-pubkey", "-in"], cert)
 }
 
 /// A throwaway server key and certificate for the TLS tests.
