@@ -303,15 +303,7 @@ impl Device {
             }
             #[cfg(feature = "pkcs11")]
             Backend::SoftHsm(s) => {
-                run_ok(
-                    Command::new("pkcs11-tool")
-                        .arg("--module")
-                        .arg(&s.module)
-                        .args(["--token-label", &s.label, "--login", "--pin", USER_PIN])
-                        .args(["--keypairgen", "--key-type", "EC:prime256v1"])
-                        .args(["--label", FOREIGN_LABEL, "--id", "4242"])
-                        .env("SOFTHSM2_CONF", &s.conf),
-                );
+                s.foreign_keypair(FOREIGN_LABEL, "4242");
             }
             #[cfg(feature = "tpm")]
             Backend::Swtpm(t) => t.foreign_key_at(FOREIGN_HANDLE, true),
@@ -1225,26 +1217,14 @@ fn softhsm_reset_leaves_a_foreign_key_under_our_label() {
         unreachable!()
     };
     d.provision("ecdsa-p256");
-    let tool = || {
-        let mut c = Command::new("pkcs11-tool");
-        c.arg("--module")
-            .arg(&s.module)
-            .args(["--token-label", &s.label, "--login", "--pin", USER_PIN])
-            .env("SOFTHSM2_CONF", &s.conf);
-        c
-    };
     for class in ["privkey", "pubkey", "cert"] {
         run_ok(
-            tool()
+            s.pkcs11_tool()
                 .args(["--delete-object", "--type", class])
                 .args(["--label", "device-primary"]),
         );
     }
-    run_ok(
-        tool()
-            .args(["--keypairgen", "--key-type", "EC:prime256v1"])
-            .args(["--label", "device-primary", "--id", "4243"]),
-    );
+    s.foreign_keypair("device-primary", "4243");
     d.verify_fails(&[("primary.key", &["device-primary"])]);
     d.run(&["reset", "--yes"]).ok();
     assert_eq!(

@@ -215,35 +215,8 @@ fn pkcs11_keystore_survives_random_kills() {
     let t = TokenDevice::new();
     t.dev.ok(&["provision", "--id-scope", "0ne0012345A"]);
     // Another application's objects, one pair under our live label.
-    let tool = |args: &[&str]| {
-        common::run_ok(
-            Command::new("pkcs11-tool")
-                .arg("--module")
-                .arg(&t.store.module)
-                .args(["--token-label", "leda", "--login", "--pin"])
-                .arg(common::softhsm::USER_PIN)
-                .args(args)
-                .env("SOFTHSM2_CONF", &t.store.conf),
-        );
-    };
-    tool(&[
-        "--keypairgen",
-        "--key-type",
-        "EC:prime256v1",
-        "--label",
-        "device-primary",
-        "--id",
-        FOREIGN_ID,
-    ]);
-    tool(&[
-        "--keypairgen",
-        "--key-type",
-        "EC:prime256v1",
-        "--label",
-        "someone-else",
-        "--id",
-        "0a0b",
-    ]);
+    t.store.foreign_keypair("device-primary", FOREIGN_ID);
+    t.store.foreign_keypair("someone-else", "0a0b");
     let token_file = std::fs::read_dir(t.store.tokendir())
         .unwrap()
         .flatten()

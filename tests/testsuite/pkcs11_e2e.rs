@@ -886,19 +886,10 @@ fn pin_file_and_token_dir_are_compared_after_resolution() {
 }
 
 /// pkcs11-tool on this store, logged in.
-fn pkcs11_tool(store: &PrivateStore) -> Command {
-    let mut c = Command::new("pkcs11-tool");
-    c.arg("--module")
-        .arg(&store.module)
-        .args(["--token-label", &store.label, "--login", "--pin", USER_PIN])
-        .env("SOFTHSM2_CONF", &store.conf);
-    c
-}
-
 /// Every object with CKA_ID `id` as pkcs11-tool lists it (all its attributes), plus
 /// its public key's DER: what must stay byte for byte.
 fn objects_with_id(store: &PrivateStore, id: &str) -> String {
-    let out = common::run_ok(pkcs11_tool(store).arg("--list-objects"));
+    let out = common::run_ok(store.pkcs11_tool().arg("--list-objects"));
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut blocks = Vec::new();
     for block in listing
@@ -923,7 +914,8 @@ fn objects_with_id(store: &PrivateStore, id: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let der = dir.path().join("pub.der");
     common::run_ok(
-        pkcs11_tool(store)
+        store
+            .pkcs11_tool()
             .args(["--read-object", "--type", "pubkey", "--id", id, "-o"])
             .arg(&der),
     );
@@ -942,15 +934,7 @@ fn objects_with_id(store: &PrivateStore, id: &str) -> String {
 fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
     require_tools!(SoftHsm);
     let (store, root) = provisioned();
-    common::run_ok(pkcs11_tool(&store).args([
-        "--keypairgen",
-        "--key-type",
-        "EC:prime256v1",
-        "--label",
-        "device-primary",
-        "--id",
-        "0102",
-    ]));
+    store.foreign_keypair("device-primary", "0102");
     let foreign = objects_with_id(&store, "0102");
     assert_eq!(
         foreign.matches("label:      device-primary").count(),
@@ -1034,15 +1018,7 @@ fn mounts_come_from_the_configuration_never_from_the_state() {
 fn an_edited_journal_naming_foreign_objects_touches_nothing() {
     require_tools!(SoftHsm);
     let (store, root) = provisioned();
-    common::run_ok(pkcs11_tool(&store).args([
-        "--keypairgen",
-        "--key-type",
-        "EC:prime256v1",
-        "--label",
-        "device-primary",
-        "--id",
-        "0102",
-    ]));
+    store.foreign_keypair("device-primary", "0102");
     let foreign = objects_with_id(&store, "0102");
     let base: Vec<String> = provision_args(&store, "ecdsa-p256")[..6].to_vec();
     for uri in [

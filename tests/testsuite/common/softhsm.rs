@@ -203,6 +203,29 @@ impl PrivateStore {
         ]
     }
 
+    /// `pkcs11-tool` logged in to this store's token.
+    pub fn pkcs11_tool(&self) -> Command {
+        let mut c = Command::new("pkcs11-tool");
+        c.arg("--module")
+            .arg(&self.module)
+            .args(["--token-label", &self.label, "--login", "--pin", USER_PIN])
+            .env("SOFTHSM2_CONF", &self.conf);
+        c
+    }
+
+    /// Another application's EC P-256 key pair on this token: `label`, CKA_ID `id` (hex).
+    pub fn foreign_keypair(&self, label: &str, id: &str) {
+        super::run_ok(self.pkcs11_tool().args([
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            label,
+            "--id",
+            id,
+        ]));
+    }
+
     /// Labels of all objects in the token, one per object, as `pkcs11-tool` lists them.
     pub fn object_labels(&self) -> Vec<String> {
         let out = super::run_ok(
