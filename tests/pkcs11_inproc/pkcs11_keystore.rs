@@ -275,25 +275,12 @@ fn full_cycle(alg: Algorithm) {
     );
 }
 
-#[test]
-fn rsa_2048_full_cycle() {
-    full_cycle(Algorithm::Rsa2048);
-}
-
-#[test]
-fn rsa_3072_full_cycle() {
-    full_cycle(Algorithm::Rsa3072);
-}
-
-#[test]
-fn ecdsa_p256_full_cycle() {
-    full_cycle(Algorithm::EcdsaP256);
-}
-
-#[test]
-fn ecdsa_p384_full_cycle() {
-    full_cycle(Algorithm::EcdsaP384);
-}
+tests_of!(full_cycle:
+    rsa_2048_full_cycle => (Algorithm::Rsa2048),
+    rsa_3072_full_cycle => (Algorithm::Rsa3072),
+    ecdsa_p256_full_cycle => (Algorithm::EcdsaP256),
+    ecdsa_p384_full_cycle => (Algorithm::EcdsaP384),
+);
 
 #[test]
 fn wrong_pin_is_one_clear_error_and_does_not_lock() {

@@ -1213,25 +1213,12 @@ fn check_algorithm(alg: &str, text_marker: &str) {
     );
 }
 
-#[test]
-fn algorithm_rsa_2048() {
-    check_algorithm("rsa-2048", "Public-Key: (2048 bit)");
-}
-
-#[test]
-fn algorithm_rsa_3072() {
-    check_algorithm("rsa-3072", "Public-Key: (3072 bit)");
-}
-
-#[test]
-fn algorithm_ecdsa_p256() {
-    check_algorithm("ecdsa-p256", "NIST CURVE: P-256");
-}
-
-#[test]
-fn algorithm_ecdsa_p384() {
-    check_algorithm("ecdsa-p384", "NIST CURVE: P-384");
-}
+tests_of!(check_algorithm:
+    algorithm_rsa_2048 => ("rsa-2048", "Public-Key: (2048 bit)"),
+    algorithm_rsa_3072 => ("rsa-3072", "Public-Key: (3072 bit)"),
+    algorithm_ecdsa_p256 => ("ecdsa-p256", "NIST CURVE: P-256"),
+    algorithm_ecdsa_p384 => ("ecdsa-p384", "NIST CURVE: P-384"),
+);
 
 // ---------------------------------------------------------------------------------
 // Adopting a device the original script provisioned

@@ -252,25 +252,12 @@ fn provision_cycle(alg: &str) {
     run(tool(&store, &root).args(["--non-interactive", "verify"]), 0);
 }
 
-#[test]
-fn provision_rsa_2048() {
-    provision_cycle("rsa-2048");
-}
-
-#[test]
-fn provision_rsa_3072() {
-    provision_cycle("rsa-3072");
-}
-
-#[test]
-fn provision_ecdsa_p256() {
-    provision_cycle("ecdsa-p256");
-}
-
-#[test]
-fn provision_ecdsa_p384() {
-    provision_cycle("ecdsa-p384");
-}
+tests_of!(provision_cycle:
+    provision_rsa_2048 => ("rsa-2048"),
+    provision_rsa_3072 => ("rsa-3072"),
+    provision_ecdsa_p256 => ("ecdsa-p256"),
+    provision_ecdsa_p384 => ("ecdsa-p384"),
+);
 
 #[test]
 fn wrong_pin_fails_once_and_writes_nothing() {

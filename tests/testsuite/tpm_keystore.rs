@@ -138,25 +138,12 @@ fn algorithm_round_trip(alg: Algorithm) {
     }
 }
 
-#[test]
-fn rsa_2048_round_trip() {
-    algorithm_round_trip(Algorithm::Rsa2048);
-}
-
-#[test]
-fn rsa_3072_round_trip() {
-    algorithm_round_trip(Algorithm::Rsa3072);
-}
-
-#[test]
-fn ecdsa_p256_round_trip() {
-    algorithm_round_trip(Algorithm::EcdsaP256);
-}
-
-#[test]
-fn ecdsa_p384_round_trip() {
-    algorithm_round_trip(Algorithm::EcdsaP384);
-}
+tests_of!(algorithm_round_trip:
+    rsa_2048_round_trip => (Algorithm::Rsa2048),
+    rsa_3072_round_trip => (Algorithm::Rsa3072),
+    ecdsa_p256_round_trip => (Algorithm::EcdsaP256),
+    ecdsa_p384_round_trip => (Algorithm::EcdsaP384),
+);
 
 /// The OpenSSL `tpm2` provider loads each key by its URI (`handle:0x…`) through
 /// tpm2-abrmd and completes a mutual TLS 1.3 handshake (RSA-PSS for the RSA key,

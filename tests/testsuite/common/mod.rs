@@ -8,6 +8,20 @@
 #[macro_use]
 pub mod tools;
 
+/// One `#[test]` per case of a scenario: `tests_of!(full_cycle: rsa_2048_full_cycle =>
+/// (Algorithm::Rsa2048), ...)` makes
+/// `#[test] fn rsa_2048_full_cycle() { full_cycle(Algorithm::Rsa2048) }`.
+macro_rules! tests_of {
+    ($scenario:ident: $($name:ident => ($($arg:expr),* $(,)?)),+ $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $scenario($($arg),*)
+            }
+        )+
+    };
+}
+
 pub mod crash;
 pub mod device;
 pub mod fake_root;
