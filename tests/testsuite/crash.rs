@@ -5,7 +5,7 @@
 //!
 //! The seed is printed; `SDV_CRASH_SEED=<n>` replays a run, `SDV_CRASH_KILLS=<n>`
 //! changes the number of kills (default 120 on the file keystore; the TPM variant
-//! lives in tests/tpm_crash.rs).
+//! lives in tpm_crash.rs).
 use crate::common;
 
 use common::crash::{hammer, Device};

@@ -1,4 +1,4 @@
-//! Crash consistency on the TPM keystore: the SIGKILL harness of `tests/crash.rs`
+//! Crash consistency on the TPM keystore: the SIGKILL harness of `crash.rs`
 //! (provision, rotate, rotate --promote, reset, provision --force, killed at random
 //! moments) against a real swtpm. After every recovery the TPM must hold exactly the
 //! SRK, the two live keys and a key another application persisted before the first
