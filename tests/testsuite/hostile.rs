@@ -448,7 +448,8 @@ fn connection_string_cases(out: &mut Vec<Case>) {
         );
     }
     // Not a regular file: a directory, a FIFO, a symlink out of the root.
-    let specials: [(&str, &'static str, fn(&Path)); 3] = [
+    type Make = fn(&Path);
+    let specials: [(&str, &str, Make); 3] = [
         ("a directory", "cs.d", |f| fs::create_dir(f).unwrap()),
         ("a FIFO", "cs.fifo", mkfifo),
         ("symlink to the host's /etc/passwd", "cs.link", |f| {
