@@ -81,16 +81,7 @@ fn golden() -> &'static Path {
     static G: OnceLock<FakeRoot> = OnceLock::new();
     G.get_or_init(|| {
         let fr = FakeRoot::with_template();
-        fr.run(&[
-            "--keystore",
-            "file",
-            "--id-scope",
-            GOOD_SCOPE,
-            "--algorithm",
-            "ecdsa-p256",
-            "--no-restart",
-        ])
-        .ok();
+        fr.provision_dps("ecdsa-p256", &["--no-restart"]);
         fr
     })
     .root()

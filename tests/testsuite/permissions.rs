@@ -124,14 +124,7 @@ fn assert_untouched(target: &Path) {
 }
 
 fn provision(fr: &FakeRoot) -> Run {
-    fr.run(&[
-        "--keystore",
-        "file",
-        "--id-scope",
-        GOOD_SCOPE,
-        "--algorithm",
-        "ecdsa-p256",
-    ])
+    fr.run_dps("ecdsa-p256", &[])
 }
 
 #[test]

@@ -223,8 +223,8 @@ impl FakeRoot {
         Run::from(self.cmd().args(args).output().expect("run sdv-provision"))
     }
 
-    /// A file-keystore provisioning with `--id-scope`; must succeed.
-    pub fn provision_dps(&self, alg: &str, extra: &[&str]) -> Run {
+    /// A file-keystore provisioning with `--id-scope` (DPS), then `extra`.
+    pub fn run_dps(&self, alg: &str, extra: &[&str]) -> Run {
         let mut a = vec![
             "--keystore",
             "file",
@@ -234,7 +234,12 @@ impl FakeRoot {
             alg,
         ];
         a.extend_from_slice(extra);
-        self.run(&a).ok()
+        self.run(&a)
+    }
+
+    /// [`FakeRoot::run_dps`]; must succeed.
+    pub fn provision_dps(&self, alg: &str, extra: &[&str]) -> Run {
+        self.run_dps(alg, extra).ok()
     }
 
     /// Every file, directory and symlink under the root: bytes (or link target) and
