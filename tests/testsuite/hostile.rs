@@ -525,71 +525,49 @@ fn device_id_cases(out: &mut Vec<Case>) {
         ));
     }
     // /etc/deviceid that is not a regular file: never followed, never replaced.
-    out.push(
-        case(
-            "/etc/deviceid symlink to the host's /etc/passwd",
-            Base::Template,
-            DPS,
-            &["deviceid"],
-        )
-        .setup(|fr| {
-            fs::create_dir_all(fr.p("etc")).unwrap();
-            symlink("/etc/passwd", fr.p(DEVICE_ID)).unwrap();
-            vec![]
+    const WITH_ID: &[&str] = &[
+        "--keystore",
+        "file",
+        "--id-scope",
+        GOOD_SCOPE,
+        "--device-id",
+        "dev-1",
+    ];
+    type Plant = fn(&FakeRoot);
+    fn link(fr: &FakeRoot, target: &str) {
+        fs::create_dir_all(fr.p("etc")).unwrap();
+        symlink(target, fr.p(DEVICE_ID)).unwrap();
+    }
+    let planted: [(&str, &[&str], Plant); 5] = [
+        ("symlink to the host's /etc/passwd", DPS, |fr| {
+            link(fr, "/etc/passwd")
         }),
-    );
-    out.push(
-        case(
-            "/etc/deviceid symlink to a missing file",
-            Base::Template,
-            DPS,
-            &["deviceid"],
-        )
-        .setup(|fr| {
-            fs::create_dir_all(fr.p("etc")).unwrap();
-            symlink("/tmp/sdv-provision-hostile-nowhere", fr.p(DEVICE_ID)).unwrap();
-            vec![]
+        ("symlink to a missing file", DPS, |fr| {
+            link(fr, "/tmp/sdv-provision-hostile-nowhere")
         }),
-    );
-    out.push(
-        case(
-            "/etc/deviceid symlink with --device-id",
-            Base::Template,
-            &[
-                "--keystore",
-                "file",
-                "--id-scope",
-                GOOD_SCOPE,
-                "--device-id",
-                "dev-1",
-            ],
-            &["deviceid"],
-        )
-        .setup(|fr| {
-            fs::create_dir_all(fr.p("etc")).unwrap();
-            symlink("/etc/passwd", fr.p(DEVICE_ID)).unwrap();
-            vec![]
+        ("symlink with --device-id", WITH_ID, |fr| {
+            link(fr, "/etc/passwd")
         }),
-    );
-    out.push(
-        case(
-            "/etc/deviceid a directory",
-            Base::Template,
-            DPS,
-            &["deviceid"],
-        )
-        .setup(|fr| {
+        ("a directory", DPS, |fr| {
             fs::create_dir_all(fr.p(DEVICE_ID)).unwrap();
             fs::write(fr.p(DEVICE_ID).join("id"), "dev-1\n").unwrap();
-            vec![]
         }),
-    );
-    out.push(
-        case("/etc/deviceid a FIFO", Base::Template, DPS, &["deviceid"]).setup(|fr| {
-            mkfifo(&fr.p(DEVICE_ID));
-            vec![]
-        }),
-    );
+        ("a FIFO", DPS, |fr| mkfifo(&fr.p(DEVICE_ID))),
+    ];
+    for (what, args, plant) in planted {
+        out.push(
+            case(
+                format!("/etc/deviceid {what}"),
+                Base::Template,
+                args,
+                &["deviceid"],
+            )
+            .setup(move |fr| {
+                plant(fr);
+                vec![]
+            }),
+        );
+    }
 }
 
 fn certificate_cases(out: &mut Vec<Case>) {
