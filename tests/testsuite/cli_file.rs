@@ -877,6 +877,18 @@ fn assert_preserved(before: &Value, after: &Value, mounts_key: &str) {
     }
 }
 
+/// `field` mounts the two file-keystore files at `crt` and `key` in the container.
+fn assert_cert_mounts(after: &Value, field: &str, crt: &str, key: &str) {
+    let host = |f: &str| format!("/data/var/certificates/{f}");
+    assert_eq!(
+        cert_mounts(after, field),
+        [
+            (host("device.crt"), crt.to_owned()),
+            (host("device.key"), key.to_owned()),
+        ]
+    );
+}
+
 fn cert_mounts(m: &Value, key: &str) -> Vec<(String, String)> {
     m[key]
         .as_array()
@@ -917,18 +929,11 @@ fn manifest_kanto_template_shape_preserved() {
         r#"{"keep":["me",1,null],"order":"matters"}"#
     );
     assert!(env_of(&after).contains(&r#"FEATURE_FLAG="quoted value""#.to_string()));
-    assert_eq!(
-        cert_mounts(&after, "mounts"),
-        [
-            (
-                "/data/var/certificates/device.crt".into(),
-                "/var/certificates/device.crt".into()
-            ),
-            (
-                "/data/var/certificates/device.key".into(),
-                "/var/certificates/device.key".into()
-            ),
-        ]
+    assert_cert_mounts(
+        &after,
+        "mounts",
+        "/var/certificates/device.crt",
+        "/var/certificates/device.key",
     );
     // The legacy keys are updated in place, the new ones are set once.
     let env = env_of(&after);
@@ -960,19 +965,7 @@ fn manifest_auto_deployer_shape_preserved() {
     assert_preserved(&before, &after, "mount_points");
     assert!(after.get("mounts").is_none(), "shape converted");
     // The container paths the deployer chose are kept, and the env follows them.
-    assert_eq!(
-        cert_mounts(&after, "mount_points"),
-        [
-            (
-                "/data/var/certificates/device.crt".into(),
-                "/device.crt".into()
-            ),
-            (
-                "/data/var/certificates/device.key".into(),
-                "/device.key".into()
-            ),
-        ]
-    );
+    assert_cert_mounts(&after, "mount_points", "/device.crt", "/device.key");
     let env = env_of(&after);
     assert_eq!(env[0], "CERT_FILE=/device.crt");
     assert_eq!(env[1], "KEY_FILE=/device.key");
