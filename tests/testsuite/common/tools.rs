@@ -25,6 +25,8 @@ pub enum Tool {
     Chattr,
     /// `setpriv` and `flock`: another user holding the lock.
     SetprivFlock,
+    /// libfiu's `fiu-run` (Debian fiu-utils): storage faults injected into the binary.
+    Fiu,
 }
 
 impl Tool {
@@ -45,6 +47,10 @@ impl Tool {
             Tool::Chattr => program("chattr", "an unwritable file or directory"),
             Tool::SetprivFlock => program("setpriv", "runs a process as nobody")
                 .and(program("flock", "takes the lock as nobody")),
+            Tool::Fiu => program(
+                "fiu-run",
+                "the storage-fault suite (Debian package fiu-utils)",
+            ),
         }
     }
 }
