@@ -44,6 +44,10 @@ pub struct State {
     /// The keys were made by the original shell script and adopted as they were.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopted: bool,
+    /// DPS endpoint, trust and assignment (DESIGN §3b); absent until `register` or
+    /// `provision --dps-*` records them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dps: Option<crate::dps::DpsRecord>,
 }
 
 impl State {
@@ -56,6 +60,7 @@ impl State {
             keys: BTreeMap::new(),
             backend: BackendRecord::default(),
             adopted: false,
+            dps: None,
         }
     }
 
@@ -73,6 +78,9 @@ impl State {
             return Err(bad(format!("unknown version {}", s.version)));
         }
         crate::device_id::validate(&s.device_id).map_err(bad)?;
+        if let Some(d) = &s.dps {
+            d.validate().map_err(|e| bad(format!("dps: {e}")))?;
+        }
         for (role, uri) in &s.keys {
             let fits = matches!(
                 (s.keystore, uri),

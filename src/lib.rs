@@ -6,6 +6,7 @@
 pub mod cert;
 pub mod cloud;
 pub mod device_id;
+pub mod dps;
 pub mod error;
 pub mod fsutil;
 pub mod keystore;

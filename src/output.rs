@@ -52,6 +52,9 @@ pub struct Report {
 pub enum CloudReport {
     Dps {
         id_scope: String,
+        /// `null` until `register` succeeded (DESIGN §3b).
+        assigned_hub: Option<String>,
+        assigned_device_id: Option<String>,
     },
     Hub {
         host_name: String,
@@ -59,11 +62,13 @@ pub enum CloudReport {
     },
 }
 
-impl From<&Cloud> for CloudReport {
-    fn from(c: &Cloud) -> Self {
+impl CloudReport {
+    fn new(c: &Cloud, assignment: Option<&crate::dps::Assignment>) -> Self {
         match c {
             Cloud::Dps { id_scope } => CloudReport::Dps {
                 id_scope: id_scope.clone(),
+                assigned_hub: assignment.map(|a| a.assigned_hub.clone()),
+                assigned_device_id: assignment.map(|a| a.device_id.clone()),
             },
             Cloud::Hub(cs) => CloudReport::Hub {
                 host_name: cs.host_name.clone(),
@@ -109,7 +114,10 @@ impl Report {
                 .as_ref()
                 .map(|s| s.keystore)
                 .or(id.legacy.then_some(KeystoreKind::File)),
-            cloud: id.cloud.as_ref().map(CloudReport::from),
+            cloud: id
+                .cloud
+                .as_ref()
+                .map(|c| CloudReport::new(c, assignment(id))),
             certificates: id.roles.iter().map(|r| cert_report(layout, r)).collect(),
             manifest: manifest_exists.then(|| layout.host(MANIFEST).display().to_string()),
             problems,
@@ -121,6 +129,10 @@ impl Report {
         let _ = serde_json::to_writer_pretty(&mut o, self);
         let _ = writeln!(o);
     }
+}
+
+fn assignment(id: &Identity) -> Option<&crate::dps::Assignment> {
+    id.state.as_ref()?.dps.as_ref()?.assignment.as_ref()
 }
 
 fn cert_report(layout: &Layout, r: &RoleView) -> CertReport {
@@ -152,6 +164,12 @@ pub fn print_identity(out: &Out, layout: &Layout, id: &Identity) {
         out.say(format!("- Keystore: {} ({})", s.keystore, s.algorithm));
     } else if id.legacy {
         out.say("- Keystore: file (keys left by the original sdv-provision script)");
+    }
+    if let (Some(Cloud::Dps { .. }), Some(a)) = (&id.cloud, assignment(id)) {
+        out.say(format!(
+            "- DPS assignment: device {} on hub {}",
+            a.device_id, a.assigned_hub
+        ));
     }
     for r in &id.roles {
         out.say(format!(

@@ -18,6 +18,7 @@ use crate::paths::Layout;
 pub mod csr;
 pub mod import_cert;
 pub mod provision;
+pub mod register;
 pub mod reset;
 pub mod rotate;
 pub mod status;
@@ -163,6 +164,9 @@ pub fn run(cli: &Cli) -> Result<i32> {
         Some(Command::Csr { role, out }) => csr::run(&ctx, *role, out.as_deref()),
         Some(Command::ImportCert { role, file }) => import_cert::run(&ctx, *role, file),
         Some(Command::Reset { yes }) => reset::run(&ctx, *yes),
+        Some(Command::Register(_)) => {
+            register::run(&ctx, &cli.register_args().map_err(Error::Usage)?)
+        }
     }
 }
 
@@ -241,13 +245,26 @@ pub fn recover(ctx: &Ctx) -> Result<()> {
 /// What the manifest should say for this identity and cloud.
 pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
     let key = identity::key_ref(state, Role::Primary)?;
-    let (k, v) = cloud.env();
+    let (k, v) = cloud_env(state, cloud);
     Some(Desired {
         cloud: (k, v),
         cert: crate::paths::Layout::cert_file(&crate::paths::cert_name(Role::Primary, false)),
         key,
         previously_owned: state.backend.mounts.clone(),
     })
+}
+
+/// The cloud entry of the manifest: a DPS identity with a hardware key that DPS has
+/// assigned gets the hub's `CONNECTION_STRING=…;x509=true` instead of `ID_SCOPE`
+/// (DESIGN §3b); the file keystore keeps `ID_SCOPE` (its connector does DPS itself).
+pub fn cloud_env(state: &State, cloud: &Cloud) -> (&'static str, String) {
+    let assigned = state.dps.as_ref().and_then(|d| d.assignment.as_ref());
+    match assigned {
+        Some(a) if register::needs_registration(state, cloud) => {
+            ("CONNECTION_STRING", a.connection_string())
+        }
+        _ => cloud.env(),
+    }
 }
 
 /// Write the manifest for `state` if it differs. `Ok(None)`: no manifest on this
@@ -318,9 +335,10 @@ pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
         }
         _ => {}
     }
-    if state.keystore != KeystoreKind::File && matches!(cloud, Cloud::Dps { .. }) {
+    let assigned = state.dps.as_ref().is_some_and(|d| d.assignment.is_some());
+    if register::needs_registration(state, cloud) && !assigned {
         reasons.push(
-            "it needs a key file for DPS (with a hardware key it can only use a Hub connection string)",
+            "it needs a key file for DPS (with a hardware key it can only use a Hub connection string; run `sdv-provision register`)",
         );
     }
     if !reasons.is_empty() {

@@ -47,6 +47,10 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     if let Some(id) = &args.device_id {
         device_id::check_flag(id)?;
     }
+    if let Some(e) = &args.dps.dps_endpoint {
+        crate::dps::check_endpoint(e)
+            .map_err(|m| Error::input(format!("--dps-endpoint {e:?}: {m}"), "pass HOST[:PORT]"))?;
+    }
 
     device_id::check_file_kind(layout)?;
 
@@ -202,7 +206,10 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 &device_id,
                 args.days,
             )?;
-            let next = State::new(&device_id, kind, alg);
+            let mut next = State::new(&device_id, kind, alg);
+            // The DPS endpoint and trust carry over; the assignment was the old key's
+            // and is dropped by the registration step.
+            next.dps = old.as_ref().and_then(|o| o.dps.clone());
             if !rebuild {
                 // A new identity: the manifest is written before the commit, so a
                 // failure there removes the new keys again (no orphans in a token or
@@ -272,6 +279,15 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     }
 
     drop(files_step);
+    // DPS registration through the device key (DESIGN §3b).
+    let state = super::register::provision_step(
+        ctx,
+        state,
+        &cloud,
+        &args.dps,
+        args.no_register,
+        cloud_changed,
+    )?;
     // 5 and 6. Manifest and connector.
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
