@@ -78,7 +78,9 @@ impl Assignment {
 
     fn validate(&self) -> Result<(), String> {
         check_host(&self.assigned_hub).map_err(|e| format!("assigned hub: {e}"))?;
-        crate::cloud::ConnectionString::parse(&self.connection_string())
+        // X.509 authentication: the hub device id is the certificate's CN, which is
+        // a device id of ours.
+        crate::device_id::validate(&self.device_id)
             .map_err(|e| format!("assigned device id: {e}"))?;
         if self.thumbprint.len() != 64 || !self.thumbprint.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err("the registered thumbprint is not 64 hex digits".into());
