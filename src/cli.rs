@@ -133,14 +133,15 @@ impl Cli {
 /// later runs need neither flag.
 #[derive(Debug, Clone, Default, PartialEq, Args)]
 pub struct DpsArgs {
-    /// DPS service endpoint [default: what the state recorded, else
-    /// global.azure-devices-provisioning.net].
-    #[arg(long, env = crate::dps::ENDPOINT_ENV, value_name = "HOST[:PORT]")]
+    /// DPS service endpoint [env: SDV_PROVISION_DPS_ENDPOINT; default: what the
+    /// state recorded, else global.azure-devices-provisioning.net].
+    #[arg(long, value_name = "HOST[:PORT]")]
     pub dps_endpoint: Option<String>,
 
     /// PEM file with the CA certificate(s) the DPS server's certificate must chain to,
-    /// instead of the system roots (private clouds, tests).
-    #[arg(long, env = crate::dps::CA_FILE_ENV, value_name = "FILE")]
+    /// instead of the system roots (private clouds, tests) [env:
+    /// SDV_PROVISION_DPS_CA_FILE; default: what the state recorded].
+    #[arg(long, value_name = "FILE")]
     pub dps_ca_file: Option<PathBuf>,
 }
 

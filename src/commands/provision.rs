@@ -47,10 +47,8 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     if let Some(id) = &args.device_id {
         device_id::check_flag(id)?;
     }
-    if let Some(e) = &args.dps.dps_endpoint {
-        crate::dps::check_endpoint(e)
-            .map_err(|m| Error::input(format!("--dps-endpoint {e:?}: {m}"), "pass HOST[:PORT]"))?;
-    }
+    // The DPS flags and env too (the state's record was valid when written).
+    super::register::settings(&args.dps, None)?;
 
     device_id::check_file_kind(layout)?;
 

@@ -31,7 +31,7 @@ pub fn run(ctx: &Ctx, args: &DpsArgs) -> Result<i32> {
         })?,
     };
     let (cloud, id_scope) = dps_cloud(&id)?;
-    let settings = settings(args, &state)?;
+    let settings = settings(args, Some(&state))?;
     let assignment = register(ctx, &state, &id_scope, &settings)?;
     record(ctx, &state, &cloud, &settings, assignment)?;
     Ok(0)
@@ -53,11 +53,11 @@ fn dps_cloud(id: &Identity) -> Result<(Cloud, String)> {
 }
 
 /// Flags, env, then the state's record.
-pub fn settings(args: &DpsArgs, state: &State) -> Result<Settings> {
+pub fn settings(args: &DpsArgs, state: Option<&State>) -> Result<Settings> {
     Settings::resolve(
         args.dps_endpoint.as_deref(),
         args.dps_ca_file.as_deref(),
-        state.dps.as_ref(),
+        state.and_then(|s| s.dps.as_ref()),
     )
     .map_err(|e| Error::input(e, "pass --dps-endpoint HOST[:PORT]"))
 }
@@ -182,7 +182,7 @@ pub fn provision_step(
     let Cloud::Dps { id_scope } = cloud else {
         return Ok(state);
     };
-    let settings = settings(args, &state)?;
+    let settings = settings(args, Some(&state))?;
     let thumb = primary_thumbprint(ctx)?;
     let kept = state
         .dps
@@ -242,7 +242,7 @@ pub fn refresh(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<State> {
     }
     ctx.out
         .say("- The primary certificate changed; registering it with DPS");
-    let settings = settings(&DpsArgs::default(), state)?;
+    let settings = settings(&DpsArgs::default(), Some(state))?;
     match register(ctx, state, id_scope, &settings) {
         Ok(a) => save_assignment(ctx, state, &settings, Some(a)),
         Err(Error::Dps(e)) => {

@@ -98,20 +98,24 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// `endpoint`/`ca_file` are the flags (clap already read the env vars);
-    /// `recorded` fills in what they leave out.
+    /// Flags first, then env ([`ENDPOINT_ENV`], [`CA_FILE_ENV`]; read here, not by
+    /// clap, so an exported value never collides with a flag), then what `recorded`
+    /// says, then the defaults.
     pub fn resolve(
         endpoint: Option<&str>,
         ca_file: Option<&Path>,
         recorded: Option<&DpsRecord>,
     ) -> Result<Settings, String> {
+        let env = |k| std::env::var_os(k).filter(|v| !v.is_empty());
         let endpoint = endpoint
             .map(str::to_owned)
+            .or_else(|| env(ENDPOINT_ENV).map(|v| v.to_string_lossy().into_owned()))
             .or_else(|| recorded.and_then(|r| r.endpoint.clone()))
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
         check_endpoint(&endpoint).map_err(|e| format!("--dps-endpoint {endpoint:?}: {e}"))?;
         let ca_file = ca_file
             .map(Path::to_path_buf)
+            .or_else(|| env(CA_FILE_ENV).map(PathBuf::from))
             .or_else(|| recorded.and_then(|r| r.ca_file.clone()));
         let timeout = match std::env::var(TIMEOUT_ENV) {
             Ok(s) => s
@@ -233,27 +237,31 @@ pub fn register(
     let roots = tls::root_store(settings.ca_file.as_deref()).map_err(DpsError::Setup)?;
     let (tx, rx) = mpsc::channel();
     let config = tls::client_config(roots, chain, key.alg(), tx).map_err(DpsError::Setup)?;
-    let connector = Arc::new(tls::Connector::new(config));
     let flow = Flow {
         settings,
         id_scope,
         registration_id,
-        connector: connector.clone(),
+        connector: Arc::new(tls::Connector::new(config)),
         deadline: t + settings.timeout,
     };
     // The exchange runs beside this thread, which keeps the key and signs for it;
-    // `serve` returns once the exchange has dropped its TLS configuration.
-    let (result, (signatures, sign_failure)) = std::thread::scope(|s| {
-        let exchange = s.spawn(move || flow.run());
+    // `serve` returns once the exchange has dropped its TLS configuration (the only
+    // holder of the sender).
+    let ((result, handshakes), (signatures, sign_failure)) = std::thread::scope(|s| {
+        let exchange = s.spawn(move || {
+            let connector = flow.connector.clone();
+            let result = flow.run();
+            let handshakes = connector
+                .handshakes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (result, handshakes)
+        });
         let served = tls::serve(key, rx);
         let result = exchange
             .join()
-            .unwrap_or_else(|_| Err(DpsError::Setup("the DPS exchange panicked".into())));
+            .unwrap_or_else(|_| (Err(DpsError::Setup("the DPS exchange panicked".into())), 0));
         (result, served)
     });
-    let handshakes = connector
-        .handshakes
-        .load(std::sync::atomic::Ordering::Relaxed);
     let (assigned_hub, device_id) = match (result, sign_failure) {
         (Err(_), Some(e)) => return Err(DpsError::Key(e)),
         (r, _) => r?,

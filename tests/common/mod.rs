@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod crash;
+pub mod dps;
 pub mod fake_root;
 pub mod softhsm;
 pub mod swtpm;
