@@ -180,6 +180,8 @@ pub enum DpsError {
     },
     #[error("the DPS server {endpoint} presented a certificate that is not trusted ({detail}); check --dps-endpoint, or pass --dps-ca-file for a private CA")]
     Untrusted { endpoint: String, detail: String },
+    #[error("DPS at {endpoint} refused the device certificate in the TLS handshake (alert {alert}); the enrollment must hold this device's primary certificate (see `sdv-provision status`), then run `sdv-provision register`")]
+    CertificateRefused { endpoint: String, alert: String },
     #[error("cannot reach DPS at {endpoint} ({detail}); check the network and --dps-endpoint, then run `sdv-provision register`")]
     Unreachable { endpoint: String, detail: String },
     #[error("DPS at {endpoint} did not finish the registration within {secs} s; run `sdv-provision register` again later")]
@@ -492,8 +494,28 @@ impl Flow<'_> {
 
     fn transport(&self, t: ureq::Transport) -> DpsError {
         let endpoint = self.settings.endpoint.clone();
-        if let Some(e) = self.connector.tls_error() {
+        // A TLS failure during the handshake, or (TLS 1.3) a server alert on the
+        // first read: the server refused our certificate after our handshake ended.
+        let in_chain = || {
+            let mut cause = std::error::Error::source(&t);
+            while let Some(c) = cause {
+                if let Some(r) = c
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                {
+                    return Some(r.clone());
+                }
+                cause = c.source();
+            }
+            None
+        };
+        if let Some(e) = self.connector.tls_error().or_else(in_chain) {
             return match e {
+                rustls::Error::AlertReceived(alert) => DpsError::CertificateRefused {
+                    endpoint,
+                    alert: format!("{alert:?}"),
+                },
                 rustls::Error::InvalidCertificate(c) => DpsError::Untrusted {
                     endpoint,
                     detail: format!("{c:?}"),
