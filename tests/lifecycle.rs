@@ -1670,7 +1670,7 @@ fn dps_promote_registers_the_new_primary(kind: Kind) {
     dps.expect_client(&d.cert("device2.crt"));
     d.run_recorded(&["rotate", "--promote"]).ok();
     let primary = d.primary_sha256();
-    assert_eq!(dps.client_thumbprints(), [primary.clone()]);
+    assert_eq!(dps.client_thumbprints(), std::slice::from_ref(&primary));
     assert_eq!(d.state_json()["dps"]["assignment"]["thumbprint"], primary);
 
     // DPS does not know the next primary: the promotion stands, the run says so.
