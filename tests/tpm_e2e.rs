@@ -33,7 +33,7 @@ fn manifest_path(root: &Path) -> PathBuf {
 }
 
 fn sdv(tpm: &Swtpm, root: &Path, args: &[&str]) -> Output {
-    Command::new(common::bin())
+    common::tool()
         .args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
         .arg(root)
         .args(["--no-restart", "--non-interactive"])
@@ -296,7 +296,7 @@ fn occupied_handle_is_refused_and_nothing_is_left_half_made() {
 fn unreachable_tpm_is_one_clear_error() {
     let root = device_root();
     let tcti = format!("swtpm:host=127.0.0.1,port={}", common::free_port());
-    let out = Command::new(common::bin())
+    let out = common::tool()
         .args(["--keystore", "tpm", "--tcti", &tcti, "--root"])
         .arg(root.path())
         .args([
@@ -404,7 +404,7 @@ fn auto_picks_the_tpm_a_tcti_names() {
     let tpm = Swtpm::start();
     for how in ["--tcti", "TPM2TOOLS_TCTI", "TCTI"] {
         let root = device_root();
-        let mut cmd = Command::new(common::bin());
+        let mut cmd = common::tool();
         cmd.arg("--root")
             .arg(root.path())
             .args(["--no-restart", "--non-interactive", "--json"])
@@ -471,7 +471,7 @@ fn owner_hierarchy_password_from_env_or_file() {
     let root = device_root();
     let args = ["--id-scope", "0ne0012345A", "--device-id", "dev-e2e-5"];
     let run = |env: &[(&str, &str)]| {
-        let mut c = Command::new(common::bin());
+        let mut c = common::tool();
         c.args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
             .arg(root.path())
             .args(["--no-restart", "--non-interactive"])

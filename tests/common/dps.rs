@@ -70,6 +70,7 @@ impl Request {
 struct Shared {
     mode: Option<Mode>,
     hub: String,
+    retry_after: u64,
     expected_client: Option<Vec<u8>>,
     /// SHA-256 (upper-case hex) of each client certificate presented.
     client_thumbprints: Vec<String>,
@@ -116,6 +117,7 @@ impl Dps {
         let shared = Arc::new(Mutex::new(Shared {
             mode: Some(mode),
             hub: HUB_A.into(),
+            retry_after: 1,
             ..Default::default()
         }));
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -162,6 +164,11 @@ impl Dps {
 
     pub fn set_mode(&self, mode: Mode) {
         self.shared.lock().unwrap().mode = Some(mode);
+    }
+
+    /// The `Retry-After` seconds sent with `assigning` (default 1).
+    pub fn set_retry_after(&self, secs: u64) {
+        self.shared.lock().unwrap().retry_after = secs;
     }
 
     pub fn set_hub(&self, hub: &str) {
@@ -326,9 +333,9 @@ fn read_request(
 
 /// (status, extra header lines, body); status 0 = do not answer.
 fn answer(req: &Request, shared: &Mutex<Shared>) -> (u16, String, String) {
-    let (mode, hub) = {
+    let (mode, hub, retry_after) = {
         let s = shared.lock().unwrap();
-        (s.mode.unwrap(), s.hub.clone())
+        (s.mode.unwrap(), s.hub.clone(), s.retry_after)
     };
     let bad = |what: String| {
         shared.lock().unwrap().violations.push(what.clone());
@@ -345,7 +352,7 @@ fn answer(req: &Request, shared: &Mutex<Shared>) -> (u16, String, String) {
         return bad(format!("query {query:?}"));
     }
     let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let retry = "Retry-After: 1\r\n".to_string();
+    let retry = format!("Retry-After: {retry_after}\r\n");
     let assigning = |id: &str| {
         serde_json::json!({"operationId": format!("4.{id}.op-1"), "status": "assigning"})
             .to_string()
