@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::fake_root::{assert_same_tree, put_fixture, snapshot, MANIFEST, TEMPLATE};
 use common::swtpm::{cert_file, Abrmd, Swtpm};
