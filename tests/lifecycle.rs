@@ -1584,9 +1584,40 @@ fn dps_register_failures_change_nothing(kind: Kind) {
     assert_same_tree(&snap, &d.fr.snapshot(), "untrusted / unreachable");
 }
 
+/// `import-cert --role primary` of a registered identity registers the CA-issued
+/// certificate at once, with its chain.
+fn dps_import_cert_registers_the_new_primary(kind: Kind) {
+    let Some(d) = Device::start(kind) else { return };
+    d.provision("ecdsa-p256");
+    let dps = Dps::start(Mode::Assigned);
+    register_and_check(&d, &dps);
+    let ca = Ca::new();
+    let csr = ca.dir.path().join("device.csr");
+    d.run(&["csr", "--role", "primary", "--out", csr.to_str().unwrap()])
+        .ok();
+    let issued = ca.sign(&csr, "issued", &["-days", "30"]);
+    dps.reset_log();
+    dps.expect_client(&issued);
+    let r = d.run_recorded(&["import-cert", "--role", "primary", issued.to_str().unwrap()]);
+    let primary = d.primary_sha256();
+    assert_eq!(
+        dps.client_thumbprints(),
+        std::slice::from_ref(&primary),
+        "{r}"
+    );
+    assert_eq!(dps.chain_lens(), [2], "the leaf and its CA");
+    assert_eq!(d.state_json()["dps"]["assignment"]["thumbprint"], primary);
+    // Nothing changed since: no registration.
+    dps.reset_log();
+    d.run_recorded(&["import-cert", "--role", "primary", issued.to_str().unwrap()])
+        .ok();
+    assert_eq!(dps.connections(), 0);
+}
+
 mod dps {
     use super::*;
     on_every_keystore!(
+        dps_import_cert_registers_the_new_primary,
         dps_register_records_the_assignment,
         dps_register_rsa_2048_tls13_and_tls12,
         dps_register_failures_change_nothing,

@@ -74,6 +74,8 @@ struct Shared {
     expected_client: Option<Vec<u8>>,
     /// SHA-256 (upper-case hex) of each client certificate presented.
     client_thumbprints: Vec<String>,
+    /// How many certificates each client presented (leaf + chain).
+    chain_lens: Vec<usize>,
     connections: u32,
     requests: Vec<Request>,
     violations: Vec<String>,
@@ -179,6 +181,10 @@ impl Dps {
         self.shared.lock().unwrap().client_thumbprints.clone()
     }
 
+    pub fn chain_lens(&self) -> Vec<usize> {
+        self.shared.lock().unwrap().chain_lens.clone()
+    }
+
     pub fn connections(&self) -> u32 {
         self.shared.lock().unwrap().connections
     }
@@ -195,6 +201,7 @@ impl Dps {
     pub fn reset_log(&self) {
         let mut s = self.shared.lock().unwrap();
         s.client_thumbprints.clear();
+        s.chain_lens.clear();
         s.connections = 0;
         s.requests.clear();
     }
@@ -214,10 +221,11 @@ impl ClientCertVerifier for DeviceVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let mut s = self.shared.lock().unwrap();
+        s.chain_lens.push(1 + intermediates.len());
         s.client_thumbprints
             .push(hex::encode_upper(sha2::Sha256::digest(end_entity.as_ref())));
         match &s.expected_client {
