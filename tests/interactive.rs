@@ -160,3 +160,51 @@ fn non_interactive_flag_on_a_terminal_does_not_prompt() {
     assert!(!seen.contains("Do you want to use"), "{seen}");
     assert_same_tree(&before, &fr.snapshot(), "--non-interactive on a tty");
 }
+
+/// DPS with a hardware key, not enrolled yet: on a terminal, provision offers to
+/// retry the registration once the user has enrolled (issue 16).
+#[cfg(feature = "pkcs11")]
+#[test]
+fn interactive_provision_retries_the_dps_registration() {
+    use common::dps::{Dps, Mode, HUB_A};
+    if !common::softhsm::available() {
+        return;
+    }
+    let store = common::softhsm::PrivateStore::new("leda");
+    let dps = Dps::start(Mode::NotEnrolled);
+    let fr = FakeRoot::with_template();
+    let mut cmd: Command = fr.cmd();
+    cmd.args(["--keystore", "pkcs11", "--pkcs11-module"])
+        .arg(&store.module)
+        .arg("--pkcs11-pin-file")
+        .arg(&store.pin_file)
+        .args([
+            "--no-restart",
+            "--algorithm",
+            "ecdsa-p256",
+            "--id-scope",
+            GOOD_SCOPE,
+        ])
+        .args(["--dps-endpoint", &dps.endpoint(), "--dps-ca-file"])
+        .arg(&dps.ca_file)
+        .envs(store.env())
+        .env("TERM", "xterm")
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let mut p = rexpect::session::spawn_command(cmd, Some(TIMEOUT_MS)).expect("spawn on a pty");
+    let mut seen = String::new();
+    expect(&mut p, "then run `sdv-provision register`", &mut seen);
+    expect(&mut p, "Retry the DPS registration now", &mut seen);
+    expect(&mut p, "[y/N]", &mut seen);
+    dps.set_mode(Mode::Assigned);
+    p.send_line("y").unwrap();
+    expect(&mut p, &format!("to hub {HUB_A}"), &mut seen);
+    assert_eq!(
+        finish(&mut p, &mut seen),
+        WaitStatus::Exited(p.process().child_pid, 0),
+        "{seen}"
+    );
+    let state = fs::read_to_string(fr.cert_file("sdv-provision.state.json")).unwrap();
+    assert!(state.contains(HUB_A), "{state}");
+}

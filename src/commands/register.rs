@@ -197,13 +197,23 @@ pub fn provision_step(
         ctx.out.say("- DPS registration skipped (--no-register); run `sdv-provision register` once the device is enrolled");
         return Ok(state);
     }
-    match register(ctx, &state, id_scope, &settings) {
-        Ok(a) => save_assignment(ctx, &state, &settings, Some(a)),
-        Err(Error::Dps(e)) => {
-            next_step(ctx, &state, id_scope, &e);
-            Ok(state)
+    loop {
+        match register(ctx, &state, id_scope, &settings) {
+            Ok(a) => return save_assignment(ctx, &state, &settings, Some(a)),
+            Err(Error::Dps(e)) => {
+                next_step(ctx, &state, id_scope, &e);
+                // On a terminal the user may enroll now and retry here.
+                let retry = ctx.interactive
+                    && matches!(e, DpsError::NotEnrolled { .. })
+                    && crate::interactive::confirm(
+                        "Enrolled the device? Retry the DPS registration now",
+                    )?;
+                if !retry {
+                    return Ok(state);
+                }
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => Err(e),
     }
 }
 
