@@ -1736,3 +1736,26 @@ mod softhsm_dps {
         super::dps_promote_registers_the_new_primary(super::Kind::SoftHsm)
     }
 }
+
+/// `register` needs a provisioned DPS identity: otherwise one error line, exit 1,
+/// nothing touched.
+#[test]
+fn dps_register_needs_a_dps_identity() {
+    let fr = FakeRoot::with_template();
+    let r = fr.run(&["register"]);
+    assert!(r.one_error(1).contains("not provisioned"), "{r}");
+    fr.run(&[
+        "--keystore",
+        "file",
+        "--no-restart",
+        "--connection-string",
+        &common::fake_root::hub_cs(ETH0_ID),
+    ])
+    .ok();
+    let snap = fr.snapshot();
+    let r = fr.run(&["register"]);
+    assert!(r.one_error(1).contains("not through DPS"), "{r}");
+    assert_same_tree(&snap, &fr.snapshot(), "register on a Hub identity");
+    let r = fr.run(&["register", "--dps-endpoint", "https://x"]);
+    assert!(r.one_error(1).contains("--dps-endpoint"), "{r}");
+}

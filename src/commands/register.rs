@@ -18,6 +18,8 @@ use crate::identity::{Identity, State};
 use crate::keystore::{KeystoreKind, Role};
 
 pub fn run(ctx: &Ctx, args: &DpsArgs) -> Result<i32> {
+    // Flags first: a bad value stops the run before anything is read.
+    settings(args, None)?;
     let _lock = ctx.lock()?;
     recover(ctx)?;
     let id = Identity::load(&ctx.layout)?;
