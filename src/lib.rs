@@ -9,6 +9,7 @@ pub mod device_id;
 pub mod dps;
 pub mod error;
 pub mod fsutil;
+pub mod inroot;
 pub mod keystore;
 pub mod manifest;
 pub mod paths;

@@ -94,6 +94,7 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
             Some(_) => super::register::refresh(ctx, &state, cloud)?,
             None => state,
         };
+        super::compatibility_warnings(ctx, &state, cloud);
         // The connector only presents the primary certificate.
         converge(
             ctx,

@@ -247,6 +247,12 @@ pub trait DeviceKey: rcgen::SigningKey {
     /// scheme, for TLS handshakes (DESIGN §3b). RSA signatures come back raw, ECDSA
     /// ones as DER. The key's own algorithm must fit the scheme ([`TlsScheme::fits`]).
     fn sign_with(&self, scheme: TlsScheme, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError>;
+
+    /// Why the last `sign` failed, where the backend knows more than rcgen's
+    /// `RemoteKeyError` can carry (a TPM in lockout, say). Taken once.
+    fn take_sign_error(&self) -> Option<KeyStoreError> {
+        None
+    }
 }
 
 /// The hash of a [`TlsScheme`].
@@ -377,6 +383,13 @@ pub trait KeyStore {
     /// itself, for `verify`: `None` when there are none (files, PKCS#11), else what was
     /// checked, or why the copies are not that key. Changes nothing.
     fn check_copies(&mut self, _uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
+        None
+    }
+
+    /// Check how the key at `uri` was made, for `verify`: `None` when the backend has
+    /// nothing to check, else what was checked or what is wrong and how to fix it (a
+    /// TPM key from an older run without noDA). Changes nothing.
+    fn check_key(&mut self, _uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
         None
     }
 }
