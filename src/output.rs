@@ -165,11 +165,15 @@ pub fn print_identity(out: &Out, layout: &Layout, id: &Identity) {
     } else if id.legacy {
         out.say("- Keystore: file (keys left by the original sdv-provision script)");
     }
-    if let (Some(Cloud::Dps { .. }), Some(a)) = (&id.cloud, assignment(id)) {
-        out.say(format!(
+    match (&id.cloud, assignment(id), &id.state) {
+        (Some(Cloud::Dps { .. }), Some(a), _) => out.say(format!(
             "- DPS assignment: device {} on hub {}",
             a.device_id, a.assigned_hub
-        ));
+        )),
+        (Some(Cloud::Dps { .. }), None, Some(s)) if s.keystore != KeystoreKind::File => {
+            out.say("- DPS assignment: not registered yet (run `sdv-provision register`)")
+        }
+        _ => {}
     }
     for r in &id.roles {
         out.say(format!(

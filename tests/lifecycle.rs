@@ -1687,7 +1687,11 @@ fn dps_provision_registers_by_itself(kind: Kind) {
     assert!(r.stderr.contains("not enrolled"), "{r}");
     assert!(r.stderr.contains("needs a key file for DPS"), "{r}");
     assert_eq!(pending.client_thumbprints(), [d.primary_sha256()]);
-    d.run(&["status"]).ok();
+    let r = d.run(&["status"]).ok();
+    assert!(
+        r.stdout.contains("DPS assignment: not registered yet"),
+        "{r}"
+    );
     d.verify_passes();
     assert_eq!(d.status()["cloud"]["assigned_hub"], Value::Null);
     assert_eq!(d.state_json()["dps"]["endpoint"], pending.endpoint());
@@ -1699,6 +1703,12 @@ fn dps_provision_registers_by_itself(kind: Kind) {
     assert_eq!(d.status()["cloud"]["assigned_hub"], HUB_A, "{r}");
     assert!(!r.stderr.contains("needs a key file for DPS"), "{r}");
     assert_manifest_cloud(&d, Some(HUB_A));
+    let r = d.run(&["status"]).ok();
+    assert!(
+        r.stdout
+            .contains(&format!("DPS assignment: device {ETH0_ID} on hub {HUB_A}")),
+        "{r}"
+    );
     let snap = d.fr.snapshot();
     d.run_recorded(&["provision"]).ok();
     assert_same_tree(&snap, &d.fr.snapshot(), "provision again once registered");
