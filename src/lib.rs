@@ -8,6 +8,7 @@ pub mod cloud;
 pub mod device_id;
 pub mod error;
 pub mod fsutil;
+pub mod inroot;
 pub mod keystore;
 pub mod manifest;
 pub mod paths;

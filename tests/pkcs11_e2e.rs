@@ -881,3 +881,44 @@ fn manifest_write_failure_leaves_no_orphans() {
     assert!(key_uri.starts_with(primary), "{key_uri} vs {primary}");
     assert_eq!(store.object_labels().len(), 6);
 }
+
+/// Paths are compared after resolution, never as text. Before: a PIN file at
+/// `…/certificates/../../../etc/x.pin` counted as inside the certificates directory,
+/// and that path was mounted into the container; and SoftHSM's config was read taking
+/// the first `directories.tokendir` (SoftHSM takes the last), so a first line of `/`
+/// gave an empty mount source.
+#[test]
+fn pin_file_and_token_dir_are_compared_after_resolution() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let conf = std::fs::read_to_string(&store.conf).unwrap();
+    std::fs::write(
+        &store.conf,
+        format!("directories.tokendir = /\n# directories.tokendir = /etc\n{conf}"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join(CERT_DIR)).unwrap();
+    std::fs::copy(&store.pin_file, root.join("etc/x.pin")).unwrap();
+    let climbing = root.join(CERT_DIR).join("../../../etc/x.pin");
+    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&climbing));
+    run(tool(&store, &root).args(&args), 0);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
+    let uri = env_entry(&manifest, "KEY_URI").unwrap();
+    assert!(
+        uri.ends_with("pin-source=file:/var/certificates/pkcs11.pin"),
+        "{uri}"
+    );
+    assert!(root.join(CERT_DIR).join("pkcs11.pin").is_file());
+    let sources: Vec<String> = mounts(&manifest).into_iter().map(|(s, _)| s).collect();
+    for s in &sources {
+        assert!(!s.contains("..") && !s.contains("x.pin"), "{sources:?}");
+        assert!(s.len() > 1, "a mount of {s:?}: {sources:?}");
+    }
+    let tokendir = store.tokendir().display().to_string();
+    assert!(sources.contains(&tokendir), "{tokendir} not in {sources:?}");
+}

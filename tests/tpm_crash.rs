@@ -38,6 +38,8 @@ fn tpm_keystore_survives_random_kills() {
         "device.tpm.priv",
         "device2.tpm.pub",
         "device2.tpm.priv",
+        // The connector's TPM settings (DESIGN §3), written with the manifest.
+        "cloudconnector.config.json",
         "azure.idscope",
         "sdv-provision.state.json",
     ];

@@ -81,6 +81,7 @@ impl Ctx {
     }
 
     /// `--root` must be an existing directory: a typo must not create a new tree.
+    /// Its fixed directories are then resolved inside it, once for the run.
     pub fn check_root(&self) -> Result<()> {
         let root = self.layout.root();
         if !root.is_dir() {
@@ -89,19 +90,22 @@ impl Ctx {
                 "create it or pass the right --root",
             ));
         }
-        Ok(())
+        self.layout.resolve_dirs()
     }
 
     /// Take the run lock (mutating commands only; `status` never blocks). The wait
     /// can be changed with env `SDV_PROVISION_LOCK_TIMEOUT` (seconds; 0 = fail at once).
+    /// The directories secrets go into pass the StrictModes check first, before the
+    /// lock (or anything else) is made.
     pub fn lock(&self) -> Result<RunLock> {
         self.check_root()?;
+        self.layout.check_private_dirs()?;
         let timeout = std::env::var("SDV_PROVISION_LOCK_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(LOCK_TIMEOUT);
-        RunLock::acquire(self.layout.root(), timeout)
+        RunLock::acquire(&self.layout.host_cert_dir(), self.layout.root(), timeout)
     }
 
     /// Open a keystore; settings an earlier run recorded fill in missing flags.
@@ -179,6 +183,7 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
         ID_SCOPE_FILE,
         CONNECTION_STRING_FILE,
         PKCS11_PIN_FILE,
+        crate::manifest::CONNECTOR_CONFIG_FILE,
     ]
     .map(String::from)
     .to_vec();
@@ -261,7 +266,21 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
         detail: "the primary key or its backend settings are missing".into(),
     })?;
     let new = m.render(&want)?;
+    // The config file first, so the manifest never names a file that is not there.
+    let config_changed =
+        write_connector_config(ctx, crate::manifest::connector_config(&new, &want))?;
     let wrote = m.save(&new, cloud.has_secret())?;
+    if let Some(theirs) = crate::manifest::foreign_connector_config(&m.base) {
+        ctx.out.warn(format!(
+            "the connector manifest sets CLOUD_CONNECTOR_CONFIG={theirs}, a file of its own, \
+             so it is left alone; today's connector reads its TPM settings only from there: \
+             copy the tpm* keys of {} into it",
+            ctx.layout
+                .host_cert_file(crate::manifest::CONNECTOR_CONFIG_FILE)
+                .display()
+        ));
+    }
+    let wrote = wrote || config_changed;
     if wrote {
         ctx.out.say(format!(
             "- Updated the Cloud Connector manifest {}",
@@ -269,6 +288,30 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
         ));
     }
     Ok(Some(wrote))
+}
+
+/// Write the connector's TPM config file (0644, atomic) when its content differs, or
+/// remove it outside TPM mode. Returns whether anything changed.
+fn write_connector_config(ctx: &Ctx, content: Option<serde_json::Value>) -> Result<bool> {
+    let path = ctx
+        .layout
+        .host_cert_file(crate::manifest::CONNECTOR_CONFIG_FILE);
+    let current = fsutil::read_optional(&path)?;
+    match content {
+        Some(v) => {
+            let bytes = crate::manifest::to_bytes(&v);
+            if current.as_deref() == Some(bytes.as_slice()) {
+                return Ok(false);
+            }
+            fsutil::atomic_write(&path, &bytes, fsutil::PUBLIC)?;
+            Ok(true)
+        }
+        None if current.is_some() => {
+            fsutil::remove_file(&path)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 /// Bring the manifest in line and restart the connector as needed. `certs_changed`
@@ -305,24 +348,30 @@ pub fn converge(
 }
 
 /// One warning line when today's Leda connector cannot use the identity, naming every
-/// reason (DESIGN §3: PKCS#11 keys, a TPM key that is not RSA, DPS with a hardware
-/// key).
+/// reason ([`connector::incompatibilities`]), and none when it can.
 pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
-    let mut reasons = Vec::new();
-    match state.keystore {
-        KeystoreKind::Pkcs11 => reasons.push(
-            "it cannot use PKCS#11 keys yet (the manifest carries KEY_URI for URI-aware consumers)",
-        ),
-        KeystoreKind::Tpm if !state.algorithm.is_rsa() => {
-            reasons.push("it signs TPM keys with RSA-PSS only (use --algorithm rsa-2048 for it)")
-        }
-        _ => {}
-    }
-    if state.keystore != KeystoreKind::File && matches!(cloud, Cloud::Dps { .. }) {
-        reasons.push(
-            "it needs a key file for DPS (with a hardware key it can only use a Hub connection string)",
-        );
-    }
+    let cert = ctx
+        .layout
+        .host_cert_file(&crate::paths::cert_name(Role::Primary, false));
+    let cert_chain = fsutil::read_optional(&cert)
+        .ok()
+        .flatten()
+        .and_then(|pem| crate::cert::CertInfo::from_pem(&cert, &pem).ok())
+        .is_some_and(|c| c.chain_len > 0);
+    let usage = connector::Usage {
+        keystore: state.keystore,
+        algorithm: state.algorithm,
+        dps: matches!(cloud, Cloud::Dps { .. }),
+        // DPS registration through the hardware key (DESIGN §3b) is not made yet:
+        // set this from the recorded assignment once it is.
+        dps_registered: false,
+        cert_chain,
+        hub_host: match cloud {
+            Cloud::Hub(cs) => Some(cs.host_name.as_str()),
+            Cloud::Dps { .. } => None,
+        },
+    };
+    let reasons = connector::incompatibilities(&usage);
     if !reasons.is_empty() {
         ctx.out.warn(format!(
             "today's Leda cloud connector cannot use this identity: {}",

@@ -50,7 +50,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
 
     device_id::check_file_kind(layout)?;
 
-    let _lock = ctx.lock()?;
+    let lock = ctx.lock()?;
     {
         let _s = crate::progress::step("recover interrupted runs");
         recover(ctx)?;
@@ -60,7 +60,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let id = Identity::load(layout)?;
     // Parse (and so validate) the manifest before making anything.
     Manifest::load(layout)?;
-    if layout.host_cert_dir().is_dir() {
+    if !lock.made_dir() {
         out.say("- Certificates directory exists");
     } else {
         out.say("- Creating the certificates directory");

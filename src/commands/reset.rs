@@ -104,5 +104,6 @@ fn identity_files() -> Vec<String> {
     // when a later run switched the connector to a PIN file the user keeps in the
     // certificates directory; that one is the user's and stays.
     files.push(paths::PKCS11_PIN_FILE.to_string());
+    files.push(crate::manifest::CONNECTOR_CONFIG_FILE.to_string());
     files
 }

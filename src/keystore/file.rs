@@ -24,7 +24,10 @@ impl FileKeyStore {
 
     fn host_path(&self, uri: &KeyUri) -> Result<PathBuf, KeyStoreError> {
         match uri {
-            KeyUri::File(p) => Ok(self.layout.host(p)),
+            KeyUri::File(p) => self
+                .layout
+                .try_host(p)
+                .map_err(|e| KeyStoreError::backend("find the key file", e.to_string())),
             other => Err(KeyStoreError::ForeignUri(other.to_string())),
         }
     }

@@ -242,6 +242,11 @@ pub trait DeviceKey: rcgen::SigningKey {
     /// The URI consumers load this key by.
     fn uri(&self) -> KeyUri;
     fn alg(&self) -> Algorithm;
+    /// Why the last `sign` failed, where the backend knows more than rcgen's
+    /// `RemoteKeyError` can carry (a TPM in lockout, say). Taken once.
+    fn take_sign_error(&self) -> Option<KeyStoreError> {
+        None
+    }
 }
 
 /// A backend that makes, finds and destroys device keys.
@@ -297,6 +302,13 @@ pub trait KeyStore {
     /// itself, for `verify`: `None` when there are none (files, PKCS#11), else what was
     /// checked, or why the copies are not that key. Changes nothing.
     fn check_copies(&mut self, _uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
+        None
+    }
+
+    /// Check how the key at `uri` was made, for `verify`: `None` when the backend has
+    /// nothing to check, else what was checked or what is wrong and how to fix it (a
+    /// TPM key from an older run without noDA). Changes nothing.
+    fn check_key(&mut self, _uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
         None
     }
 }

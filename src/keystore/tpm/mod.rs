@@ -39,6 +39,7 @@ use crate::fsutil;
 use crate::paths::{self, Layout};
 
 mod blob;
+mod da;
 mod key;
 mod tcti;
 
@@ -86,13 +87,9 @@ pub(crate) fn tss_error(step: &str, e: tss_esapi::Error) -> KeyStoreError {
                     ),
                 )
             }
-            Some(Rc::Lockout) => {
-                return rejected(
-                    format!("the TPM is in dictionary-attack lockout and will not {step}"),
-                    "wait for the lockout to expire, or have the TPM owner reset it \
-                     (tpm2_dictionarylockout -c), then retry",
-                )
-            }
+            // Where a context is at hand the caller adds the TPM's counters
+            // (`da::Lockout::read`); here only the fact is known.
+            Some(Rc::Lockout) => return da::lockout_error(step, None),
             Some(Rc::NvSpace) => {
                 return rejected(
                     format!("the TPM has no room for another persistent key ({step})"),
@@ -589,6 +586,32 @@ impl TpmKeyStore {
         ))
     }
 
+    /// See [`KeyStore::check_key`].
+    fn check_no_da(&mut self, uri: &KeyUri) -> Result<String, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let Some((object, public)) = self.read_persistent(h)? else {
+            return Err(KeyStoreError::NotFound {
+                uri: uri.to_string(),
+            });
+        };
+        self.close(object);
+        if public.object_attributes().no_da() {
+            return Ok(format!(
+                "the key at 0x{h:08x} has noDA: a power loss never counts against it"
+            ));
+        }
+        Err(KeyStoreError::Rejected {
+            what: format!(
+                "the key at 0x{h:08x} lacks noDA (made by an older sdv-provision): every \
+                 power loss after it signed counts as a failed authorization, and a few \
+                 lock the identity out"
+            ),
+            hint: "replace both keys: run `sdv-provision rotate --promote`, register the \
+                   new thumbprints with the cloud, then run it again and register again"
+                .into(),
+        })
+    }
+
     fn key(&self, object: ObjectHandle, h: u32, alg: Algorithm, public_der: Vec<u8>) -> TpmKey<'_> {
         TpmKey {
             ctx: &self.ctx,
@@ -596,6 +619,7 @@ impl TpmKeyStore {
             handle: h,
             alg,
             public_der,
+            last_error: Mutex::new(None),
         }
     }
 }
@@ -683,7 +707,9 @@ impl KeyStore for TpmKeyStore {
         let created = self
             .ctx()
             .execute_with_session(Some(AuthSession::Password), |c| {
-                c.create(srk.into(), template, None, None, None, None)
+                da::retry_transient(|| {
+                    c.create(srk.into(), template.clone(), None, None, None, None)
+                })
             })
             .map_err(|e| {
                 if means_unsupported(&e) {
@@ -922,6 +948,12 @@ impl KeyStore for TpmKeyStore {
     /// TPM). The loaded copy is flushed; nothing is created or persisted.
     fn check_copies(&mut self, uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
         Some(self.check_blobs(uri))
+    }
+
+    /// A device key must have noDA (see [`key::device_key_template`]); keys made
+    /// before this tool set it are reported with the way to replace them.
+    fn check_key(&mut self, uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
+        Some(self.check_no_da(uri))
     }
 
     fn record(&self) -> BackendRecord {
