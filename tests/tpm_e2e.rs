@@ -1036,3 +1036,257 @@ fn connector_config_is_idempotent_and_a_templates_own_is_left_alone() {
         "{env:?}"
     );
 }
+
+/// One swtpm behind tpm2-abrmd, so the tool and "another application" (tpm2-tools)
+/// talk to the TPM at the same time, as on a device with /dev/tpmrm0.
+struct SharedTpm {
+    _tpm: Swtpm,
+    abrmd: Abrmd,
+}
+
+impl SharedTpm {
+    fn start() -> SharedTpm {
+        let tpm = Swtpm::start();
+        let abrmd = Abrmd::start(&tpm);
+        SharedTpm { _tpm: tpm, abrmd }
+    }
+
+    fn env(&self, c: &mut Command) {
+        for (k, v) in self.abrmd.provider_env() {
+            c.env(k, v);
+        }
+        c.env("TPM2TOOLS_TCTI", self.abrmd.tcti())
+            .env_remove("TCTI");
+    }
+
+    fn sdv(&self, root: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(common::bin());
+        c.args(["--keystore", "tpm", "--tcti", &self.abrmd.tcti(), "--root"])
+            .arg(root)
+            .args(["--no-restart", "--non-interactive"])
+            .args(args);
+        self.env(&mut c);
+        c
+    }
+
+    fn tool(&self, tool: &str) -> Command {
+        let mut c = Command::new(tool);
+        self.env(&mut c);
+        c
+    }
+
+    /// The TPM Name of what `handle` holds now (tpm2_readpublic -n), or `None`.
+    fn name(&self, handle: u32) -> Option<Vec<u8>> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("name");
+        let ok = self
+            .tool("tpm2_readpublic")
+            .arg("-c")
+            .arg(format!("0x{handle:08x}"))
+            .arg("-n")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        ok.then(|| std::fs::read(&out).unwrap())
+    }
+
+    /// Another application's key, persisted at `handle`; returns its Name.
+    fn foreign_key_at(&self, handle: u32) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("foreign.ctx");
+        common::run_ok(
+            self.tool("tpm2_createprimary")
+                .args(["-C", "o", "-G", "ecc256", "-c"])
+                .arg(&ctx),
+        );
+        common::run_ok(
+            self.tool("tpm2_evictcontrol")
+                .args(["-C", "o", "-c"])
+                .arg(&ctx)
+                .arg(format!("0x{handle:08x}")),
+        );
+        self.name(handle).expect("the foreign key is persisted")
+    }
+
+    /// Start a provisioning (RSA, so key generation is slow) and SIGKILL it as soon
+    /// as its journal exists: a run killed while making the primary key.
+    fn provision_killed_early(&self, root: &Path) {
+        let journal = cert_file(root, "sdv-provision.journal.json");
+        let mut child = self
+            .sdv(
+                root,
+                &[
+                    "--id-scope",
+                    "0ne0012345A",
+                    "--device-id",
+                    "dev-own",
+                    "--algorithm",
+                    "rsa-2048",
+                ],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !journal.exists() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before it journaled"
+            );
+            assert!(std::time::Instant::now() < end, "no journal within 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(journal.exists());
+        assert_eq!(
+            self.name(SECONDARY),
+            None,
+            "killed before the secondary key existed"
+        );
+    }
+}
+
+fn output(mut c: Command) -> (bool, String) {
+    let out = c.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Finding 1: a run killed while making the primary, then another application
+/// persists a key at the planned secondary handle. The next run finishes the
+/// interrupted one without evicting that key (it was planned, never recorded as
+/// ours), says the handle is taken and which flag chooses another, and the foreign
+/// key survives every later command byte for byte (its TPM Name).
+#[test]
+fn a_crash_then_a_foreign_key_at_the_planned_handle_is_left_alone() {
+    if !have_tools() || !Abrmd::available() {
+        return;
+    }
+    let tpm = SharedTpm::start();
+    let root = device_root();
+    let root = root.path();
+    tpm.provision_killed_early(root);
+    let foreign = tpm.foreign_key_at(SECONDARY);
+
+    let (ok, text) = output(tpm.sdv(
+        root,
+        &["--id-scope", "0ne0012345A", "--device-id", "dev-own"],
+    ));
+    assert!(!ok, "provisioned over a foreign key:\n{text}");
+    assert!(text.contains("--tpm-secondary-handle"), "{text}");
+    assert_eq!(tpm.name(SECONDARY).as_ref(), Some(&foreign), "{text}");
+    assert!(!cert_file(root, "sdv-provision.journal.json").exists());
+
+    let other = ["--tpm-secondary-handle", "0x81000012"];
+    let mut args = vec![
+        "--id-scope",
+        "0ne0012345A",
+        "--device-id",
+        "dev-own",
+        "--algorithm",
+        "ecdsa-p256",
+    ];
+    args.extend(other);
+    let (ok, text) = output(tpm.sdv(root, &args));
+    assert!(ok, "{text}");
+    for cmd in [
+        &["rotate"][..],
+        &["rotate", "--promote"],
+        &["reset", "--yes"],
+    ] {
+        let (ok, text) = output(tpm.sdv(root, cmd));
+        assert!(ok, "{cmd:?}: {text}");
+        assert_eq!(tpm.name(SECONDARY).as_ref(), Some(&foreign), "{cmd:?}");
+    }
+    assert_eq!(tpm.name(PRIMARY), None);
+    assert_eq!(tpm.name(0x8100_0012), None);
+}
+
+/// Finding 1, second form: two `--root`s on one TPM with the same handles. Root B's
+/// run is killed before its keys exist; root A then provisions at those handles. B's
+/// next run must not "roll back" A's live keys: they were never B's.
+#[test]
+fn two_roots_on_one_tpm_never_remove_each_others_keys() {
+    if !have_tools() || !Abrmd::available() {
+        return;
+    }
+    let tpm = SharedTpm::start();
+    let (a, b) = (device_root(), device_root());
+    tpm.provision_killed_early(b.path());
+    let (ok, text) = output(tpm.sdv(
+        a.path(),
+        &[
+            "--id-scope",
+            "0ne0012345A",
+            "--device-id",
+            "dev-own",
+            "--algorithm",
+            "ecdsa-p256",
+        ],
+    ));
+    assert!(ok, "{text}");
+    let names = (tpm.name(PRIMARY), tpm.name(SECONDARY));
+    assert!(names.0.is_some() && names.1.is_some());
+
+    let (ok, text) = output(tpm.sdv(
+        b.path(),
+        &["--id-scope", "0ne0012345A", "--device-id", "dev-own"],
+    ));
+    assert!(!ok, "root B provisioned over root A's keys:\n{text}");
+    assert!(text.contains("--tpm-primary-handle"), "{text}");
+    assert_eq!((tpm.name(PRIMARY), tpm.name(SECONDARY)), names, "{text}");
+    // B has nothing to reset (its identity never existed); either way A's keys stay.
+    output(tpm.sdv(b.path(), &["reset", "--yes"]));
+    assert_eq!((tpm.name(PRIMARY), tpm.name(SECONDARY)), names);
+    let (ok, text) = output(tpm.sdv(a.path(), &["verify"]));
+    assert!(ok, "root A's identity after root B's runs:\n{text}");
+}
+
+/// A TPM identity recorded before ownership proofs existed (no `tpm_names`): the
+/// next mutating run records each key's Name once the handle's public area is shown
+/// to equal the key's public blob; a handle whose key does not match its blob gets
+/// no proof, and `reset` then leaves it in the TPM.
+#[test]
+fn an_older_state_gets_its_names_only_where_the_blobs_prove_them() {
+    if !have_tools() {
+        return;
+    }
+    let tpm = Swtpm::start();
+    let root = device_root();
+    let root = root.path();
+    provision_json(&tpm, root, &["--algorithm", "ecdsa-p256"]);
+    let state_path = cert_file(root, "sdv-provision.state.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let names = state["tpm_names"].clone();
+    assert_eq!(names.as_object().map(|m| m.len()), Some(2), "{state}");
+    let mut old = state.clone();
+    old.as_object_mut().unwrap().remove("tpm_names");
+    std::fs::write(&state_path, serde_json::to_vec(&old).unwrap()).unwrap();
+    sdv_ok(&tpm, root, &["provision", "--id-scope", "0ne0012345A"]);
+    let again: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(again["tpm_names"], names, "the Names were recorded again");
+
+    // The primary's public blob replaced by the secondary's: no proof for the
+    // primary handle, so reset keeps that key.
+    std::fs::write(&state_path, serde_json::to_vec(&old).unwrap()).unwrap();
+    std::fs::copy(
+        cert_file(root, "device2.tpm.pub"),
+        cert_file(root, "device.tpm.pub"),
+    )
+    .unwrap();
+    let out = sdv_ok(&tpm, root, &["reset", "--yes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot be shown"), "{stderr}");
+    assert_eq!(sorted(tpm.persistent_handles()), [SRK, PRIMARY]);
+}

@@ -9,11 +9,12 @@ use crate::cloud::Cloud;
 use crate::connector::{self, Change};
 use crate::error::{Error, Result};
 use crate::fsutil::{self, RunLock};
-use crate::identity::{self, Journal, Phase, State};
+use crate::identity::{self, State};
 use crate::keystore::{self, KeyStore, KeystoreConfig, KeystoreKind, Role};
 use crate::manifest::{Desired, Manifest};
 use crate::output::Out;
 use crate::paths::Layout;
+use crate::txn::{self, Journal};
 
 pub mod csr;
 pub mod import_cert;
@@ -204,43 +205,137 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// Finish or undo what a killed run left behind (see `identity` module docs).
-/// Call with the lock held.
+/// Finish or undo what a killed run left behind (see the `txn` module docs).
+/// Call with the lock held. The journal and state are parsed and checked against
+/// the configured slots before anything is opened or touched.
 pub fn recover(ctx: &Ctx) -> Result<()> {
     refuse_planted_links(&ctx.layout)?;
     fsutil::remove_stale_temps(&ctx.layout.host_cert_dir());
     let Some(journal) = Journal::load(&ctx.layout)? else {
-        return Ok(());
+        return upgrade_proofs(ctx);
     };
     let state = State::load(&ctx.layout)?;
+    check_slots(ctx, &journal, state.as_ref())?;
     ctx.out.say("- Finishing an interrupted run");
-    match journal.phase {
-        Phase::Prepared => {
+    match &journal {
+        Journal::Prepared(_) => {
             tracing::info!(?journal, "rolling back an interrupted run");
-            let mut ks = ctx.open_keystore(journal.keystore, state.as_ref())?;
-            journal.roll_back(&ctx.layout, ks.as_mut())
+            let mut ks = ctx.open_keystore(journal.keystore(), state.as_ref())?;
+            for left in journal.roll_back(&ctx.layout, ks.as_mut())? {
+                ctx.out.warn(format!(
+                    "{left}; left in place (remove it yourself if it is a leftover)"
+                ));
+            }
         }
-        Phase::Committed => {
+        Journal::Committed(_) => {
             tracing::info!(?journal, "rolling forward an interrupted run");
-            let next = journal.next_state.clone();
-            // Once the old keys are gone (`old_removed`) the state may already be the
-            // new identity's, which cannot open the old keystore: it is not needed.
-            let mut old_ks = match journal.old_keystore {
-                Some(k) if k != journal.keystore && !journal.old_removed => {
-                    Some(ctx.open_keystore(k, state.as_ref())?)
-                }
-                _ => None,
+            let next = journal.next_state().cloned();
+            // Once the old keys are gone the state may already be the new identity's,
+            // which cannot open the old keystore: it is not needed.
+            let mut old_ks = match journal.pending_old_keystore() {
+                Some(k) => Some(ctx.open_keystore(k, state.as_ref())?),
+                None => None,
             };
-            let mut ks = ctx.open_keystore(journal.keystore, next.as_ref().or(state.as_ref()))?;
-            journal
-                .roll_forward(
-                    &ctx.layout,
-                    ks.as_mut(),
-                    old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
-                )
-                .map(|_| ())
+            let mut ks = ctx.open_keystore(journal.keystore(), next.as_ref().or(state.as_ref()))?;
+            journal.roll_forward(
+                &ctx.layout,
+                ks.as_mut(),
+                old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
+            )?;
         }
     }
+    upgrade_proofs(ctx)
+}
+
+/// TPM handles a journal names must be the configured slots (live or staged), as
+/// the flags or the state set them: a journal naming any other handle was edited.
+fn check_slots(ctx: &Ctx, journal: &Journal, state: Option<&State>) -> Result<()> {
+    let rec = state.map(|s| s.backend.clone()).unwrap_or_default();
+    let next = journal
+        .next_state()
+        .map(|s| s.backend.clone())
+        .unwrap_or_default();
+    let mut allowed = Vec::new();
+    for r in [&rec, &next] {
+        let p = ctx
+            .ks_config
+            .primary_handle
+            .or(r.tpm_primary_handle)
+            .unwrap_or(0x8100_0010);
+        let s = ctx
+            .ks_config
+            .secondary_handle
+            .or(r.tpm_secondary_handle)
+            .unwrap_or(0x8100_0011);
+        allowed.extend([p, s, p + 0x100, s + 0x100]);
+    }
+    let bad = |detail: String| Error::InvalidState {
+        path: ctx.layout.host_cert_file(identity::JOURNAL_FILE),
+        detail,
+    };
+    for uri in journal.uris() {
+        if let keystore::KeyUri::TpmHandle(h) = uri {
+            if !allowed.contains(h) {
+                return Err(bad(format!(
+                    "{uri} is not one of the configured key handles"
+                )));
+            }
+        }
+    }
+    // The keys a commit replaces are the identity's, as the state (still the old
+    // one until they are gone) names them; without a state only the original
+    // script's key files can be (an adoption).
+    for k in journal.pending_old_keys() {
+        let recorded = match state {
+            Some(s) => s
+                .owned_keys()
+                .iter()
+                .any(|o| o.uri == k.uri && (o.tpm_name.is_none() || o.tpm_name == k.tpm_name)),
+            None => matches!(k.uri, keystore::KeyUri::File(_)),
+        };
+        if !recorded {
+            return Err(bad(format!(
+                "old key {} is not one the state records",
+                k.uri
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A TPM identity an older version recorded without Names gets them now, where the
+/// key at each handle is shown to be ours (its public blob); a key that cannot be
+/// shown to be ours keeps no proof and is never evicted.
+fn upgrade_proofs(ctx: &Ctx) -> Result<()> {
+    let Some(mut state) = State::load(&ctx.layout)? else {
+        return Ok(());
+    };
+    let missing: Vec<Role> = Role::ALL
+        .into_iter()
+        .filter(|r| state.keystore == KeystoreKind::Tpm && state.keys.contains_key(r))
+        .filter(|r| !state.tpm_names.contains_key(r))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut ks = ctx.open_keystore(KeystoreKind::Tpm, Some(&state))?;
+    let mut changed = false;
+    for role in missing {
+        let uri = state.keys[&role].clone();
+        match ks.prove(&uri)? {
+            Some(owned) if owned.tpm_name.is_some() => {
+                state.set_key(role, owned);
+                changed = true;
+            }
+            _ => ctx.out.warn(format!(
+                "the {role} key {uri} cannot be shown to be the one sdv-provision made; it will not be removed"
+            )),
+        }
+    }
+    if changed {
+        state.save(&ctx.layout)?;
+    }
+    Ok(())
 }
 
 /// What the manifest should say for this identity and cloud.
@@ -251,6 +346,8 @@ pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
         cloud: (k, v),
         cert: crate::paths::Layout::cert_file(&crate::paths::cert_name(Role::Primary, false)),
         key,
+        // Only to take away mounts an earlier run added; what is mounted comes from
+        // the configuration (`key`).
         previously_owned: state.backend.mounts.clone(),
     })
 }
@@ -395,128 +492,48 @@ pub fn report(ctx: &Ctx) -> Result<Vec<String>> {
     Ok(problems)
 }
 
-/// A key and certificate made by [`build_keys`].
-pub struct Built {
-    pub role: Role,
-    pub uri: keystore::KeyUri,
-    pub cert_file: String,
-}
-
-/// Make keys and self-signed certificates for `roles`, journaled so a crash at any
-/// point is rolled back by the next run, and a failure here is rolled back now (no
-/// orphan keys, token objects or handles). `staged` builds beside a live identity.
-#[allow(clippy::too_many_arguments)]
+/// [`txn::build_keys`] with this run's output and layout.
 pub fn build_keys(
     ctx: &Ctx,
     ks: &mut dyn KeyStore,
-    roles: &[Role],
-    staged: bool,
-    alg: keystore::Algorithm,
-    device_id: &str,
-    days: u32,
-) -> Result<(Journal, Vec<Built>)> {
-    let mut journal = Journal::prepared(ks.kind());
-    let mut built = Vec::new();
-    for &role in roles {
-        let uri = ks.plan(role, staged)?;
-        let cert_file = crate::paths::cert_name(role, staged);
-        journal.new_keys.push(uri.clone());
-        journal.new_files.push(cert_file.clone());
-        built.push(Built {
-            role,
-            uri,
-            cert_file,
-        });
-    }
-    journal.save(&ctx.layout)?;
-    let result = (|| -> Result<()> {
-        for b in &built {
-            ctx.out.say(format!(
-                "- Generating the {} key ({alg}) in the {} keystore",
-                b.role,
-                ks.kind()
-            ));
-            let t = std::time::Instant::now();
-            let spinner = crate::progress::spinner(
-                &ctx.out,
-                &format!("Generating the {} key in the {}", b.role, ks.kind()),
-            );
-            let key = ks.generate(&b.uri, alg)?;
-            drop(spinner);
-            tracing::info!(role = %b.role, uri = %b.uri, elapsed = ?t.elapsed(), "key generated");
-            let pem = crate::cert::self_signed(key.as_ref(), device_id, days)?;
-            drop(key);
-            let path = ctx.layout.host_cert_file(&b.cert_file);
-            fsutil::atomic_write(&path, pem.as_bytes(), fsutil::PUBLIC)?;
-            let info = crate::cert::CertInfo::from_pem(&path, pem.as_bytes())?;
-            ks.attach_certificate(&b.uri, &info.der)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        tracing::warn!("rolling back after: {e}");
-        if let Err(cleanup) = journal.roll_back(&ctx.layout, ks) {
-            ctx.out.warn(format!(
-                "could not clean up after the failure ({cleanup}); the next run will retry"
-            ));
-        }
-        return Err(e);
-    }
-    Ok((journal, built))
+    plan: &txn::Plan,
+) -> Result<(Journal, Vec<txn::Built>)> {
+    txn::build_keys(&ctx.out, &ctx.layout, ks, plan)
 }
 
-/// Make built keys part of the identity: directly for fresh roles; for staged ones by
-/// committing the journal and moving them into place (old keys removed only then).
-/// `provision` records the store's settings in the next state (it converges the
-/// manifest afterwards); `rotate` keeps the recorded ones (`record_backend` false),
-/// so the state never names settings the manifest was not converged to.
+/// [`txn::commit`]; the old identity's keystore is opened here when it is another
+/// one. `provision` records the store's settings in the next state (it converges
+/// the manifest afterwards); `rotate` keeps the recorded ones (`record_backend`
+/// false), so the state never names settings the manifest was not converged to.
 pub fn commit(
     ctx: &Ctx,
     ks: &mut dyn KeyStore,
-    mut journal: Journal,
-    built: Vec<Built>,
+    journal: Journal,
+    built: Vec<txn::Built>,
     mut next: State,
-    old: Option<(&State, Vec<keystore::KeyUri>)>,
+    old: Option<&State>,
     record_backend: bool,
 ) -> Result<State> {
     if record_backend {
         next.backend = ks.record();
     }
-    // Fresh roles go straight into the next state; staged ones are moved into
-    // place by the roll-forward. Either way the committed journal, not the state
-    // file, is the commit point: a kill between writing the state and clearing a
-    // "prepared" journal would otherwise roll back keys the state already names.
-    let (fresh, staged): (Vec<Built>, Vec<Built>) = built
-        .into_iter()
-        .partition(|b| b.cert_file == crate::paths::cert_name(b.role, false));
-    for b in fresh {
-        next.keys.insert(b.role, b.uri);
-    }
-    let (old_kind, old_keys) = match &old {
-        Some((s, keys)) => (s.keystore, keys.clone()),
-        None => (ks.kind(), Vec::new()),
-    };
-    let mut old_ks = match old {
-        Some((s, _)) if old_kind != ks.kind() && !old_keys.is_empty() => {
-            Some(ctx.open_keystore(old_kind, Some(s))?)
+    let old = match old {
+        Some(s) => {
+            let keys = s.owned_keys();
+            let keystore = if s.keystore != ks.kind() && !keys.is_empty() {
+                Some(ctx.open_keystore(s.keystore, Some(s))?)
+            } else {
+                None
+            };
+            Some(txn::Old {
+                state: s,
+                keys,
+                keystore,
+            })
         }
-        _ => None,
+        None => None,
     };
-    journal.phase = Phase::Committed;
-    journal.old_keys = old_keys;
-    journal.old_keystore = Some(old_kind);
-    journal.moves = staged
-        .into_iter()
-        .map(|b| (b.uri, b.role, b.cert_file))
-        .collect();
-    journal.next_state = Some(next);
-    journal.save(&ctx.layout)?;
-    let state = journal.roll_forward(
-        &ctx.layout,
-        ks,
-        old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
-    )?;
-    Ok(state.expect("a journal with a next state yields it"))
+    txn::commit(&ctx.layout, ks, journal, built, next, old)
 }
 
 /// The identity's state; for a device the original script provisioned (not adopted
