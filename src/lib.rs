@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod keystore;
 pub mod manifest;
 pub mod paths;
+pub mod process;
 
 pub use error::{Error, Result};
 pub mod cli;

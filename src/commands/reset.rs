@@ -84,7 +84,7 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
         crate::connector::restart(crate::connector::Change::Manifest, &ctx.out);
     }
     if ctx.json {
-        println!("{}", serde_json::json!({"reset": true}));
+        crate::output::stdout(&format!("{}\n", serde_json::json!({"reset": true})));
     }
     Ok(0)
 }

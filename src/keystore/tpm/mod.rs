@@ -793,10 +793,10 @@ impl KeyStore for TpmKeyStore {
             };
             if foreign {
                 self.close(object);
-                eprintln!(
-                    "warning: TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
+                crate::output::warning(&format!(
+                    "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
                      left in place (evict it yourself if it is not needed)"
-                );
+                ));
             } else {
                 self.evict(object, h)?;
             }
