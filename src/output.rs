@@ -54,9 +54,17 @@ pub fn stderr(text: &str) -> bool {
     )
 }
 
-/// One `warning: …` line on stderr, whatever the verbosity (see [`stdout`]).
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--quiet`: [`warning`] prints nothing (set once, when the run's context is made).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// One `warning: …` line on stderr unless `--quiet`, for code without an [`Out`]
+/// (see [`stdout`]).
 pub fn warning(line: &str) -> bool {
-    stderr(&format!("warning: {line}\n"))
+    QUIET.load(std::sync::atomic::Ordering::Relaxed) || stderr(&format!("warning: {line}\n"))
 }
 
 /// Run `f` on a locked, flushed stdout (a `--json` document): see [`stdout`].

@@ -73,9 +73,12 @@ impl Ctx {
             json: g.json,
             interactive,
             restart: !g.no_restart,
-            out: Out {
-                human: !g.json && !g.quiet,
-                warnings: !g.quiet,
+            out: {
+                crate::output::set_quiet(g.quiet);
+                Out {
+                    human: !g.json && !g.quiet,
+                    warnings: !g.quiet,
+                }
             },
         }
     }
