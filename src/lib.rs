@@ -21,6 +21,7 @@ pub mod identity;
 pub mod interactive;
 pub mod output;
 pub mod progress;
+pub mod secret_modes;
 
 /// Find a program on PATH.
 pub fn which(program: &str) -> Option<std::path::PathBuf> {

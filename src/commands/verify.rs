@@ -145,6 +145,17 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             }
         }
     }
+    let loose = crate::secret_modes::loose(&ctx.layout);
+    let detail = if loose.is_empty() {
+        "every secret file is 0600".to_string()
+    } else {
+        loose
+            .iter()
+            .map(|l| l.problem())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    add("secret_modes".into(), loose.is_empty(), detail);
     match (Manifest::load(&ctx.layout)?, &id.cloud) {
         (None, _) => add(
             "manifest".into(),
