@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -53,7 +53,7 @@ fn candidates(layout: &Layout) -> Vec<PathBuf> {
 
 /// Open `path` without following a link or blocking; `None` unless it is a regular
 /// file (a missing file, a link or a FIFO is for the readers to refuse).
-fn open(path: &PathBuf) -> Option<File> {
+fn open(path: &Path) -> Option<File> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -64,7 +64,7 @@ fn open(path: &PathBuf) -> Option<File> {
 
 /// Does the manifest hold a SharedAccessKey? Decided on the bytes, so a manifest
 /// too malformed to parse is still treated as a secret.
-fn holds_secret(path: &PathBuf) -> bool {
+fn holds_secret(path: &Path) -> bool {
     let Ok(Some(bytes)) = fsutil::read_optional(path) else {
         return false;
     };
