@@ -83,12 +83,33 @@ pub struct KeyUriError {
     pub why: &'static str,
 }
 
+/// A URI fit for an error message: a PKCS#11 URI loses its query (RFC 7512 puts
+/// `pin-value` there) and any `pin-value` attribute's value; at most 256 characters.
+fn redacted(s: &str) -> String {
+    let shown = match s.strip_prefix("pkcs11:") {
+        Some(rest) => {
+            let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+            let attrs: Vec<&str> = path
+                .split(';')
+                .map(|a| match a.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("pin-value") => "pin-value=***",
+                    _ => a,
+                })
+                .collect();
+            let q = if path.len() < rest.len() { "?…" } else { "" };
+            format!("pkcs11:{}{q}", attrs.join(";"))
+        }
+        None => s.to_owned(),
+    };
+    shown.chars().take(256).collect()
+}
+
 impl FromStr for KeyUri {
     type Err = KeyUriError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |why| KeyUriError {
-            uri: s.to_owned(),
+            uri: redacted(s),
             why,
         };
         if let Some(path) = s.strip_prefix("file:") {
@@ -220,5 +241,18 @@ mod tests {
             KeyUri::TpmHandle(0x8100_0011).to_string(),
             "handle:0x81000011"
         );
+    }
+
+    /// A malformed PKCS#11 URI carrying a PIN: the error shows neither.
+    #[test]
+    fn errors_never_show_a_pin_value() {
+        for bad in [
+            "pkcs11:token=t;object=o;pin-value=s3cr3t-PIN;type=public",
+            "pkcs11:token=t;object=o;type=public?pin-value=s3cr3t-PIN",
+            "pkcs11:token=t;PIN-VALUE=s3cr3t-PIN;nokey",
+        ] {
+            let e = bad.parse::<KeyUri>().unwrap_err().to_string();
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
     }
 }
