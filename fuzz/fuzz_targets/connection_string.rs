@@ -24,7 +24,9 @@ fuzz_target!(|s: &str| {
         }
         Err(e) => {
             for w in s.as_bytes().windows(8) {
-                let Ok(w) = std::str::from_utf8(w) else { continue };
+                let Ok(w) = std::str::from_utf8(w) else {
+                    continue;
+                };
                 assert!(
                     !e.contains(w) || VOCABULARY.contains(w),
                     "the error repeats {w:?} of the input: {e}"

@@ -15,7 +15,10 @@ fuzz_target!(|s: &str| {
         Err(e) => {
             let e = e.to_string();
             if let Some(i) = s.to_ascii_lowercase().find("pin-value=") {
-                let pin: String = s[i + 10..].chars().take_while(|c| *c != ';' && *c != '?').collect();
+                let pin: String = s[i + 10..]
+                    .chars()
+                    .take_while(|c| *c != ';' && *c != '?')
+                    .collect();
                 if pin.len() >= 4 && pin != "***" {
                     assert!(!e.contains(&pin), "the error shows the PIN: {e}");
                 }

@@ -36,7 +36,10 @@ fn desired(tpm: bool) -> Desired {
 }
 
 fn foreign_env(v: &Value) -> Vec<Value> {
-    let env = v.get("config").and_then(|c| c.get("env")).and_then(Value::as_array);
+    let env = v
+        .get("config")
+        .and_then(|c| c.get("env"))
+        .and_then(Value::as_array);
     env.into_iter()
         .flatten()
         .filter(|e| {
@@ -69,7 +72,10 @@ fn others<'a>(v: Option<&'a Value>, skip: &[&str]) -> Vec<(&'a String, &'a Value
 }
 
 fn foreign_devices(v: &Value) -> Vec<Value> {
-    let d = v.get("host_config").and_then(|h| h.get("devices")).and_then(Value::as_array);
+    let d = v
+        .get("host_config")
+        .and_then(|h| h.get("devices"))
+        .and_then(Value::as_array);
     d.into_iter()
         .flatten()
         .filter(|d| d.get("path_on_host").and_then(Value::as_str) != Some(TPM_DEVICE))
@@ -78,15 +84,29 @@ fn foreign_devices(v: &Value) -> Vec<Value> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((first, json)) = data.split_first() else { return };
-    let Ok(base) = serde_json::from_slice::<Value>(json) else { return };
+    let Some((first, json)) = data.split_first() else {
+        return;
+    };
+    let Ok(base) = serde_json::from_slice::<Value>(json) else {
+        return;
+    };
     let want = desired(first & 1 == 1);
     let Ok(out) = apply(&base, &want) else { return };
-    assert_eq!(others(Some(&out), &TOOL_KEYS), others(Some(&base), &TOOL_KEYS));
-    assert_eq!(others(out.get("config"), &["env"]), others(base.get("config"), &["env"]));
+    assert_eq!(
+        others(Some(&out), &TOOL_KEYS),
+        others(Some(&base), &TOOL_KEYS)
+    );
+    assert_eq!(
+        others(out.get("config"), &["env"]),
+        others(base.get("config"), &["env"])
+    );
     assert_eq!(foreign_env(&out), foreign_env(&base));
     for key in ["mounts", "mount_points"] {
-        assert_eq!(foreign_mounts(&out, key), foreign_mounts(&base, key), "{key}");
+        assert_eq!(
+            foreign_mounts(&out, key),
+            foreign_mounts(&base, key),
+            "{key}"
+        );
     }
     assert_eq!(
         others(out.get("host_config"), &["devices"]),

@@ -33,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
     match State::load(l) {
         Ok(Some(s)) => {
             s.save(l).expect("a loaded state saves");
-            let again = State::load(l).expect("a saved state loads").expect("present");
+            let again = State::load(l)
+                .expect("a saved state loads")
+                .expect("present");
             assert_eq!(again, s);
         }
         Ok(None) => unreachable!("the file exists"),
