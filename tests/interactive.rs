@@ -127,6 +127,18 @@ fn interactive_hub_hidden_connection_string() {
         matches!(status, WaitStatus::Exited(_, 0)),
         "{status:?}\n{seen}"
     );
+    // The screen: the question once, on a line of its own, and the short prompt
+    // with the answer. Before, the question was the Select prompt itself: it
+    // wrapped, and dialoguer redrew only its last line, so it stood twice.
+    assert_eq!(
+        seen.matches("Do you want to use the global").count(),
+        1,
+        "{seen}"
+    );
+    assert!(
+        seen.contains("Your choice: h) Azure IoT Hub with Connection String"),
+        "{seen}"
+    );
     // Hidden input: the secret never showed on the terminal.
     assert!(
         !seen.contains(SECRET_KEY),
