@@ -5,11 +5,25 @@
 use libfuzzer_sys::fuzz_target;
 use sdv_provision::cloud::ConnectionString;
 
-/// Text an error may share with the input: the key names, as the errors write them
-/// (`` the part after `HostName` has no `=` (expected HostName=VALUE) ``).
+/// The fixed text of the parser's errors (src/cloud.rs, device_id::validate),
+/// placeholders filled with every key name: an error may share these with the
+/// input, nothing else.
 const VOCABULARY: &str = "`HostName` HostName=VALUE `DeviceId` DeviceId=VALUE \
     `SharedAccessKey` SharedAccessKey=VALUE `x509` x509=VALUE \
-    `GatewayHostName` GatewayHostName=VALUE Key=Value";
+    `GatewayHostName` GatewayHostName=VALUE \
+    the connection string is not Key=Value with a known key (expected HostName, DeviceId, \
+    SharedAccessKey, x509 or GatewayHostName, each as Key=Value, separated by ';') \
+    the part after has no `=` (expected  SharedAccessKey is not base64 \
+    the connection string contains non-ASCII characters \
+    the connection string contains whitespace or control characters \
+    the connection string has an empty segment (`;;` or a trailing `;`) \
+    the connection string has no DeviceId the connection string has no HostName \
+    the connection string is empty the connection string is over characters long \
+    x509 may only be `true` appears twice in the connection string \
+    has an empty value in the connection string is not a valid host name \
+    DeviceId: the device id is empty the device id is characters long, at most are allowed \
+    the device id contains ; only letters, digits and . _ : - are allowed \
+    the device id must end with a letter, digit or '-' the device id contains \"..\"";
 
 fuzz_target!(|s: &str| {
     match ConnectionString::parse(s) {

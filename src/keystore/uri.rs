@@ -83,23 +83,21 @@ pub struct KeyUriError {
     pub why: &'static str,
 }
 
-/// A URI fit for an error message: a PKCS#11 URI loses its query (RFC 7512 puts
-/// `pin-value` there) and any `pin-value` attribute's value; at most 256 characters.
+/// A URI fit for an error message, whatever its scheme (it may be misspelt): it
+/// loses its query (RFC 7512 puts `pin-value` there) and any `pin-value`
+/// attribute's value; at most 256 characters.
 fn redacted(s: &str) -> String {
-    let shown = match s.strip_prefix("pkcs11:") {
-        Some(rest) => {
-            let path = rest.split_once('?').map_or(rest, |(p, _)| p);
-            let attrs: Vec<&str> = path
-                .split(';')
-                .map(|a| match a.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("pin-value") => "pin-value=***",
-                    _ => a,
-                })
-                .collect();
-            let q = if path.len() < rest.len() { "?…" } else { "" };
-            format!("pkcs11:{}{q}", attrs.join(";"))
-        }
-        None => s.to_owned(),
+    let shown = {
+        let path = s.split_once('?').map_or(s, |(p, _)| p);
+        let attrs: Vec<&str> = path
+            .split(';')
+            .map(|a| match a.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().ends_with("pin-value") => "pin-value=***",
+                _ => a,
+            })
+            .collect();
+        let q = if path.len() < s.len() { "?…" } else { "" };
+        format!("{}{q}", attrs.join(";"))
     };
     shown.chars().take(256).collect()
 }
@@ -250,6 +248,9 @@ mod tests {
             "pkcs11:token=t;object=o;pin-value=s3cr3t-PIN;type=public",
             "pkcs11:token=t;object=o;type=public?pin-value=s3cr3t-PIN",
             "pkcs11:token=t;PIN-VALUE=s3cr3t-PIN;nokey",
+            "pk1sc1:token=leda;object=o;pin-value=s3cr3t-PIN;type=public",
+            "PKCS11:pin-value=s3cr3t-PIN",
+            "file:x;pin-value=s3cr3t-PIN",
         ] {
             let e = bad.parse::<KeyUri>().unwrap_err().to_string();
             assert!(!e.contains("s3cr3t"), "{e}");
