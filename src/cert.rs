@@ -19,14 +19,31 @@ pub const CLOCK_SKEW: time::Duration = time::Duration::hours(1);
 /// A self-signed X.509 v3 client certificate, CN = device id, signed through `key`.
 pub fn self_signed(key: &dyn DeviceKey, device_id: &str, days: u32) -> Result<String> {
     let params = params(device_id, days)?;
-    Ok(params.self_signed(&key)?.pem())
+    let cert = params.self_signed(&key).map_err(|e| sign_failure(key, e))?;
+    Ok(cert.pem())
 }
 
 /// A PKCS#10 request for `key`, CN = device id, asking for clientAuth.
 pub fn csr(key: &dyn DeviceKey, device_id: &str) -> Result<String> {
     let mut params = params(device_id, 365)?;
-    params.serial_number = None; // the CA picks the serial; rcgen refuses one in a CSR
-    Ok(params.serialize_request(&key)?.pem()?)
+    // The CA picks the serial; rcgen refuses one in a CSR.
+    params.serial_number = None;
+    // The certificate is the issuing CA's to make: its key identifiers come from the
+    // CA's profile (rcgen writes none into a request; an AKI would name the CA's key).
+    params.use_authority_key_identifier_extension = false;
+    let request = params
+        .serialize_request(&key)
+        .map_err(|e| sign_failure(key, e))?;
+    Ok(request.pem()?)
+}
+
+/// rcgen's error for a failed signature is a bare "Remote key error"; the key may
+/// know why (a TPM in lockout), and that is the error to show.
+fn sign_failure(key: &dyn DeviceKey, e: rcgen::Error) -> Error {
+    match (e, key.take_sign_error()) {
+        (rcgen::Error::RemoteKeyError, Some(cause)) => cause.into(),
+        (e, _) => e.into(),
+    }
 }
 
 fn params(device_id: &str, days: u32) -> Result<rcgen::CertificateParams> {
@@ -43,7 +60,14 @@ fn params(device_id: &str, days: u32) -> Result<rcgen::CertificateParams> {
     serial[0] &= 0x7f; // positive INTEGER
     serial[0] |= 0x01; // and no leading zero byte to strip
     p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-    p.is_ca = rcgen::IsCa::NoCa;
+    // ExplicitNoCa writes basicConstraints CA:FALSE and, with it, the
+    // subjectKeyIdentifier (rcgen writes SKI only for Ca/ExplicitNoCa); the AKI of a
+    // self-signed certificate is that same key id. Without both, a verifier trusting
+    // the primary and the secondary (same subject, both self-signed) cannot tell them
+    // apart and verifies only the first (DESIGN §1.3).
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.use_authority_key_identifier_extension = true;
+    p.key_identifier_method = rcgen::KeyIdMethod::Sha256;
     p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     Ok(p)
@@ -205,7 +229,7 @@ pub fn key_matches(key: &dyn DeviceKey, spki: &[u8]) -> Result<bool> {
     let mut challenge = [0u8; 32];
     aws_lc_rs::rand::fill(&mut challenge)
         .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
-    let sig = key.sign(&challenge)?;
+    let sig = key.sign(&challenge).map_err(|e| sign_failure(key, e))?;
     Ok(verify_signature(spki, key.alg(), &challenge, &sig))
 }
 
@@ -273,5 +297,38 @@ mod tests {
         }
         let key_pem = a.replace("CERTIFICATE", "PRIVATE KEY");
         assert!(CertInfo::from_pem(Path::new("x"), key_pem.as_bytes()).is_err());
+    }
+
+    /// Two self-signed certificates of one subject carry different key identifiers,
+    /// and each one's authorityKeyIdentifier is its own subjectKeyIdentifier.
+    #[test]
+    fn certificates_carry_key_identifiers() {
+        use x509_cert::ext::pkix::{AuthorityKeyIdentifier, SubjectKeyIdentifier};
+        let d = tempfile::tempdir().unwrap();
+        let mut ks = FileKeyStore::new(Layout::new(d.path()));
+        let mut ids = Vec::new();
+        for role in Role::ALL {
+            let uri = ks.plan(role, false).unwrap();
+            let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
+            let pem = self_signed(key.as_ref(), "dev-1", 30).unwrap();
+            let cert = Certificate::load_pem_chain(pem.as_bytes())
+                .unwrap()
+                .remove(0);
+            let ski = cert
+                .tbs_certificate
+                .get::<SubjectKeyIdentifier>()
+                .unwrap()
+                .expect("subjectKeyIdentifier")
+                .1;
+            let aki = cert
+                .tbs_certificate
+                .get::<AuthorityKeyIdentifier>()
+                .unwrap()
+                .expect("authorityKeyIdentifier")
+                .1;
+            assert_eq!(aki.key_identifier.as_ref(), Some(&ski.0));
+            ids.push(ski.0);
+        }
+        assert_ne!(ids[0], ids[1]);
     }
 }

@@ -121,7 +121,12 @@ pub fn from_network(layout: &Layout) -> Result<(String, String)> {
         .unwrap_or_default();
     names.sort();
     for name in names {
-        if let Some(id) = physical_mac(&dir.join(&name), &name) {
+        // The kernel's `NAME -> ../../devices/…` link, read inside the root: one
+        // that leads nowhere there (say, out of the tree) is skipped.
+        let Ok(iface) = layout.try_host_dir(Path::new(SYS_CLASS_NET).join(&name)) else {
+            continue;
+        };
+        if let Some(id) = physical_mac(&dir.join(&name), &iface, &name) {
             return Ok((id, name));
         }
     }
@@ -131,20 +136,27 @@ pub fn from_network(layout: &Layout) -> Result<(String, String)> {
     ))
 }
 
-fn physical_mac(iface: &Path, name: &str) -> Option<String> {
+/// `link` is the entry in `sys/class/net`, `iface` the directory it resolves to.
+fn physical_mac(link: &Path, iface: &Path, name: &str) -> Option<String> {
     if name.starts_with("can") || name.starts_with("vcan") {
         return None;
     }
-    if let Ok(target) = fs::read_link(iface) {
+    if let Ok(target) = fs::read_link(link) {
         if target.to_string_lossy().contains("/virtual/") {
             return None;
         }
     }
-    let kind = fs::read_to_string(iface.join("type")).unwrap_or_default();
+    // Read like the tool's other files: never through a link, never blocking.
+    let read = |f: &str| {
+        crate::fsutil::read_optional_string(&iface.join(f))
+            .ok()
+            .flatten()
+    };
+    let kind = read("type").unwrap_or_default();
     if kind.trim() == "280" {
         return None; // ARPHRD_CAN
     }
-    let mac = fs::read_to_string(iface.join("address")).ok()?;
+    let mac = read("address")?;
     let mac = mac.trim().to_ascii_lowercase();
     let octets: Vec<&str> = mac.split(':').collect();
     let well_formed = octets.len() == 6

@@ -44,7 +44,7 @@ pub enum Error {
     #[error("{path} is a symbolic link; refusing to follow it. Remove the link and re-run")]
     Symlink { path: PathBuf },
 
-    #[error("state file {path} is invalid ({detail}); restore it, or run `sdv-provision reset --yes` to start over")]
+    #[error("{path} is edited or corrupt: {detail}; restore it, or remove it and run `sdv-provision reset --yes`")]
     InvalidState { path: PathBuf, detail: String },
 
     #[error("{0}")]

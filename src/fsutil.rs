@@ -8,7 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -173,40 +173,150 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Name of the run lock in the certificates directory (see [`RunLock`]).
+pub const LOCK_FILE: &str = ".sdv-provision.lock";
+
 /// Exclusive lock for mutating commands, held until dropped.
 ///
-/// The lock is an advisory `flock` on the `--root` directory itself: it always exists,
-/// so taking the lock creates no file and a run that fails on bad input leaves the
-/// tree exactly as it was; and parallel runs on different roots (tests, image builds)
-/// do not block each other. Waits up to `timeout`, then fails with a clear message.
+/// An advisory `flock` on [`LOCK_FILE`], a 0600 file of ours in the certificates
+/// directory. Nobody else can take it: opening the file needs write access to it, and
+/// the directory passed the StrictModes check (owned by us or root, writable by
+/// nobody else), so no one else can plant or replace the file either. (The old lock,
+/// a `flock` on the `--root` directory, could be held by any user who can read `/`.)
+///
+/// The file exists only while a run holds it: it is removed before the lock is
+/// released, and a waiter that then gets the lock on the removed file sees that the
+/// name no longer leads to the file it holds and tries again. Directories the lock had
+/// to make are removed again when they are still empty, so a run that fails on bad
+/// input leaves the tree as it was. A file left by a killed run is simply reused.
 pub struct RunLock {
-    _dir: File,
+    _file: File,
+    path: PathBuf,
+    made: Vec<PathBuf>,
 }
 
 impl RunLock {
-    pub fn acquire(dir: &Path, timeout: Duration) -> Result<RunLock> {
-        let file = File::open(dir).map_err(|e| Error::read(dir, e))?;
+    /// Lock in `dir` (a resolved host path), waiting up to `timeout`. A timeout is
+    /// [`Error::Locked`] naming `root`.
+    pub fn acquire(dir: &Path, root: &Path, timeout: Duration) -> Result<RunLock> {
+        let mut made = make_dirs(dir)?;
+        let path = dir.join(LOCK_FILE);
         let deadline = Instant::now() + timeout;
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Ok(RunLock { _dir: file }),
-                Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(fs::TryLockError::WouldBlock) => {
-                    return Err(Error::Locked {
-                        path: dir.to_owned(),
-                    })
-                }
-                Err(fs::TryLockError::Error(e)) => return Err(Error::write(dir, e)),
+        let wait = || {
+            if Instant::now() >= deadline {
+                return Err(Error::Locked {
+                    path: root.to_owned(),
+                });
             }
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(())
+        };
+        let lock = loop {
+            let file = match open_lock_file(&path) {
+                Ok(f) => f,
+                // The directory went away with a run that made it: make it again.
+                Err(e) if e.kind() == ErrorKind::NotFound => match make_dirs(dir) {
+                    Ok(m) => {
+                        made.extend(m);
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                },
+                Err(e) => break Err(Error::write(&path, e)),
+            };
+            match file.try_lock() {
+                Ok(()) if still_named(&file, &path) => break Ok(file),
+                Ok(()) => continue,
+                Err(fs::TryLockError::WouldBlock) => match wait() {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e),
+                },
+                Err(fs::TryLockError::Error(e)) => break Err(Error::write(&path, e)),
+            }
+        };
+        match lock {
+            Ok(file) => Ok(RunLock {
+                _file: file,
+                path,
+                made,
+            }),
+            Err(e) => {
+                remove_empty_dirs(&made);
+                Err(e)
+            }
+        }
+    }
+
+    /// Did taking the lock make the directory it lives in (so it was not there)?
+    pub fn made_dir(&self) -> bool {
+        !self.made.is_empty()
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // Still locked here: the file is closed (and unlocked) after this body.
+        let _ = fs::remove_file(&self.path);
+        remove_empty_dirs(&self.made);
+    }
+}
+
+/// Make the missing directories of `dir` (0755), returning those this call made.
+fn make_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !exists_nofollow(d))
+        .collect();
+    let mut made = Vec::new();
+    for d in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => made.push(d.to_owned()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::write(d, e)),
+        }
+    }
+    Ok(made)
+}
+
+fn remove_empty_dirs(made: &[PathBuf]) {
+    for d in made.iter().rev() {
+        if fs::remove_dir(d).is_err() {
+            return;
         }
     }
 }
 
-/// Join a device path (absolute, as seen on the device) onto the `--root` prefix.
-pub fn under_root(root: &Path, device_path: &Path) -> PathBuf {
-    root.join(device_path.strip_prefix("/").unwrap_or(device_path))
+/// Open (or create, 0600) the lock file: never through a link, never blocking on a
+/// FIFO, and only a regular file owned by us or root.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(SECRET)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let m = file.metadata()?;
+    let me = rustix::process::geteuid().as_raw();
+    if !m.is_file() || (m.uid() != me && m.uid() != 0) {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file of this user or root; remove it and re-run",
+        ));
+    }
+    if m.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(fs::Permissions::from_mode(SECRET))?;
+    }
+    Ok(file)
+}
+
+/// Is `file` still the one `path` names (a releasing run may have removed it)?
+fn still_named(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -248,14 +358,28 @@ mod tests {
         assert_eq!(fs::read(&target).unwrap(), b"x");
     }
 
+    fn mode_of(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
     #[test]
     fn lock_is_exclusive() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path();
-        let _held = RunLock::acquire(p, Duration::from_millis(10)).unwrap();
+        let dir = p.join("a/b");
+        let held = RunLock::acquire(&dir, p, Duration::from_millis(10)).unwrap();
+        assert!(held.made_dir());
+        assert_eq!(mode_of(&dir.join(LOCK_FILE)), 0o600);
         assert!(matches!(
-            RunLock::acquire(p, Duration::from_millis(100)),
+            RunLock::acquire(&dir, p, Duration::from_millis(100)),
             Err(Error::Locked { .. })
         ));
+        drop(held);
+        assert!(!p.join("a").exists(), "the lock removes what it made");
+        fs::create_dir_all(&dir).unwrap();
+        let again = RunLock::acquire(&dir, p, Duration::from_millis(10)).unwrap();
+        assert!(!again.made_dir());
+        drop(again);
+        assert!(dir.is_dir() && !dir.join(LOCK_FILE).exists());
     }
 }

@@ -5,15 +5,14 @@
 //! make up the identity. It is the commit point: an identity exists once its state
 //! file names it.
 //!
-//! **Journal** (`sdv-provision.journal.json`): written *before* a run makes keys, so a
-//! run killed at any instant is finished or undone by the next one:
-//! - `prepared`: keys and files are being made. Recovery removes them (roll back).
-//! - `committed`: the new keys are complete; the old ones must go and staged ones move
-//!   into place. Recovery does the remaining steps (roll forward). Each step is
-//!   idempotent and the journal records when the destructive one is done.
+//! The state is validated input ([`State::parse`]): closed sets of key file names,
+//! labels and handles, URIs of the recorded backend, and each TPM key's Name (its
+//! ownership proof, DESIGN §6). Anything else is one error naming the file.
+//!
+//! **Journal**: see [`crate::txn`].
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Component, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -22,11 +21,11 @@ use crate::cloud::{self, Cloud};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keystore::{
-    file::key_path, Algorithm, BackendRecord, KeyStore, KeyUri, KeystoreKind, Role,
+    file::key_path, Algorithm, BackendRecord, KeyUri, KeystoreKind, OwnedKey, Role, TpmName,
 };
-use crate::paths::{self, Layout, CERT_DIR, STATE_FILE};
+use crate::paths::{self, Layout, STATE_FILE};
 
-pub const JOURNAL_FILE: &str = "sdv-provision.journal.json";
+pub use crate::txn::JOURNAL_FILE;
 const VERSION: u32 = 1;
 
 /// The committed identity.
@@ -39,6 +38,10 @@ pub struct State {
     pub algorithm: Algorithm,
     /// Key URI per role (device paths for file keys).
     pub keys: BTreeMap<Role, KeyUri>,
+    /// Ownership proof of each TPM key: its Name, recorded when it was made (or, for
+    /// a key an older version made, once its public blob showed it is ours).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tpm_names: BTreeMap<Role, TpmName>,
     #[serde(default)]
     pub backend: BackendRecord,
     /// The keys were made by the original shell script and adopted as they were.
@@ -54,6 +57,7 @@ impl State {
             keystore,
             algorithm,
             keys: BTreeMap::new(),
+            tpm_names: BTreeMap::new(),
             backend: BackendRecord::default(),
             adopted: false,
         }
@@ -64,41 +68,105 @@ impl State {
         let Some(text) = fsutil::read_optional(&path)? else {
             return Ok(None);
         };
-        let bad = |detail: String| Error::InvalidState {
-            path: path.clone(),
-            detail,
-        };
-        let s: State = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-        if s.version != VERSION {
-            return Err(bad(format!("unknown version {}", s.version)));
+        State::parse(&text)
+            .map(Some)
+            .map_err(|detail| Error::InvalidState { path, detail })
+    }
+
+    /// Parse and validate a state file (callable on any bytes, e.g. a fuzz target).
+    pub fn parse(bytes: &[u8]) -> std::result::Result<State, String> {
+        let s: State = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// The closed sets of DESIGN §6: each key is its role's live key of the recorded
+    /// keystore (file name, label, handle), on the recorded token; backend paths are
+    /// absolute device paths without `..`.
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
+        if self.version != VERSION {
+            return Err(format!("unknown version {}", self.version));
         }
-        crate::device_id::validate(&s.device_id).map_err(bad)?;
-        for (role, uri) in &s.keys {
-            let fits = matches!(
-                (s.keystore, uri),
-                (KeystoreKind::File, KeyUri::File(_))
-                    | (KeystoreKind::Tpm, KeyUri::TpmHandle(_))
-                    | (KeystoreKind::Pkcs11, KeyUri::Pkcs11(_))
-            );
-            if !fits {
-                return Err(bad(format!(
-                    "{role} key {uri} does not fit keystore {}",
-                    s.keystore
-                )));
-            }
-            if let KeyUri::File(p) = uri {
-                // A key file sits directly in the certificates directory: a path
-                // that merely starts with it (the directory itself, a subdirectory)
-                // is not one of ours.
-                if p.parent() != Some(std::path::Path::new(CERT_DIR)) {
-                    return Err(bad(format!(
-                        "{role} key {} is outside {CERT_DIR}",
-                        p.display()
-                    )));
+        crate::device_id::validate(&self.device_id)?;
+        let b = &self.backend;
+        for (role, uri) in &self.keys {
+            let key = OwnedKey {
+                uri: uri.clone(),
+                tpm_name: self.tpm_names.get(role).cloned(),
+            };
+            let slot = crate::txn::Slot {
+                role: *role,
+                staged: false,
+            };
+            crate::txn::check_key(self.keystore, Some(slot), &key, false)
+                .map_err(|e| format!("{role} key: {e}"))?;
+            match uri {
+                KeyUri::TpmHandle(h) if *h != live_handle(b, *role) => {
+                    return Err(format!(
+                        "{role} key {uri} is not the {role} handle configured (0x{:08x})",
+                        live_handle(b, *role)
+                    ))
                 }
+                KeyUri::Pkcs11(u) if b.pkcs11_token.as_ref().is_some_and(|t| *t != u.token) => {
+                    return Err(format!("{role} key {uri} is not on the recorded token"))
+                }
+                _ => {}
             }
         }
-        Ok(Some(s))
+        if let Some(role) = self.tpm_names.keys().find(|r| !self.keys.contains_key(r)) {
+            return Err(format!("a TPM Name for the {role} key, which is not there"));
+        }
+        for h in [b.tpm_srk, b.tpm_primary_handle, b.tpm_secondary_handle]
+            .into_iter()
+            .flatten()
+        {
+            if !(0x8100_0000..=0x817F_FFFF).contains(&h) {
+                return Err(format!("0x{h:08x} is not an owner persistent TPM handle"));
+            }
+        }
+        let paths = [&b.pkcs11_module, &b.pkcs11_pin_file];
+        for p in paths.into_iter().flatten().chain(&b.mounts) {
+            let clean = p.is_absolute()
+                && p.parent().is_some()
+                && p.components()
+                    .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+            if !clean {
+                return Err(format!(
+                    "{} is not an absolute device path without `..`",
+                    p.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `role`'s key with its ownership proof.
+    pub fn owned(&self, role: Role) -> Option<OwnedKey> {
+        Some(OwnedKey {
+            uri: self.keys.get(&role)?.clone(),
+            tpm_name: self.tpm_names.get(&role).cloned(),
+        })
+    }
+
+    /// Every key of the identity, with its proof.
+    pub fn owned_keys(&self) -> Vec<OwnedKey> {
+        Role::ALL
+            .into_iter()
+            .filter_map(|r| self.owned(r))
+            .collect()
+    }
+
+    pub fn set_key(&mut self, role: Role, key: OwnedKey) {
+        self.keys.insert(role, key.uri);
+        match key.tpm_name {
+            Some(n) => self.tpm_names.insert(role, n),
+            None => self.tpm_names.remove(&role),
+        };
+    }
+
+    pub fn forget(&mut self, role: Role) {
+        self.keys.remove(&role);
+        self.tpm_names.remove(&role);
     }
 
     pub fn save(&self, layout: &Layout) -> Result<()> {
@@ -113,142 +181,6 @@ impl State {
 
     pub fn is_complete(&self) -> bool {
         Role::ALL.iter().all(|r| self.keys.contains_key(r))
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Prepared,
-    Committed,
-}
-
-/// In-flight work; see the module docs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Journal {
-    pub phase: Phase,
-    pub keystore: KeystoreKind,
-    /// Keys this run makes. Rolled back (removed) while `prepared`.
-    pub new_keys: Vec<KeyUri>,
-    /// Certificate-directory files this run writes; removed on roll-back.
-    pub new_files: Vec<String>,
-    /// `committed`: live keys that the new identity replaces.
-    #[serde(default)]
-    pub old_keys: Vec<KeyUri>,
-    /// The keystore holding `old_keys`, when it differs (`--force` to another backend).
-    #[serde(default)]
-    pub old_keystore: Option<KeystoreKind>,
-    #[serde(default)]
-    pub old_removed: bool,
-    /// `committed`: (source key, role it becomes live as, source cert file name).
-    #[serde(default)]
-    pub moves: Vec<(KeyUri, Role, String)>,
-    /// `committed`: the state to write once the moves are done (key URIs of moved
-    /// roles are filled in by the move). `None` for a reset: the identity goes.
-    #[serde(default)]
-    pub next_state: Option<State>,
-    /// `committed`: certificate-directory files to remove once the old keys are gone
-    /// (a reset's certificates, cloud configuration, PIN file).
-    #[serde(default)]
-    pub remove_files: Vec<String>,
-}
-
-impl Journal {
-    pub fn prepared(keystore: KeystoreKind) -> Journal {
-        Journal {
-            phase: Phase::Prepared,
-            keystore,
-            new_keys: Vec::new(),
-            new_files: Vec::new(),
-            old_keys: Vec::new(),
-            old_keystore: None,
-            old_removed: false,
-            moves: Vec::new(),
-            next_state: None,
-            remove_files: Vec::new(),
-        }
-    }
-
-    pub fn load(layout: &Layout) -> Result<Option<Journal>> {
-        let path = layout.host_cert_file(JOURNAL_FILE);
-        let Some(text) = fsutil::read_optional(&path)? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&text)
-            .map(Some)
-            .map_err(|e| Error::InvalidState {
-                path,
-                detail: e.to_string(),
-            })
-    }
-
-    pub fn save(&self, layout: &Layout) -> Result<()> {
-        let text = serde_json::to_vec_pretty(self).expect("journal serialises");
-        fsutil::atomic_write(&layout.host_cert_file(JOURNAL_FILE), &text, fsutil::PUBLIC)
-    }
-
-    pub fn clear(layout: &Layout) -> Result<()> {
-        fsutil::remove_file(&layout.host_cert_file(JOURNAL_FILE))
-    }
-
-    /// Undo a `prepared` run: remove what it made. Best effort per item, so one
-    /// missing object does not strand the rest.
-    pub fn roll_back(&self, layout: &Layout, ks: &mut dyn KeyStore) -> Result<()> {
-        for uri in &self.new_keys {
-            ks.remove(uri)?;
-        }
-        for f in &self.new_files {
-            fsutil::remove_file(&layout.host_cert_file(f))?;
-        }
-        Journal::clear(layout)
-    }
-
-    /// Finish a `committed` run: remove the replaced keys, move staged keys and certs
-    /// into place, write the new state. A reset (no next state) removes the state.
-    pub fn roll_forward(
-        mut self,
-        layout: &Layout,
-        ks: &mut dyn KeyStore,
-        old_ks: Option<&mut dyn KeyStore>,
-    ) -> Result<Option<State>> {
-        if !self.old_removed {
-            let old: &mut dyn KeyStore = match old_ks {
-                Some(o) => o,
-                None => &mut *ks,
-            };
-            for uri in &self.old_keys {
-                old.remove(uri)?;
-            }
-            // Nothing was removed for a fresh identity: no need to record (and fsync)
-            // progress; redoing an empty removal after a crash is harmless.
-            if !self.old_keys.is_empty() {
-                self.old_removed = true;
-                self.save(layout)?;
-            }
-        }
-        for f in &self.remove_files {
-            fsutil::remove_file(&layout.host_cert_file(f))?;
-        }
-        let Some(mut state) = self.next_state.clone() else {
-            State::remove(layout)?;
-            Journal::clear(layout)?;
-            return Ok(None);
-        };
-        for (from, role, cert_file) in &self.moves {
-            let live = ks.promote(from, *role)?;
-            let live_cert = paths::cert_name(*role, false);
-            if cert_file != &live_cert {
-                let src = layout.host_cert_file(cert_file);
-                if fsutil::exists_nofollow(&src) {
-                    fsutil::rename(&src, &layout.host_cert_file(&live_cert))?;
-                }
-            }
-            state.keys.insert(*role, live);
-        }
-        state.save(layout)?;
-        Journal::clear(layout)?;
-        Ok(Some(state))
     }
 }
 
@@ -357,13 +289,39 @@ pub fn key_ref(state: &State, role: Role) -> Option<crate::keystore::KeyRef> {
             pub_blob: Layout::cert_file(&format!("{stem}.tpm.pub")),
             priv_blob: Layout::cert_file(&format!("{stem}.tpm.priv")),
         },
-        KeyUri::Pkcs11(u) => KeyRef::Pkcs11 {
-            uri: u.clone(),
-            module: state.backend.pkcs11_module.clone()?,
-            pin_file: state.backend.pkcs11_pin_file.clone()?,
-            mounts: state.backend.mounts.clone(),
-        },
+        KeyUri::Pkcs11(u) => {
+            let module = state.backend.pkcs11_module.clone()?;
+            KeyRef::Pkcs11 {
+                uri: u.clone(),
+                // What the module needs, derived from its configuration every run;
+                // never the state's record of it (DESIGN §6).
+                mounts: pkcs11_mounts(&module)?,
+                module,
+                pin_file: state.backend.pkcs11_pin_file.clone()?,
+            }
+        }
     })
+}
+
+/// The host paths a containerised consumer of `module` needs besides it; `None`
+/// when the path is not a loadable PKCS#11 module.
+#[cfg(feature = "pkcs11")]
+fn pkcs11_mounts(module: &std::path::Path) -> Option<Vec<PathBuf>> {
+    crate::keystore::pkcs11::consumer_mounts_of(module).ok()
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn pkcs11_mounts(_module: &std::path::Path) -> Option<Vec<PathBuf>> {
+    Some(Vec::new())
+}
+
+/// `role`'s live TPM handle as the state records it (the default unless a flag chose
+/// another).
+fn live_handle(b: &BackendRecord, role: Role) -> u32 {
+    match role {
+        Role::Primary => b.tpm_primary_handle.unwrap_or(0x8100_0010),
+        Role::Secondary => b.tpm_secondary_handle.unwrap_or(0x8100_0011),
+    }
 }
 
 /// The storage root key's persistent handle (TCG provisioning guidance).
@@ -397,6 +355,57 @@ mod tests {
                 matches!(State::load(&layout), Err(Error::InvalidState { .. })),
                 "{bad}"
             );
+        }
+    }
+
+    /// Keys of the hardware keystores must be their role's slot: the configured
+    /// handle, the tool's label on the recorded token; Names only for present keys.
+    #[test]
+    fn state_keys_are_their_slots() {
+        let name = format!("\"000b{}\"", "ab".repeat(32));
+        let tpm = |keys: &str, extra: &str| {
+            format!(
+                r#"{{"version":1,"device_id":"d","keystore":"tpm","algorithm":"rsa-2048","keys":{{{keys}}}{extra}}}"#
+            )
+        };
+        let p11 = |uri: &str| {
+            format!(
+                r#"{{"version":1,"device_id":"d","keystore":"pkcs11","algorithm":"rsa-2048","keys":{{"primary":"{uri}"}},"backend":{{"pkcs11_token":"leda"}}}}"#
+            )
+        };
+        let good = [
+            tpm(r#""primary":"handle:0x81000010""#, ""),
+            tpm(
+                r#""primary":"handle:0x81000020""#,
+                r#","backend":{"tpm_primary_handle":2164260896}"#,
+            ),
+            tpm(
+                r#""primary":"handle:0x81000010""#,
+                &format!(r#","tpm_names":{{"primary":{name}}}"#),
+            ),
+            p11("pkcs11:token=leda;object=device-primary;id=%01;type=private"),
+        ];
+        for g in &good {
+            State::parse(g.as_bytes()).unwrap_or_else(|e| panic!("{e}: {g}"));
+        }
+        let bad = [
+            tpm(r#""primary":"handle:0x81000020""#, ""),
+            tpm(r#""primary":"handle:0x81000011""#, ""),
+            tpm(r#""primary":"handle:0x81000110""#, ""),
+            tpm(
+                r#""primary":"handle:0x81000010""#,
+                &format!(r#","tpm_names":{{"secondary":{name}}}"#),
+            ),
+            tpm(
+                r#""primary":"handle:0x81000010""#,
+                r#","tpm_names":{"primary":"000b00"}"#,
+            ),
+            p11("pkcs11:token=leda;object=device-secondary;id=%01;type=private"),
+            p11("pkcs11:token=other;object=device-primary;id=%01;type=private"),
+            p11("pkcs11:token=leda;object=someone-else;id=%01;type=private"),
+        ];
+        for b in &bad {
+            assert!(State::parse(b.as_bytes()).is_err(), "accepted: {b}");
         }
     }
 }

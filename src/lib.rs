@@ -8,6 +8,7 @@ pub mod cloud;
 pub mod device_id;
 pub mod error;
 pub mod fsutil;
+pub mod inroot;
 pub mod keystore;
 pub mod manifest;
 pub mod paths;
@@ -22,6 +23,7 @@ pub mod interactive;
 pub mod output;
 pub mod progress;
 pub mod secret_modes;
+pub mod txn;
 
 /// Find a program on PATH.
 pub fn which(program: &str) -> Option<std::path::PathBuf> {

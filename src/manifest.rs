@@ -21,6 +21,11 @@ use crate::paths::{Layout, CERT_DIR, CONTAINER_CERT_DIR, MANIFEST, MANIFEST_TEMP
 pub const MAX_SIZE: usize = 4 << 20;
 
 pub const TPM_DEVICE: &str = "/dev/tpmrm0";
+/// The connector's JSON settings file, TPM mode only (DESIGN §3): today's connector
+/// drops its `-tpm*` flags and reads the TPM settings only from the file named by
+/// `CLOUD_CONNECTOR_CONFIG`.
+pub const CONNECTOR_CONFIG_FILE: &str = "cloudconnector.config.json";
+const CONNECTOR_CONFIG_ENV: &str = "CLOUD_CONNECTOR_CONFIG";
 pub const TPM_TCTI: &str = "device:/dev/tpmrm0";
 
 /// Every env key the tool owns. Anything else in `config.env` is left alone.
@@ -38,6 +43,8 @@ pub const OWNED_ENV: &[&str] = &[
     "TPM_KEY_PUB",
     "TPM2OPENSSL_TCTI",
     "PKCS11_MODULE_PATH",
+    // Owned only while it names our config file; see [`foreign_connector_config`].
+    CONNECTOR_CONFIG_ENV,
 ];
 
 /// What the manifest should say.
@@ -98,6 +105,7 @@ impl Manifest {
         if self.from_template {
             return Ok(v);
         }
+        let our_config_dest = config_destination(&v);
         let root = v.as_object_mut().expect("checked when loaded");
         if let Some(env) = root
             .get_mut("config")
@@ -106,8 +114,9 @@ impl Manifest {
         {
             env.retain(|e| {
                 let s = e.as_str().unwrap_or_default();
-                let key = s.split_once('=').map_or(s, |(k, _)| k);
+                let (key, value) = s.split_once('=').unwrap_or((s, ""));
                 !OWNED_ENV.contains(&key)
+                    || (key == CONNECTOR_CONFIG_ENV && value != our_config_dest)
             });
         }
         for key in ["mounts", "mount_points"] {
@@ -219,9 +228,54 @@ fn tpm_device_entry() -> Value {
     })
 }
 
+/// The device path of our connector config file.
+pub fn connector_config_source() -> PathBuf {
+    crate::paths::Layout::cert_file(CONNECTOR_CONFIG_FILE)
+}
+
+/// Where our config file appears in the container: the destination of its existing
+/// mount, else the default under `/var/certificates/`.
+fn config_destination(manifest: &Value) -> String {
+    let source = connector_config_source();
+    ["mounts", "mount_points"]
+        .iter()
+        .filter_map(|k| manifest.get(*k).and_then(Value::as_array))
+        .flatten()
+        .find(|m| m.get("source").and_then(Value::as_str) == source.to_str())
+        .and_then(|m| m.get("destination").and_then(Value::as_str))
+        .map_or_else(
+            || format!("{CONTAINER_CERT_DIR}/{CONNECTOR_CONFIG_FILE}"),
+            str::to_owned,
+        )
+}
+
+/// The `CLOUD_CONNECTOR_CONFIG` of `manifest` when it names a file of its own (not
+/// ours): that entry is the template author's and is left alone, with a warning.
+pub fn foreign_connector_config(manifest: &Value) -> Option<String> {
+    let value = env_value(manifest, CONNECTOR_CONFIG_ENV)?;
+    (value != config_destination(manifest)).then(|| value.to_owned())
+}
+
+/// The connector's TPM settings for a rendered manifest, or `None` outside TPM mode:
+/// `tpmHandle` is the SRK as a JSON number (the connector's field is a `uint64`),
+/// `tpmKey`/`tpmKeyPub` the container paths the manifest gives the blobs.
+pub fn connector_config(rendered: &Value, want: &Desired) -> Option<Value> {
+    let KeyRef::Tpm { srk, .. } = &want.key else {
+        return None;
+    };
+    Some(json!({
+        "tpmDevice": TPM_DEVICE,
+        "tpmHandle": srk,
+        "tpmKey": env_value(rendered, "TPM_KEY")?,
+        "tpmKeyPub": env_value(rendered, "TPM_KEY_PUB")?,
+    }))
+}
+
 /// Apply the tool's owned entries to `base`. Pure: the same input gives the same output.
 pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String> {
     check_shape(base)?;
+    let foreign_config = foreign_connector_config(base);
+    let config_dest = config_destination(base);
     let mut v = base.clone();
     let root = v.as_object_mut().expect("checked");
 
@@ -250,6 +304,9 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
         } => {
             need(pub_blob, None);
             need(priv_blob, None);
+            if foreign_config.is_none() {
+                need(&connector_config_source(), Some(Path::new(&config_dest)));
+            }
         }
         KeyRef::Pkcs11 {
             module,
@@ -341,11 +398,16 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
             priv_blob,
         } => {
             env_want.push(("KEY_URI", format!("handle:0x{handle:08x}")));
+            // Today's connector exits without a non-empty KEY_FILE, even in TPM mode.
+            env_want.push(("KEY_FILE", dest(priv_blob)));
             env_want.push(("TPM_DEVICE", TPM_DEVICE.into()));
             env_want.push(("TPM_HANDLE", format!("0x{srk:08x}")));
             env_want.push(("TPM_KEY", dest(priv_blob)));
             env_want.push(("TPM_KEY_PUB", dest(pub_blob)));
             env_want.push(("TPM2OPENSSL_TCTI", TPM_TCTI.into()));
+            if foreign_config.is_none() {
+                env_want.push((CONNECTOR_CONFIG_ENV, dest(&connector_config_source())));
+            }
         }
         KeyRef::Pkcs11 {
             uri,
@@ -372,7 +434,8 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
     for e in env.iter() {
         let s = e.as_str().expect("checked");
         let key = s.split_once('=').map_or(s, |(k, _)| k);
-        let Some(owned) = OWNED_ENV.iter().find(|k| **k == key) else {
+        let foreign = key == CONNECTOR_CONFIG_ENV && foreign_config.is_some();
+        let Some(owned) = OWNED_ENV.iter().find(|k| **k == key && !foreign) else {
             out.push(e.clone());
             continue;
         };
@@ -569,10 +632,8 @@ mod tests {
         assert_eq!(env_value(&back, "KEY_FILE"), Some("/device.key"));
     }
 
-    #[test]
-    fn tpm_mode() {
-        let base = leda_utils();
-        let want = Desired {
+    fn tpm_want() -> Desired {
+        Desired {
             cloud: (
                 "CONNECTION_STRING",
                 "HostName=h;DeviceId=d;x509=true".into(),
@@ -585,12 +646,37 @@ mod tests {
                 priv_blob: "/data/var/certificates/device.tpm.priv".into(),
             },
             previously_owned: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn tpm_mode() {
+        let base = leda_utils();
+        let want = tpm_want();
         let out = apply(&base, &want).unwrap();
         let e = env(&out);
-        assert!(!e
-            .iter()
-            .any(|x| x.starts_with("KEY_PATH") || x.starts_with("KEY_FILE")));
+        assert_eq!(
+            env_value(&out, "KEY_FILE"),
+            Some("/var/certificates/device.tpm.priv")
+        );
+        assert_eq!(
+            env_value(&out, "CLOUD_CONNECTOR_CONFIG"),
+            Some("/var/certificates/cloudconnector.config.json")
+        );
+        assert_eq!(
+            connector_config(&out, &want).unwrap(),
+            json!({
+                "tpmDevice": "/dev/tpmrm0",
+                "tpmHandle": 2164260865u64,
+                "tpmKey": "/var/certificates/device.tpm.priv",
+                "tpmKeyPub": "/var/certificates/device.tpm.pub"
+            })
+        );
+        assert_eq!(apply(&out, &want).unwrap(), out, "idempotent");
+        assert!(
+            !e.iter().any(|x| x.starts_with("KEY_PATH=")),
+            "read by nothing"
+        );
         assert_eq!(env_value(&out, "KEY_URI"), Some("handle:0x81000010"));
         assert_eq!(env_value(&out, "TPM_HANDLE"), Some("0x81000001"));
         assert_eq!(
@@ -606,9 +692,38 @@ mod tests {
         assert!(!sources.contains(&"/data/var/certificates/device.key"));
         assert!(sources.contains(&"/data/var/certificates/device.tpm.pub"));
         assert_eq!(out["host_config"]["devices"], json!([tpm_device_entry()]));
+        assert!(sources.contains(&"/data/var/certificates/cloudconnector.config.json"));
         // Back to file mode removes the TPM entries again.
         let back = apply(&out, &file_want("s")).unwrap();
         assert!(env_value(&back, "TPM_KEY").is_none());
+        assert!(env_value(&back, "CLOUD_CONNECTOR_CONFIG").is_none());
+        assert!(connector_config(&back, &file_want("s")).is_none());
+        // A template's own CLOUD_CONNECTOR_CONFIG is left alone, and not mounted over.
+        let mut theirs = base.clone();
+        theirs["config"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push("CLOUD_CONNECTOR_CONFIG=/etc/cc/mine.json".into());
+        assert_eq!(
+            foreign_connector_config(&theirs).as_deref(),
+            Some("/etc/cc/mine.json")
+        );
+        let kept = apply(&theirs, &want).unwrap();
+        assert_eq!(
+            env_value(&kept, "CLOUD_CONNECTOR_CONFIG"),
+            Some("/etc/cc/mine.json")
+        );
+        assert!(!to_bytes(&kept)
+            .windows(26)
+            .any(|w| w == b"cloudconnector.config.json"));
+        assert_eq!(
+            env_value(
+                &apply(&kept, &file_want("s")).unwrap(),
+                "CLOUD_CONNECTOR_CONFIG"
+            ),
+            Some("/etc/cc/mine.json")
+        );
+        assert!(foreign_connector_config(&out).is_none());
         assert_eq!(back["host_config"]["devices"], json!([]));
     }
 
@@ -645,6 +760,22 @@ mod tests {
             }
             let out = apply(&theirs, &file_want("0ne0012345A")).unwrap();
             assert_eq!(apply(&out, &file_want("0ne0012345A")).unwrap(), out);
+            // TPM mode: KEY_FILE and the config file's mount and env entry, idempotent.
+            let want = tpm_want();
+            let out = apply(&theirs, &want).unwrap();
+            assert_eq!(apply(&out, &want).unwrap(), out, "{name}");
+            let config = connector_config(&out, &want).unwrap();
+            assert_eq!(
+                env_value(&out, "KEY_FILE"),
+                config["tpmKey"].as_str(),
+                "{name}"
+            );
+            assert_eq!(
+                env_value(&out, "CLOUD_CONNECTOR_CONFIG"),
+                Some("/var/certificates/cloudconnector.config.json"),
+                "{name}"
+            );
+            assert!(config["tpmHandle"].is_u64(), "{name}");
         }
     }
 }

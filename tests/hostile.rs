@@ -823,6 +823,48 @@ fn state_cases(out: &mut Vec<Case>) {
             "device id empty",
             edit(&|s| s["device_id"] = serde_json::json!("")),
         ),
+        (
+            "primary key URI the staged key file",
+            edit(&|s| {
+                s["keys"]["primary"] =
+                    serde_json::json!("file:/data/var/certificates/device.next.key")
+            }),
+        ),
+        (
+            "primary key URI the secondary's key file",
+            edit(&|s| {
+                s["keys"]["primary"] = serde_json::json!("file:/data/var/certificates/device2.key")
+            }),
+        ),
+        (
+            "extra mount of the host's root",
+            edit(&|s| s["backend"]["mounts"] = serde_json::json!(["/"])),
+        ),
+        (
+            "mount escaping with ..",
+            edit(&|s| s["backend"]["mounts"] = serde_json::json!(["/usr/lib/../../etc"])),
+        ),
+        (
+            "relative module path",
+            edit(&|s| s["backend"]["pkcs11_module"] = serde_json::json!("lib/x.so")),
+        ),
+        (
+            "PIN file escaping with ..",
+            edit(&|s| {
+                s["backend"]["pkcs11_pin_file"] =
+                    serde_json::json!("/data/var/certificates/../../../etc/x.pin")
+            }),
+        ),
+        (
+            "a TPM Name on a file key",
+            edit(&|s| {
+                s["tpm_names"] = serde_json::json!({"primary": format!("000b{}", "ab".repeat(32))})
+            }),
+        ),
+        (
+            "SRK outside the persistent range",
+            edit(&|s| s["backend"]["tpm_srk"] = serde_json::json!(0x4000_0001u32)),
+        ),
     ];
     for (what, body) in bodies {
         for cmd in [
@@ -893,6 +935,178 @@ fn state_cases(out: &mut Vec<Case>) {
     );
 }
 
+/// Journals edited in every field: each is refused with one error naming the
+/// journal, before anything is opened, removed or renamed.
+fn journal_cases(out: &mut Vec<Case>) {
+    use serde_json::json;
+    let golden_state: serde_json::Value =
+        serde_json::from_slice(&fs::read(golden().join(STATE)).unwrap()).unwrap();
+    let committed = json!({
+        "phase": "committed", "version": 1, "keystore": "file",
+        "old_keys": [], "old_removed": false, "moves": [],
+        "next_state": golden_state, "remove_files": []
+    });
+    let prepared = json!({
+        "phase": "prepared", "version": 1, "keystore": "file",
+        "planned": [{"role": "secondary", "staged": true}], "made": []
+    });
+    let with = |base: &serde_json::Value, field: &str, v: serde_json::Value| {
+        let mut j = base.clone();
+        j[field] = v;
+        serde_json::to_vec_pretty(&j).unwrap()
+    };
+    let key = |uri: &str| json!([{"uri": uri}]);
+    let made = |uri: &str, role: &str, staged: bool, name: Option<&str>| {
+        let mut k = json!({"uri": uri});
+        if let Some(n) = name {
+            k["tpm_name"] = json!(n);
+        }
+        json!([{"slot": {"role": role, "staged": staged}, "key": k}])
+    };
+    let name = format!("000b{}", "cd".repeat(32));
+    let mut next_mounts = golden_state.clone();
+    next_mounts["backend"]["mounts"] = json!(["/"]);
+    let mut tpm = prepared.clone();
+    tpm["keystore"] = json!("tpm");
+    tpm["planned"] = json!([{"role": "primary", "staged": false}]);
+    let mut pkcs11 = tpm.clone();
+    pkcs11["keystore"] = json!("pkcs11");
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown version", with(&committed, "version", json!(7))),
+        ("no version", {
+            let mut j = committed.clone();
+            j.as_object_mut().unwrap().remove("version");
+            serde_json::to_vec(&j).unwrap()
+        }),
+        ("unknown phase", with(&committed, "phase", json!("halfway"))),
+        ("an unknown field", with(&committed, "also", json!(1))),
+        (
+            "a file to remove with ..",
+            with(&committed, "remove_files", json!(["../../../etc/deviceid"])),
+        ),
+        (
+            "an absolute file to remove",
+            with(&committed, "remove_files", json!(["/etc/deviceid"])),
+        ),
+        (
+            "the state file to remove",
+            with(
+                &committed,
+                "remove_files",
+                json!(["sdv-provision.state.json"]),
+            ),
+        ),
+        (
+            "an old key outside the certificates dir",
+            with(&committed, "old_keys", key("file:/etc/shadow")),
+        ),
+        (
+            "an old key that is a certificate",
+            with(
+                &committed,
+                "old_keys",
+                key("file:/data/var/certificates/device.crt"),
+            ),
+        ),
+        (
+            "an old key escaping with ..",
+            with(
+                &committed,
+                "old_keys",
+                key("file:/data/var/certificates/../../../etc/shadow"),
+            ),
+        ),
+        (
+            "an old key of another keystore",
+            with(&committed, "old_keys", key("handle:0x81000010")),
+        ),
+        (
+            "a move of a file in another slot",
+            with(
+                &committed,
+                "moves",
+                json!([[
+            {"slot": {"role": "secondary", "staged": true}, "key": {"uri": "file:/etc/passwd"}}, "primary"]]),
+            ),
+        ),
+        (
+            "a next state with an extra mount",
+            with(&committed, "next_state", next_mounts),
+        ),
+        (
+            "a made key in no planned slot",
+            with(
+                &prepared,
+                "made",
+                made(
+                    "file:/data/var/certificates/device.key",
+                    "primary",
+                    false,
+                    None,
+                ),
+            ),
+        ),
+        (
+            "a TPM key made without its Name",
+            with(
+                &tpm,
+                "made",
+                made("handle:0x81000010", "primary", false, None),
+            ),
+        ),
+        (
+            "a foreign TPM handle",
+            with(
+                &tpm,
+                "made",
+                made("handle:0x81000099", "primary", false, Some(&name)),
+            ),
+        ),
+        (
+            "a TPM handle outside the persistent range",
+            with(
+                &tpm,
+                "made",
+                made("handle:0x81ff0010", "primary", false, Some(&name)),
+            ),
+        ),
+        (
+            "a foreign PKCS#11 label",
+            with(
+                &pkcs11,
+                "made",
+                made(
+                    "pkcs11:token=leda;object=someone-else;id=%01;type=private",
+                    "primary",
+                    false,
+                    None,
+                ),
+            ),
+        ),
+    ];
+    for (what, body) in bodies {
+        for cmd in [
+            vec!["--keystore", "file"],
+            vec!["rotate"],
+            vec!["reset", "--yes"],
+        ] {
+            let b = body.clone();
+            out.push(
+                case(
+                    format!("journal {what}, {cmd:?}"),
+                    Base::Provisioned,
+                    &cmd,
+                    &["sdv-provision.journal.json", "edited or corrupt"],
+                )
+                .setup(move |fr| {
+                    fr.write("data/var/certificates/sdv-provision.journal.json", &b);
+                    vec![]
+                }),
+            );
+        }
+    }
+}
+
 fn root_cases(out: &mut Vec<Case>) {
     for cmd in [
         vec!["--keystore", "file", "--id-scope", GOOD_SCOPE],
@@ -940,6 +1154,7 @@ fn all_cases() -> Vec<Case> {
     device_id_cases(&mut v);
     certificate_cases(&mut v);
     state_cases(&mut v);
+    journal_cases(&mut v);
     root_cases(&mut v);
     v
 }

@@ -1,7 +1,9 @@
 //! Permissions and ownership (DESIGN §6): under `umask 000` nothing the tool creates is
 //! world-writable and secrets are 0600; a symbolic link planted at a key, certificate
 //! or manifest path — before the first provisioning and on a re-run — is refused with
-//! one clear error, and its target is untouched.
+//! one clear error, and its target is untouched. Directories: links are read inside
+//! the root (one leading out is refused, an absolute in-tree one works), and
+//! directories others can change are refused (StrictModes).
 
 mod common;
 
@@ -297,4 +299,168 @@ fn loosened_secret_files_are_reported_and_tightened_by_every_mutating_run() {
         fr.run(&["verify"]).ok();
         fr.run(&["status"]).ok();
     }
+}
+
+/// The directories the certificates directory hangs from (each one can be a link).
+const CHAIN: [&str; 3] = ["data", "data/var", CERTS];
+
+/// Move directory `rel` (made if missing) to `to` and leave a link `link` in its place.
+fn relink(fr: &FakeRoot, rel: &str, to: &Path, link: &Path) {
+    fs::create_dir_all(fr.p(CERTS)).unwrap();
+    fs::create_dir_all(to.parent().unwrap()).unwrap();
+    fs::rename(fr.p(rel), to).unwrap();
+    symlink(link, fr.p(rel)).unwrap();
+}
+
+/// `../` as often as it takes to climb from `rel`'s directory above the root.
+fn climb_out(rel: &str) -> String {
+    "../".repeat(rel.split('/').count()) + "outside"
+}
+
+/// Before: only the last path component was checked, so a certificates directory
+/// (or `data`, `data/var`) linked out of the root received the keys. Links are now
+/// resolved inside the root, where this one leads nowhere: refused, nothing changed.
+#[test]
+fn a_directory_linked_out_of_the_root_is_refused() {
+    if !openssl() {
+        return;
+    }
+    for rel in CHAIN {
+        for relative in [false, true] {
+            let fr = FakeRoot::with_template();
+            let outside = fr.dir.path().join("outside");
+            let link = match relative {
+                true => Path::new(&climb_out(rel)).to_owned(),
+                false => outside.clone(),
+            };
+            relink(&fr, rel, &outside, &link);
+            let (before, out_before) = (fr.snapshot(), snapshot(&outside));
+            let run = provision(&fr);
+            let err = run.one_error(1);
+            assert!(err.contains("inside --root"), "{rel} -> {link:?}: {run}");
+            assert_same_tree(&out_before, &snapshot(&outside), "outside the root");
+            assert_same_tree(&before, &fr.snapshot(), rel);
+            assert!(fr.calls().is_empty());
+        }
+    }
+}
+
+/// Before: `reset` through a linked certificates directory deleted the files in the
+/// link's target outside the root.
+#[test]
+fn reset_through_a_linked_directory_removes_nothing_outside() {
+    if !openssl() {
+        return;
+    }
+    for rel in CHAIN {
+        let fr = FakeRoot::with_template();
+        provision(&fr).ok();
+        fr.clear_calls();
+        let outside = fr.dir.path().join("outside");
+        relink(&fr, rel, &outside, &outside);
+        let (before, out_before) = (fr.snapshot(), snapshot(&outside));
+        let run = fr.run(&["reset", "--yes"]);
+        assert!(run.one_error(1).contains("inside --root"), "{rel}: {run}");
+        assert_same_tree(&out_before, &snapshot(&outside), "outside the root");
+        assert_same_tree(&before, &fr.snapshot(), rel);
+        assert!(fr.calls().is_empty());
+    }
+}
+
+/// An image tree with `data -> /persist/data` (and the same one level down): the
+/// link is read as the device reads it, inside the tree. Before: it was followed on
+/// the build host and the run failed (or wrote there).
+#[test]
+fn an_absolute_link_inside_the_tree_resolves_inside_it() {
+    if !openssl() {
+        return;
+    }
+    for rel in CHAIN {
+        let fr = FakeRoot::with_template();
+        let inside = format!("/persist/{rel}");
+        relink(&fr, rel, &fr.p(&inside), Path::new(&inside));
+        provision(&fr).ok();
+        let certs = fr.p("persist").join(CERTS);
+        for f in ["device.crt", "device.key", "device2.crt", "azure.idscope"] {
+            assert!(certs.join(f).is_file(), "{rel}: {f} not in {certs:?}");
+        }
+        // The manifest names the device's paths, not the tree's.
+        let moved = MANIFEST.starts_with(&format!("{rel}/"));
+        let manifest = fr.read(&format!(
+            "{}{MANIFEST}",
+            if moved { "persist/" } else { "" }
+        ));
+        assert!(
+            manifest.contains("/data/var/certificates/device.crt"),
+            "{manifest}"
+        );
+        assert!(!manifest.contains("persist"), "{manifest}");
+        fr.run(&["verify"]).ok();
+        fr.run(&["reset", "--yes"]).ok();
+        assert!(
+            !certs.join("device.key").exists(),
+            "{rel}: reset left the key"
+        );
+        assert!(fs::symlink_metadata(fr.p(rel)).unwrap().is_symlink());
+    }
+}
+
+/// StrictModes (as sshd checks): every directory from the certificates, the
+/// manifests and the `/etc` directory up to `--root` must be ours (or root's) and
+/// writable by nobody else. Before: keys were written into a group-writable directory or one
+/// another user owns, where that user could swap them. `--root`'s own parent (here a
+/// sticky, world-writable one like `/tmp`) is not checked.
+#[test]
+fn directories_others_can_change_are_refused() {
+    if !openssl() {
+        return;
+    }
+    for rel in ["", "data", "data/var", CERTS, MANIFESTS, "etc"] {
+        for foreign in [false, true] {
+            let fr = FakeRoot::with_template();
+            fs::create_dir_all(fr.p(CERTS)).unwrap();
+            fs::create_dir_all(fr.p("etc")).unwrap();
+            let dir = if rel.is_empty() { fr.root() } else { fr.p(rel) };
+            if foreign {
+                std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+            } else {
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o775)).unwrap();
+            }
+            let before = fr.snapshot();
+            let run = provision(&fr);
+            let err = run.one_error(1);
+            let why = if foreign {
+                "owned by uid 65534"
+            } else {
+                "chmod go-w"
+            };
+            assert!(err.contains(&format!("{} ", dir.display())), "{rel}: {run}");
+            assert!(err.contains(why), "{rel}: {run}");
+            assert_same_tree(&before, &fr.snapshot(), rel);
+            assert!(fr.calls().is_empty());
+        }
+    }
+    let fr = FakeRoot::with_template();
+    fs::set_permissions(fr.dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+    provision(&fr).ok();
+}
+
+/// Before: an interface link in `sys/class/net` that climbs out of the root was
+/// followed on the host, and the device id came from a MAC outside the tree. Read
+/// inside the root it leads nowhere, so there is no interface to take the id from.
+#[test]
+fn a_network_interface_linked_out_of_the_root_is_not_read() {
+    let fr = FakeRoot::bare();
+    fr.put_fixture("cloudconnector.kanto.json.template", TEMPLATE);
+    let outside = fr.dir.path().join("outside-net/eth9");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("address"), "52:54:00:12:34:56\n").unwrap();
+    fs::write(outside.join("type"), "1\n").unwrap();
+    fs::create_dir_all(fr.p("sys/class/net")).unwrap();
+    symlink("../../../../outside-net/eth9", fr.p("sys/class/net/eth9")).unwrap();
+    let before = fr.snapshot();
+    let run = provision(&fr);
+    assert!(run.one_error(1).contains("--device-id"), "{run}");
+    assert!(!run.all().contains("52-54-00-12-34-56"), "{run}");
+    assert_same_tree(&before, &fr.snapshot(), "interface link");
 }

@@ -881,3 +881,247 @@ fn manifest_write_failure_leaves_no_orphans() {
     assert!(key_uri.starts_with(primary), "{key_uri} vs {primary}");
     assert_eq!(store.object_labels().len(), 6);
 }
+
+/// Paths are compared after resolution, never as text. Before: a PIN file at
+/// `…/certificates/../../../etc/x.pin` counted as inside the certificates directory,
+/// and that path was mounted into the container; and SoftHSM's config was read taking
+/// the first `directories.tokendir` (SoftHSM takes the last), so a first line of `/`
+/// gave an empty mount source.
+#[test]
+fn pin_file_and_token_dir_are_compared_after_resolution() {
+    if !available() {
+        return;
+    }
+    let store = PrivateStore::new("leda");
+    let root = root_with_template(&store);
+    let conf = std::fs::read_to_string(&store.conf).unwrap();
+    std::fs::write(
+        &store.conf,
+        format!("directories.tokendir = /\n# directories.tokendir = /etc\n{conf}"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join(CERT_DIR)).unwrap();
+    std::fs::copy(&store.pin_file, root.join("etc/x.pin")).unwrap();
+    let climbing = root.join(CERT_DIR).join("../../../etc/x.pin");
+    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&climbing));
+    run(tool(&store, &root).args(&args), 0);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
+    let uri = env_entry(&manifest, "KEY_URI").unwrap();
+    assert!(
+        uri.ends_with("pin-source=file:/var/certificates/pkcs11.pin"),
+        "{uri}"
+    );
+    assert!(root.join(CERT_DIR).join("pkcs11.pin").is_file());
+    let sources: Vec<String> = mounts(&manifest).into_iter().map(|(s, _)| s).collect();
+    for s in &sources {
+        assert!(!s.contains("..") && !s.contains("x.pin"), "{sources:?}");
+        assert!(s.len() > 1, "a mount of {s:?}: {sources:?}");
+    }
+    let tokendir = store.tokendir().display().to_string();
+    assert!(sources.contains(&tokendir), "{tokendir} not in {sources:?}");
+}
+
+/// pkcs11-tool on this store, logged in.
+fn pkcs11_tool(store: &PrivateStore) -> Command {
+    let mut c = Command::new("pkcs11-tool");
+    c.arg("--module")
+        .arg(&store.module)
+        .args(["--token-label", &store.label, "--login", "--pin", USER_PIN])
+        .env("SOFTHSM2_CONF", &store.conf);
+    c
+}
+
+/// Every object with CKA_ID `id` as pkcs11-tool lists it (all its attributes), plus
+/// its public key's DER: what must stay byte for byte.
+fn objects_with_id(store: &PrivateStore, id: &str) -> String {
+    let out = common::run_ok(pkcs11_tool(store).arg("--list-objects"));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut blocks = Vec::new();
+    for block in listing
+        .split("\n")
+        .fold(Vec::<String>::new(), |mut acc, line| {
+            if !line.starts_with(' ') || acc.is_empty() {
+                acc.push(String::new());
+            }
+            let last = acc.last_mut().unwrap();
+            last.push_str(line);
+            last.push('\n');
+            acc
+        })
+    {
+        if block
+            .lines()
+            .any(|l| l.trim() == format!("ID:         {id}"))
+        {
+            blocks.push(block);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let der = dir.path().join("pub.der");
+    common::run_ok(
+        pkcs11_tool(store)
+            .args(["--read-object", "--type", "pubkey", "--id", id, "-o"])
+            .arg(&der),
+    );
+    format!(
+        "{}\n{}",
+        blocks.join(""),
+        hex::encode(std::fs::read(der).unwrap())
+    )
+}
+
+/// Finding 4: a key pair someone else made under the live label `device-primary`
+/// (another CKA_ID) survives `rotate`, `rotate --promote`, `provision --force` and
+/// `reset`, byte for byte: the tool finds its objects by CKA_ID and label, and no
+/// step sweeps a label.
+#[test]
+fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
+    if !available() {
+        return;
+    }
+    let (store, root) = provisioned();
+    common::run_ok(pkcs11_tool(&store).args([
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "device-primary",
+        "--id",
+        "0102",
+    ]));
+    let foreign = objects_with_id(&store, "0102");
+    assert_eq!(
+        foreign.matches("label:      device-primary").count(),
+        2,
+        "{foreign}"
+    );
+    let base: Vec<String> = provision_args(&store, "ecdsa-p256")[..6].to_vec();
+    let cmds: [&[&str]; 4] = [
+        &["rotate"],
+        &["rotate", "--promote"],
+        &[
+            "provision",
+            "--force",
+            "--id-scope",
+            "0ne0012345A",
+            "--device-id",
+            "52-54-21-4c-f9-5a",
+        ],
+        &["reset", "--yes"],
+    ];
+    for cmd in cmds {
+        run(
+            tool(&store, &root)
+                .args(&base)
+                .args(["--non-interactive", "--no-restart"])
+                .args(cmd),
+            0,
+        );
+        assert_eq!(objects_with_id(&store, "0102"), foreign, "after {cmd:?}");
+    }
+    // Only the foreign pair is left.
+    assert_eq!(store.object_labels(), ["device-primary", "device-primary"]);
+}
+
+/// Finding 2: a state file's recorded `mounts` are never replayed into the manifest.
+/// An edited state adding the host's `/` is refused as edited, with nothing changed;
+/// one adding `/etc` (a clean path) mounts nothing new: the manifest's mounts come
+/// from the configuration (the module and SoftHSM's config) on every run.
+#[test]
+fn mounts_come_from_the_configuration_never_from_the_state() {
+    if !available() {
+        return;
+    }
+    let (store, root) = provisioned();
+    let state_path = root.join(CERT_DIR).join("sdv-provision.state.json");
+    let manifest_path = root.join(MANIFEST);
+    let read = |p: &Path| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let before = mounts(&read(&manifest_path));
+    let mut state = read(&state_path);
+    let rerun = || {
+        tool(&store, &root)
+            .args(provision_args(&store, "ecdsa-p256"))
+            .output()
+            .unwrap()
+    };
+
+    state["backend"]["mounts"] = serde_json::json!(["/"]);
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let tree = snapshot(&root);
+    let out = rerun();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sdv-provision.state.json") && err.contains("edited or corrupt"),
+        "{err}"
+    );
+    assert_same_tree(&tree, &snapshot(&root), "an edited state");
+
+    state["backend"]["mounts"] = serde_json::json!(["/etc"]);
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let out = rerun();
+    assert!(out.status.success(), "{}", text(&out));
+    let after = mounts(&read(&manifest_path));
+    assert!(after.iter().all(|(src, _)| src != "/etc"), "{after:?}");
+    assert_eq!(after, before);
+}
+
+/// A journal edited to name objects that are not the identity's (a foreign pair
+/// under our label, by its CKA_ID; another token's object) is refused before the
+/// token is opened: one error naming the journal, the tree and the foreign objects
+/// unchanged.
+#[test]
+fn an_edited_journal_naming_foreign_objects_touches_nothing() {
+    if !available() {
+        return;
+    }
+    let (store, root) = provisioned();
+    common::run_ok(pkcs11_tool(&store).args([
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "device-primary",
+        "--id",
+        "0102",
+    ]));
+    let foreign = objects_with_id(&store, "0102");
+    let base: Vec<String> = provision_args(&store, "ecdsa-p256")[..6].to_vec();
+    for uri in [
+        "pkcs11:token=leda;object=device-primary;id=%01%02;type=private",
+        "pkcs11:token=leda;object=someone-else;id=%01%02;type=private",
+    ] {
+        let journal = serde_json::json!({
+            "phase": "committed", "version": 1, "keystore": "pkcs11",
+            "old_keys": [{"uri": uri}], "old_removed": false, "moves": [],
+            "next_state": null, "remove_files": []
+        });
+        let path = root.join(CERT_DIR).join("sdv-provision.journal.json");
+        std::fs::write(&path, serde_json::to_vec(&journal).unwrap()).unwrap();
+        let tree = snapshot(&root);
+        for cmd in [&["rotate"][..], &["reset", "--yes"]] {
+            let out = run(
+                tool(&store, &root)
+                    .args(&base)
+                    .args(["--non-interactive", "--no-restart"])
+                    .args(cmd),
+                1,
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("sdv-provision.journal.json") && err.contains("edited or corrupt"),
+                "{uri} {cmd:?}: {err}"
+            );
+            assert_same_tree(&tree, &snapshot(&root), "an edited journal");
+            assert_eq!(objects_with_id(&store, "0102"), foreign, "{uri} {cmd:?}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+    assert_eq!(
+        store.object_labels().len(),
+        8,
+        "the identity's six and the foreign pair"
+    );
+}

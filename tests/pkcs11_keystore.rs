@@ -17,7 +17,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use sdv_provision::cert::{self, CertInfo};
-use sdv_provision::keystore::pkcs11::{Pkcs11KeyStore, Placement};
+use sdv_provision::keystore::pkcs11::Pkcs11KeyStore;
 use sdv_provision::keystore::{
     Algorithm, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig, Pkcs11Uri, Role,
 };
@@ -101,28 +101,18 @@ fn token_public_key_pem_opensc(hsm: &SoftHsm, uri: &Pkcs11Uri, dir: &Path) -> St
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Provision both roles with `alg` and check everything a consumer relies on.
-/// `placement`: how objects reach the token; `None` lets the store probe SoftHSM,
-/// which can copy session objects to the token.
-fn full_cycle(alg: Algorithm, placement: Option<Placement>) {
+/// Provision both roles with `alg` (objects made on the token directly) and check
+/// everything a consumer relies on.
+fn full_cycle(alg: Algorithm) {
     if !common::softhsm::available() {
         return;
     }
-    let how = match placement {
-        None => "cycle",
-        Some(Placement::CopyFromSession) => "copy",
-        Some(Placement::Direct) => "direct",
-    };
-    let hsm = SoftHsm::new(&format!("{how}-{alg}"));
+    let hsm = SoftHsm::new(&format!("cycle-{alg}"));
     let layout = Layout::new(hsm.root());
     let mut uris = Vec::new();
     let mut certs = Vec::new();
     {
         let mut ks = open(&hsm, &hsm.config()).unwrap();
-        match placement {
-            Some(p) => ks.set_placement(p),
-            None => assert_eq!(ks.placement(), Placement::CopyFromSession),
-        }
         for role in Role::ALL {
             let uri = ks.plan(role, false).unwrap();
             assert_eq!(pk(&uri).object, format!("device-{role}"));
@@ -145,11 +135,6 @@ fn full_cycle(alg: Algorithm, placement: Option<Placement>) {
         }
         // The two identities never share an id.
         assert_ne!(pk(&uris[0]).id, pk(&uris[1]).id);
-        // SoftHSM copies and keeps protection: nothing fell back to direct creation.
-        assert_eq!(
-            ks.placement(),
-            placement.unwrap_or(Placement::CopyFromSession)
-        );
         // Attaching the same certificate again keeps the object (no rewrite).
         let s = hsm.session();
         let cert_of = |uri: &KeyUri| {
@@ -294,34 +279,22 @@ fn full_cycle(alg: Algorithm, placement: Option<Placement>) {
 
 #[test]
 fn rsa_2048_full_cycle() {
-    full_cycle(Algorithm::Rsa2048, None);
+    full_cycle(Algorithm::Rsa2048);
 }
 
 #[test]
 fn rsa_3072_full_cycle() {
-    full_cycle(Algorithm::Rsa3072, None);
+    full_cycle(Algorithm::Rsa3072);
 }
 
 #[test]
 fn ecdsa_p256_full_cycle() {
-    full_cycle(Algorithm::EcdsaP256, None);
+    full_cycle(Algorithm::EcdsaP256);
 }
 
 #[test]
 fn ecdsa_p384_full_cycle() {
-    full_cycle(Algorithm::EcdsaP384, None);
-}
-
-/// The path of tokens that cannot copy objects (smart cards, tpm2-pkcs11): objects
-/// are made on the token directly.
-#[test]
-fn ecdsa_p256_full_cycle_made_on_the_token() {
-    full_cycle(Algorithm::EcdsaP256, Some(Placement::Direct));
-}
-
-#[test]
-fn rsa_2048_full_cycle_made_on_the_token() {
-    full_cycle(Algorithm::Rsa2048, Some(Placement::Direct));
+    full_cycle(Algorithm::EcdsaP384);
 }
 
 #[test]
@@ -529,8 +502,10 @@ fn init_token_initialises_a_blank_slot_once() {
     assert_eq!(ks.open(&uri).unwrap().alg(), Algorithm::EcdsaP256);
 }
 
+/// A label is not a lock: a foreign object under it neither blocks planning nor is
+/// touched by what this tool does with its own (CKA_ID-proven) objects.
 #[test]
-fn plan_refuses_an_occupied_label() {
+fn a_foreign_object_under_our_label_is_left_alone() {
     if !common::softhsm::available() {
         return;
     }
@@ -545,13 +520,11 @@ fn plan_refuses_an_occupied_label() {
         ])
         .unwrap();
     let mut ks = open(&hsm, &hsm.config()).unwrap();
-    let Err(e) = ks.plan(Role::Primary, false) else {
-        panic!("planned over a foreign object")
-    };
-    assert!(matches!(e, KeyStoreError::Occupied { .. }), "{e:?}");
-    assert_one_line(&e, &["device-primary", &hsm.label, "sdv-provision reset"]);
-    // The other role is free, and the foreign object is untouched.
-    ks.plan(Role::Secondary, false).unwrap();
+    let uri = ks.plan(Role::Primary, false).unwrap();
+    ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
+    assert_eq!(hsm.objects(&s, "device-primary").len(), 3);
+    ks.remove(&uri).unwrap();
+    // Ours are gone; the foreign object is untouched.
     assert_eq!(hsm.objects(&s, "device-primary"), vec![foreign]);
 }
 
@@ -606,26 +579,12 @@ fn remove_after_a_failed_step_leaves_no_orphans_and_spares_foreign_objects() {
 }
 
 #[test]
-fn promote_copies_replaces_and_is_idempotent() {
-    promote(Placement::CopyFromSession);
-}
-
-/// Tokens that cannot copy get the staged objects relabelled in place.
-#[test]
-fn promote_relabels_on_a_token_that_cannot_copy() {
-    promote(Placement::Direct);
-}
-
-fn promote(placement: Placement) {
+fn promote_copies_and_is_idempotent() {
     if !common::softhsm::available() {
         return;
     }
-    let hsm = SoftHsm::new(match placement {
-        Placement::CopyFromSession => "promote",
-        Placement::Direct => "promote-relabel",
-    });
+    let hsm = SoftHsm::new("promote");
     let mut ks = open(&hsm, &hsm.config()).unwrap();
-    ks.set_placement(placement);
     let make = |ks: &mut Pkcs11KeyStore, staged: bool| {
         let uri = ks.plan(Role::Primary, staged).unwrap();
         let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
@@ -646,18 +605,16 @@ fn promote(placement: Placement) {
     };
     let staged = handles("device-primary.next");
 
+    // The caller retires the old key first (by its CKA_ID); the move never sweeps
+    // the live label.
+    ks.remove(&old).unwrap();
     let live = ks.promote(&next, Role::Primary).unwrap();
     assert_eq!(pk(&live).object, "device-primary");
     assert_eq!(pk(&live).id, pk(&next).id);
-    // Copied (new objects) or relabelled (the staged objects themselves).
-    match placement {
-        Placement::CopyFromSession => {
-            assert!(handles("device-primary")
-                .iter()
-                .all(|h| !staged.contains(h)))
-        }
-        Placement::Direct => assert_eq!(handles("device-primary"), staged),
-    }
+    // Copied: new objects under the live label.
+    assert!(handles("device-primary")
+        .iter()
+        .all(|h| !staged.contains(h)));
     let s = hsm.session();
     assert!(hsm.objects(&s, "device-primary.next").is_empty());
     let objs = hsm.objects(&s, "device-primary");

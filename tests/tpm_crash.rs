@@ -1,7 +1,8 @@
 //! Crash consistency on the TPM keystore: the SIGKILL harness of `tests/crash.rs`
 //! (provision, rotate, rotate --promote, reset, provision --force, killed at random
 //! moments) against a real swtpm. After every recovery the TPM must hold exactly the
-//! SRK and the two live keys: no orphan or staging handle, nothing missing.
+//! SRK, the two live keys and a key another application persisted before the first
+//! run (same Name, byte for byte): no orphan or staging handle, nothing missing.
 #![cfg(feature = "tpm")]
 
 mod common;
@@ -10,6 +11,8 @@ use common::crash;
 const SRK: u32 = 0x8100_0001;
 const PRIMARY: u32 = 0x8100_0010;
 const SECONDARY: u32 = 0x8100_0011;
+/// Another application's key.
+const FOREIGN: u32 = 0x8100_0020;
 
 #[test]
 fn tpm_keystore_survives_random_kills() {
@@ -38,21 +41,46 @@ fn tpm_keystore_survives_random_kills() {
         "device.tpm.priv",
         "device2.tpm.pub",
         "device2.tpm.priv",
+        // The connector's TPM settings (DESIGN §3), written with the manifest.
+        "cloudconnector.config.json",
         "azure.idscope",
         "sdv-provision.state.json",
     ];
-    let t = crash::hammer(&dev, kills, &allowed, &|| {
-        // A killed client can leave a transient object loaded. On a device the kernel
-        // resource manager (/dev/tpmrm0) flushes it when the process dies; a bare
-        // swtpm has no resource manager, so the test does that part.
-        common::run_ok(tpm.tool("tpm2_flushcontext").arg("-t"));
-        let mut handles = tpm.persistent_handles();
-        handles.sort();
-        assert_eq!(
-            handles,
-            vec![SRK, PRIMARY, SECONDARY],
-            "persistent handles after recovery"
+    tpm.foreign_key_at(FOREIGN, true);
+    let name = || {
+        let out = tpm.dir().join("foreign.name");
+        common::run_ok(
+            tpm.tool("tpm2_readpublic")
+                .arg("-c")
+                .arg(format!("0x{FOREIGN:08x}"))
+                .arg("-n")
+                .arg(&out),
         );
-    });
+        hex_of(&std::fs::read(out).unwrap())
+    };
+    let t = crash::hammer_guarding(
+        &dev,
+        kills,
+        &allowed,
+        &|_| {},
+        &|what| {
+            // A killed client can leave a transient object loaded. On a device the kernel
+            // resource manager (/dev/tpmrm0) flushes it when the process dies; a bare
+            // swtpm has no resource manager, so the test does that part.
+            common::run_ok(tpm.tool("tpm2_flushcontext").arg("-t"));
+            let mut handles = tpm.persistent_handles();
+            handles.sort();
+            assert_eq!(
+                handles,
+                vec![SRK, PRIMARY, SECONDARY, FOREIGN],
+                "{what}: persistent handles after recovery"
+            );
+        },
+        &name,
+    );
     assert_eq!(t.recovered, kills);
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -90,6 +90,7 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
         ));
     }
     if let Some(cloud) = &id.cloud {
+        super::compatibility_warnings(ctx, &state, cloud);
         // The connector only presents the primary certificate.
         converge(
             ctx,

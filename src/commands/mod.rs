@@ -9,11 +9,12 @@ use crate::cloud::Cloud;
 use crate::connector::{self, Change};
 use crate::error::{Error, Result};
 use crate::fsutil::{self, RunLock};
-use crate::identity::{self, Journal, Phase, State};
+use crate::identity::{self, State};
 use crate::keystore::{self, KeyStore, KeystoreConfig, KeystoreKind, Role};
 use crate::manifest::{Desired, Manifest};
 use crate::output::Out;
 use crate::paths::Layout;
+use crate::txn::{self, Journal};
 
 pub mod csr;
 pub mod import_cert;
@@ -84,6 +85,7 @@ impl Ctx {
     }
 
     /// `--root` must be an existing directory: a typo must not create a new tree.
+    /// Its fixed directories are then resolved inside it, once for the run.
     pub fn check_root(&self) -> Result<()> {
         let root = self.layout.root();
         if !root.is_dir() {
@@ -92,19 +94,22 @@ impl Ctx {
                 "create it or pass the right --root",
             ));
         }
-        Ok(())
+        self.layout.resolve_dirs()
     }
 
     /// Take the run lock (mutating commands only; `status` never blocks). The wait
     /// can be changed with env `SDV_PROVISION_LOCK_TIMEOUT` (seconds; 0 = fail at once).
+    /// The directories secrets go into pass the StrictModes check first, before the
+    /// lock (or anything else) is made.
     pub fn lock(&self) -> Result<RunLock> {
         self.check_root()?;
+        self.layout.check_private_dirs()?;
         let timeout = std::env::var("SDV_PROVISION_LOCK_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(LOCK_TIMEOUT);
-        let lock = RunLock::acquire(self.layout.root(), timeout)?;
+        let lock = RunLock::acquire(&self.layout.host_cert_dir(), self.layout.root(), timeout)?;
         // Every mutating command takes the lock: the one place secret modes are
         // enforced on every run (DESIGN §6).
         for l in crate::secret_modes::tighten(&self.layout)? {
@@ -192,6 +197,7 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
         ID_SCOPE_FILE,
         CONNECTION_STRING_FILE,
         PKCS11_PIN_FILE,
+        crate::manifest::CONNECTOR_CONFIG_FILE,
     ]
     .map(String::from)
     .to_vec();
@@ -212,43 +218,137 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// Finish or undo what a killed run left behind (see `identity` module docs).
-/// Call with the lock held.
+/// Finish or undo what a killed run left behind (see the `txn` module docs).
+/// Call with the lock held. The journal and state are parsed and checked against
+/// the configured slots before anything is opened or touched.
 pub fn recover(ctx: &Ctx) -> Result<()> {
     refuse_planted_links(&ctx.layout)?;
     fsutil::remove_stale_temps(&ctx.layout.host_cert_dir());
     let Some(journal) = Journal::load(&ctx.layout)? else {
-        return Ok(());
+        return upgrade_proofs(ctx);
     };
     let state = State::load(&ctx.layout)?;
+    check_slots(ctx, &journal, state.as_ref())?;
     ctx.out.say("- Finishing an interrupted run");
-    match journal.phase {
-        Phase::Prepared => {
+    match &journal {
+        Journal::Prepared(_) => {
             tracing::info!(?journal, "rolling back an interrupted run");
-            let mut ks = ctx.open_keystore(journal.keystore, state.as_ref())?;
-            journal.roll_back(&ctx.layout, ks.as_mut())
+            let mut ks = ctx.open_keystore(journal.keystore(), state.as_ref())?;
+            for left in journal.roll_back(&ctx.layout, ks.as_mut())? {
+                ctx.out.warn(format!(
+                    "{left}; left in place (remove it yourself if it is a leftover)"
+                ));
+            }
         }
-        Phase::Committed => {
+        Journal::Committed(_) => {
             tracing::info!(?journal, "rolling forward an interrupted run");
-            let next = journal.next_state.clone();
-            // Once the old keys are gone (`old_removed`) the state may already be the
-            // new identity's, which cannot open the old keystore: it is not needed.
-            let mut old_ks = match journal.old_keystore {
-                Some(k) if k != journal.keystore && !journal.old_removed => {
-                    Some(ctx.open_keystore(k, state.as_ref())?)
-                }
-                _ => None,
+            let next = journal.next_state().cloned();
+            // Once the old keys are gone the state may already be the new identity's,
+            // which cannot open the old keystore: it is not needed.
+            let mut old_ks = match journal.pending_old_keystore() {
+                Some(k) => Some(ctx.open_keystore(k, state.as_ref())?),
+                None => None,
             };
-            let mut ks = ctx.open_keystore(journal.keystore, next.as_ref().or(state.as_ref()))?;
-            journal
-                .roll_forward(
-                    &ctx.layout,
-                    ks.as_mut(),
-                    old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
-                )
-                .map(|_| ())
+            let mut ks = ctx.open_keystore(journal.keystore(), next.as_ref().or(state.as_ref()))?;
+            journal.roll_forward(
+                &ctx.layout,
+                ks.as_mut(),
+                old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
+            )?;
         }
     }
+    upgrade_proofs(ctx)
+}
+
+/// TPM handles a journal names must be the configured slots (live or staged), as
+/// the flags or the state set them: a journal naming any other handle was edited.
+fn check_slots(ctx: &Ctx, journal: &Journal, state: Option<&State>) -> Result<()> {
+    let rec = state.map(|s| s.backend.clone()).unwrap_or_default();
+    let next = journal
+        .next_state()
+        .map(|s| s.backend.clone())
+        .unwrap_or_default();
+    let mut allowed = Vec::new();
+    for r in [&rec, &next] {
+        let p = ctx
+            .ks_config
+            .primary_handle
+            .or(r.tpm_primary_handle)
+            .unwrap_or(0x8100_0010);
+        let s = ctx
+            .ks_config
+            .secondary_handle
+            .or(r.tpm_secondary_handle)
+            .unwrap_or(0x8100_0011);
+        allowed.extend([p, s, p + 0x100, s + 0x100]);
+    }
+    let bad = |detail: String| Error::InvalidState {
+        path: ctx.layout.host_cert_file(identity::JOURNAL_FILE),
+        detail,
+    };
+    for uri in journal.uris() {
+        if let keystore::KeyUri::TpmHandle(h) = uri {
+            if !allowed.contains(h) {
+                return Err(bad(format!(
+                    "{uri} is not one of the configured key handles"
+                )));
+            }
+        }
+    }
+    // The keys a commit replaces are the identity's, as the state (still the old
+    // one until they are gone) names them; without a state only the original
+    // script's key files can be (an adoption).
+    for k in journal.pending_old_keys() {
+        let recorded = match state {
+            Some(s) => s
+                .owned_keys()
+                .iter()
+                .any(|o| o.uri == k.uri && (o.tpm_name.is_none() || o.tpm_name == k.tpm_name)),
+            None => matches!(k.uri, keystore::KeyUri::File(_)),
+        };
+        if !recorded {
+            return Err(bad(format!(
+                "old key {} is not one the state records",
+                k.uri
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A TPM identity an older version recorded without Names gets them now, where the
+/// key at each handle is shown to be ours (its public blob); a key that cannot be
+/// shown to be ours keeps no proof and is never evicted.
+fn upgrade_proofs(ctx: &Ctx) -> Result<()> {
+    let Some(mut state) = State::load(&ctx.layout)? else {
+        return Ok(());
+    };
+    let missing: Vec<Role> = Role::ALL
+        .into_iter()
+        .filter(|r| state.keystore == KeystoreKind::Tpm && state.keys.contains_key(r))
+        .filter(|r| !state.tpm_names.contains_key(r))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut ks = ctx.open_keystore(KeystoreKind::Tpm, Some(&state))?;
+    let mut changed = false;
+    for role in missing {
+        let uri = state.keys[&role].clone();
+        match ks.prove(&uri)? {
+            Some(owned) if owned.tpm_name.is_some() => {
+                state.set_key(role, owned);
+                changed = true;
+            }
+            _ => ctx.out.warn(format!(
+                "the {role} key {uri} cannot be shown to be the one sdv-provision made; it will not be removed"
+            )),
+        }
+    }
+    if changed {
+        state.save(&ctx.layout)?;
+    }
+    Ok(())
 }
 
 /// What the manifest should say for this identity and cloud.
@@ -259,6 +359,8 @@ pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
         cloud: (k, v),
         cert: crate::paths::Layout::cert_file(&crate::paths::cert_name(Role::Primary, false)),
         key,
+        // Only to take away mounts an earlier run added; what is mounted comes from
+        // the configuration (`key`).
         previously_owned: state.backend.mounts.clone(),
     })
 }
@@ -274,7 +376,21 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
         detail: "the primary key or its backend settings are missing".into(),
     })?;
     let new = m.render(&want)?;
+    // The config file first, so the manifest never names a file that is not there.
+    let config_changed =
+        write_connector_config(ctx, crate::manifest::connector_config(&new, &want))?;
     let wrote = m.save(&new, cloud.has_secret())?;
+    if let Some(theirs) = crate::manifest::foreign_connector_config(&m.base) {
+        ctx.out.warn(format!(
+            "the connector manifest sets CLOUD_CONNECTOR_CONFIG={theirs}, a file of its own, \
+             so it is left alone; today's connector reads its TPM settings only from there: \
+             copy the tpm* keys of {} into it",
+            ctx.layout
+                .host_cert_file(crate::manifest::CONNECTOR_CONFIG_FILE)
+                .display()
+        ));
+    }
+    let wrote = wrote || config_changed;
     if wrote {
         ctx.out.say(format!(
             "- Updated the Cloud Connector manifest {}",
@@ -282,6 +398,30 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
         ));
     }
     Ok(Some(wrote))
+}
+
+/// Write the connector's TPM config file (0644, atomic) when its content differs, or
+/// remove it outside TPM mode. Returns whether anything changed.
+fn write_connector_config(ctx: &Ctx, content: Option<serde_json::Value>) -> Result<bool> {
+    let path = ctx
+        .layout
+        .host_cert_file(crate::manifest::CONNECTOR_CONFIG_FILE);
+    let current = fsutil::read_optional(&path)?;
+    match content {
+        Some(v) => {
+            let bytes = crate::manifest::to_bytes(&v);
+            if current.as_deref() == Some(bytes.as_slice()) {
+                return Ok(false);
+            }
+            fsutil::atomic_write(&path, &bytes, fsutil::PUBLIC)?;
+            Ok(true)
+        }
+        None if current.is_some() => {
+            fsutil::remove_file(&path)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 /// Bring the manifest in line and restart the connector as needed. `certs_changed`
@@ -318,24 +458,30 @@ pub fn converge(
 }
 
 /// One warning line when today's Leda connector cannot use the identity, naming every
-/// reason (DESIGN §3: PKCS#11 keys, a TPM key that is not RSA, DPS with a hardware
-/// key).
+/// reason ([`connector::incompatibilities`]), and none when it can.
 pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
-    let mut reasons = Vec::new();
-    match state.keystore {
-        KeystoreKind::Pkcs11 => reasons.push(
-            "it cannot use PKCS#11 keys yet (the manifest carries KEY_URI for URI-aware consumers)",
-        ),
-        KeystoreKind::Tpm if !state.algorithm.is_rsa() => {
-            reasons.push("it signs TPM keys with RSA-PSS only (use --algorithm rsa-2048 for it)")
-        }
-        _ => {}
-    }
-    if state.keystore != KeystoreKind::File && matches!(cloud, Cloud::Dps { .. }) {
-        reasons.push(
-            "it needs a key file for DPS (with a hardware key it can only use a Hub connection string)",
-        );
-    }
+    let cert = ctx
+        .layout
+        .host_cert_file(&crate::paths::cert_name(Role::Primary, false));
+    let cert_chain = fsutil::read_optional(&cert)
+        .ok()
+        .flatten()
+        .and_then(|pem| crate::cert::CertInfo::from_pem(&cert, &pem).ok())
+        .is_some_and(|c| c.chain_len > 0);
+    let usage = connector::Usage {
+        keystore: state.keystore,
+        algorithm: state.algorithm,
+        dps: matches!(cloud, Cloud::Dps { .. }),
+        // DPS registration through the hardware key (DESIGN §3b) is not made yet:
+        // set this from the recorded assignment once it is.
+        dps_registered: false,
+        cert_chain,
+        hub_host: match cloud {
+            Cloud::Hub(cs) => Some(cs.host_name.as_str()),
+            Cloud::Dps { .. } => None,
+        },
+    };
+    let reasons = connector::incompatibilities(&usage);
     if !reasons.is_empty() {
         ctx.out.warn(format!(
             "today's Leda cloud connector cannot use this identity: {}",
@@ -359,128 +505,48 @@ pub fn report(ctx: &Ctx) -> Result<Vec<String>> {
     Ok(problems)
 }
 
-/// A key and certificate made by [`build_keys`].
-pub struct Built {
-    pub role: Role,
-    pub uri: keystore::KeyUri,
-    pub cert_file: String,
-}
-
-/// Make keys and self-signed certificates for `roles`, journaled so a crash at any
-/// point is rolled back by the next run, and a failure here is rolled back now (no
-/// orphan keys, token objects or handles). `staged` builds beside a live identity.
-#[allow(clippy::too_many_arguments)]
+/// [`txn::build_keys`] with this run's output and layout.
 pub fn build_keys(
     ctx: &Ctx,
     ks: &mut dyn KeyStore,
-    roles: &[Role],
-    staged: bool,
-    alg: keystore::Algorithm,
-    device_id: &str,
-    days: u32,
-) -> Result<(Journal, Vec<Built>)> {
-    let mut journal = Journal::prepared(ks.kind());
-    let mut built = Vec::new();
-    for &role in roles {
-        let uri = ks.plan(role, staged)?;
-        let cert_file = crate::paths::cert_name(role, staged);
-        journal.new_keys.push(uri.clone());
-        journal.new_files.push(cert_file.clone());
-        built.push(Built {
-            role,
-            uri,
-            cert_file,
-        });
-    }
-    journal.save(&ctx.layout)?;
-    let result = (|| -> Result<()> {
-        for b in &built {
-            ctx.out.say(format!(
-                "- Generating the {} key ({alg}) in the {} keystore",
-                b.role,
-                ks.kind()
-            ));
-            let t = std::time::Instant::now();
-            let spinner = crate::progress::spinner(
-                &ctx.out,
-                &format!("Generating the {} key in the {}", b.role, ks.kind()),
-            );
-            let key = ks.generate(&b.uri, alg)?;
-            drop(spinner);
-            tracing::info!(role = %b.role, uri = %b.uri, elapsed = ?t.elapsed(), "key generated");
-            let pem = crate::cert::self_signed(key.as_ref(), device_id, days)?;
-            drop(key);
-            let path = ctx.layout.host_cert_file(&b.cert_file);
-            fsutil::atomic_write(&path, pem.as_bytes(), fsutil::PUBLIC)?;
-            let info = crate::cert::CertInfo::from_pem(&path, pem.as_bytes())?;
-            ks.attach_certificate(&b.uri, &info.der)?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        tracing::warn!("rolling back after: {e}");
-        if let Err(cleanup) = journal.roll_back(&ctx.layout, ks) {
-            ctx.out.warn(format!(
-                "could not clean up after the failure ({cleanup}); the next run will retry"
-            ));
-        }
-        return Err(e);
-    }
-    Ok((journal, built))
+    plan: &txn::Plan,
+) -> Result<(Journal, Vec<txn::Built>)> {
+    txn::build_keys(&ctx.out, &ctx.layout, ks, plan)
 }
 
-/// Make built keys part of the identity: directly for fresh roles; for staged ones by
-/// committing the journal and moving them into place (old keys removed only then).
-/// `provision` records the store's settings in the next state (it converges the
-/// manifest afterwards); `rotate` keeps the recorded ones (`record_backend` false),
-/// so the state never names settings the manifest was not converged to.
+/// [`txn::commit`]; the old identity's keystore is opened here when it is another
+/// one. `provision` records the store's settings in the next state (it converges
+/// the manifest afterwards); `rotate` keeps the recorded ones (`record_backend`
+/// false), so the state never names settings the manifest was not converged to.
 pub fn commit(
     ctx: &Ctx,
     ks: &mut dyn KeyStore,
-    mut journal: Journal,
-    built: Vec<Built>,
+    journal: Journal,
+    built: Vec<txn::Built>,
     mut next: State,
-    old: Option<(&State, Vec<keystore::KeyUri>)>,
+    old: Option<&State>,
     record_backend: bool,
 ) -> Result<State> {
     if record_backend {
         next.backend = ks.record();
     }
-    // Fresh roles go straight into the next state; staged ones are moved into
-    // place by the roll-forward. Either way the committed journal, not the state
-    // file, is the commit point: a kill between writing the state and clearing a
-    // "prepared" journal would otherwise roll back keys the state already names.
-    let (fresh, staged): (Vec<Built>, Vec<Built>) = built
-        .into_iter()
-        .partition(|b| b.cert_file == crate::paths::cert_name(b.role, false));
-    for b in fresh {
-        next.keys.insert(b.role, b.uri);
-    }
-    let (old_kind, old_keys) = match &old {
-        Some((s, keys)) => (s.keystore, keys.clone()),
-        None => (ks.kind(), Vec::new()),
-    };
-    let mut old_ks = match old {
-        Some((s, _)) if old_kind != ks.kind() && !old_keys.is_empty() => {
-            Some(ctx.open_keystore(old_kind, Some(s))?)
+    let old = match old {
+        Some(s) => {
+            let keys = s.owned_keys();
+            let keystore = if s.keystore != ks.kind() && !keys.is_empty() {
+                Some(ctx.open_keystore(s.keystore, Some(s))?)
+            } else {
+                None
+            };
+            Some(txn::Old {
+                state: s,
+                keys,
+                keystore,
+            })
         }
-        _ => None,
+        None => None,
     };
-    journal.phase = Phase::Committed;
-    journal.old_keys = old_keys;
-    journal.old_keystore = Some(old_kind);
-    journal.moves = staged
-        .into_iter()
-        .map(|b| (b.uri, b.role, b.cert_file))
-        .collect();
-    journal.next_state = Some(next);
-    journal.save(&ctx.layout)?;
-    let state = journal.roll_forward(
-        &ctx.layout,
-        ks,
-        old_ks.as_deref_mut().map(|k| k as &mut dyn KeyStore),
-    )?;
-    Ok(state.expect("a journal with a next state yields it"))
+    txn::commit(&ctx.layout, ks, journal, built, next, old)
 }
 
 /// The identity's state; for a device the original script provisioned (not adopted

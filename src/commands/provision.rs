@@ -13,6 +13,7 @@ use crate::identity::{Identity, State};
 use crate::keystore::{self, file::FileKeyStore, Algorithm, KeyStore, KeyUri, KeystoreKind, Role};
 use crate::manifest::Manifest;
 use crate::paths::{Layout, DEVICE_ID_FILE};
+use crate::txn::Plan;
 
 use super::{
     build_keys, commit, compatibility_warnings, converge, recover, report, update_manifest, Ctx,
@@ -45,7 +46,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
 
     device_id::check_file_kind(layout)?;
 
-    let _lock = ctx.lock()?;
+    let lock = ctx.lock()?;
     {
         let _s = crate::progress::step("recover interrupted runs");
         recover(ctx)?;
@@ -55,7 +56,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let id = Identity::load(layout)?;
     // Parse (and so validate) the manifest before making anything.
     Manifest::load(layout)?;
-    if layout.host_cert_dir().is_dir() {
+    if !lock.made_dir() {
         out.say("- Certificates directory exists");
     } else {
         out.say("- Creating the certificates directory");
@@ -120,15 +121,14 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 s.clone()
             } else {
                 certs_changed = true;
-                let (journal, built) = build_keys(
-                    ctx,
-                    ks.as_mut(),
-                    &missing,
-                    false,
-                    s.algorithm,
-                    &device_id,
-                    args.days,
-                )?;
+                let plan = Plan {
+                    roles: &missing,
+                    staged: false,
+                    alg: s.algorithm,
+                    device_id: &device_id,
+                    days: args.days,
+                };
+                let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
                 commit(ctx, ks.as_mut(), journal, built, s.clone(), None, true)?
             }
         }
@@ -145,15 +145,14 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
             } else {
                 certs_changed = true;
                 let mut ks: Box<dyn KeyStore> = Box::new(FileKeyStore::new(layout.clone()));
-                let (journal, built) = build_keys(
-                    ctx,
-                    ks.as_mut(),
-                    &missing,
-                    false,
-                    adopted.algorithm,
-                    &device_id,
-                    args.days,
-                )?;
+                let plan = Plan {
+                    roles: &missing,
+                    staged: false,
+                    alg: adopted.algorithm,
+                    device_id: &device_id,
+                    days: args.days,
+                };
+                let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
                 commit(ctx, ks.as_mut(), journal, built, adopted, None, true)?
             }
         }
@@ -188,15 +187,14 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
             }
             let mut ks =
                 ctx.open_keystore_to_provision(kind, old.as_ref().filter(|s| s.keystore == kind))?;
-            let (journal, built) = build_keys(
-                ctx,
-                ks.as_mut(),
-                &Role::ALL,
-                rebuild,
+            let plan = Plan {
+                roles: &Role::ALL,
+                staged: rebuild,
                 alg,
-                &device_id,
-                args.days,
-            )?;
+                device_id: &device_id,
+                days: args.days,
+            };
+            let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
             let next = State::new(&device_id, kind, alg);
             if !rebuild {
                 // A new identity: the manifest is written before the commit, so a
@@ -206,7 +204,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 let mut provisional = next.clone();
                 provisional.backend = ks.record();
                 for b in &built {
-                    provisional.keys.insert(b.role, b.uri.clone());
+                    provisional.keys.insert(b.role(), b.uri().clone());
                 }
                 match update_manifest(ctx, &provisional, &cloud) {
                     Ok(wrote) => manifest_changed = wrote.unwrap_or(false),
@@ -223,16 +221,13 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 None if id.legacy => Some(crate::identity::legacy_state(&device_id)),
                 None => None,
             };
-            let old_keys = old_state
-                .as_ref()
-                .map(|s| s.keys.values().cloned().collect());
             commit(
                 ctx,
                 ks.as_mut(),
                 journal,
                 built,
                 next,
-                old_state.as_ref().zip(old_keys),
+                old_state.as_ref(),
                 true,
             )?
         }

@@ -9,11 +9,11 @@
 //! it again.
 
 use crate::error::{Error, Result};
-use crate::identity::{Identity, Journal, Phase};
+use crate::identity::Identity;
 use crate::keystore::file::FileKeyStore;
 use crate::keystore::KeyStore;
 use crate::manifest::Manifest;
-use crate::paths::{self, CONNECTION_STRING_FILE, ID_SCOPE_FILE};
+use crate::txn::Journal;
 
 use super::{existing_state, recover, Ctx};
 
@@ -71,18 +71,9 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
     };
     // Journal the removal before the first key goes: a reset killed half-way is
     // finished by the next run instead of leaving a state that names missing keys.
-    let mut journal = Journal::prepared(
-        state
-            .as_ref()
-            .map_or(crate::keystore::KeystoreKind::File, |s| s.keystore),
-    );
-    journal.phase = Phase::Committed;
-    journal.remove_files = identity_files();
-    if let Some(state) = &state {
-        journal.old_keys = state.keys.values().cloned().collect();
-        for (role, uri) in &state.keys {
-            ctx.out.say(format!("- Removing the {role} key {uri}"));
-        }
+    let journal = Journal::reset(state.as_ref());
+    for (role, uri) in state.iter().flat_map(|s| &s.keys) {
+        ctx.out.say(format!("- Removing the {role} key {uri}"));
     }
     journal.save(&ctx.layout)?;
     journal.roll_forward(&ctx.layout, ks.as_mut(), None)?;
@@ -95,32 +86,13 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
     }
     Ok(0)
 }
-
 /// No identity file and no state: what a finished reset leaves.
 fn nothing_to_remove(ctx: &Ctx) -> bool {
-    let names = identity_files().into_iter().chain([
-        paths::STATE_FILE.to_string(),
-        crate::identity::JOURNAL_FILE.to_string(),
+    let names = crate::txn::identity_files().into_iter().chain([
+        crate::paths::STATE_FILE.to_string(),
+        crate::txn::JOURNAL_FILE.to_string(),
     ]);
     !names
         .map(|n| ctx.layout.host_cert_file(&n))
         .any(|p| crate::fsutil::exists_nofollow(&p))
-}
-
-/// The certificate-directory files an identity consists of, besides its keys.
-fn identity_files() -> Vec<String> {
-    let mut files = vec![
-        ID_SCOPE_FILE.to_string(),
-        CONNECTION_STRING_FILE.to_string(),
-    ];
-    for role in crate::keystore::Role::ALL {
-        for staged in [false, true] {
-            files.push(paths::cert_name(role, staged));
-        }
-    }
-    // The PIN file the tool writes for the connector (the name is the tool's), also
-    // when a later run switched the connector to a PIN file the user keeps in the
-    // certificates directory; that one is the user's and stays.
-    files.push(paths::PKCS11_PIN_FILE.to_string());
-    files
 }

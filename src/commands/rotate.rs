@@ -7,9 +7,9 @@
 //! finishes the move (and `provision` then makes the missing secondary).
 
 use crate::error::{Error, Result};
-use crate::identity::{Identity, Journal, Phase, State};
+use crate::identity::{Identity, State};
 use crate::keystore::Role;
-use crate::paths;
+use crate::txn::{Journal, Plan};
 
 use super::{build_keys, commit, converge, recover, report, Ctx};
 
@@ -35,60 +35,27 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
     let mut state = state;
     if promote {
-        let secondary = state.keys.get(&Role::Secondary).cloned().ok_or_else(|| {
-            Error::input(
-                "there is no secondary key to promote",
-                "run `sdv-provision rotate` first",
-            )
-        })?;
+        let journal = Journal::promote(&state)?;
         ctx.out.say("- Promoting the secondary identity to primary");
-        let mut next = state.clone();
-        next.keys.remove(&Role::Secondary);
-        let journal = Journal {
-            phase: Phase::Committed,
-            keystore: state.keystore,
-            new_keys: Vec::new(),
-            new_files: Vec::new(),
-            old_keys: state
-                .keys
-                .get(&Role::Primary)
-                .cloned()
-                .into_iter()
-                .collect(),
-            old_keystore: None,
-            old_removed: false,
-            moves: vec![(
-                secondary,
-                Role::Primary,
-                paths::cert_name(Role::Secondary, false),
-            )],
-            next_state: Some(next),
-            remove_files: Vec::new(),
-        };
         journal.save(&ctx.layout)?;
         state = journal
             .roll_forward(&ctx.layout, ks.as_mut(), None)?
             .expect("a journal with a next state yields it");
     }
     // A fresh secondary: built beside the live one (if any), moved in when complete.
-    let old_secondary: Vec<_> = state
-        .keys
-        .get(&Role::Secondary)
-        .cloned()
-        .into_iter()
-        .collect();
-    let staged = !old_secondary.is_empty();
-    let (journal, built) = build_keys(
-        ctx,
-        ks.as_mut(),
-        &[Role::Secondary],
+    let staged = state.keys.contains_key(&Role::Secondary);
+    let plan = Plan {
+        roles: &[Role::Secondary],
         staged,
-        state.algorithm,
-        &state.device_id,
+        alg: state.algorithm,
+        device_id: &state.device_id,
         days,
-    )?;
-    let base: State = state.clone();
-    let old = staged.then_some((&base, old_secondary));
+    };
+    let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
+    // Only the secondary is replaced: the old state with just that key.
+    let mut base: State = state.clone();
+    base.forget(Role::Primary);
+    let old = staged.then_some(&base);
     state = commit(ctx, ks.as_mut(), journal, built, state.clone(), old, false)?;
     drop(ks);
     if promote {

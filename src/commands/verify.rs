@@ -135,9 +135,15 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             ),
             Err(e) => add(format!("{role}.key"), false, format!("{uri}: {e}")),
         }
-        // Copies consumers load instead of the key (TPM blobs, for today's connector),
-        // checked against a key that passed: one failure names one cause.
+        // How the key was made (noDA) and the copies consumers load instead of it
+        // (TPM blobs, for today's connector), checked against a key that passed: one
+        // failure names one cause.
         if key_ok {
+            if let Some(outcome) = ks.check_key(uri) {
+                let ok = outcome.is_ok();
+                let detail = outcome.unwrap_or_else(|e| e.to_string());
+                add(format!("{role}.key.attributes"), ok, detail);
+            }
             if let Some(outcome) = ks.check_copies(uri) {
                 let ok = outcome.is_ok();
                 let detail = outcome.unwrap_or_else(|e| e.to_string());
@@ -171,8 +177,11 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             ),
             Some(want) => {
                 let fresh = m.render(&want)?;
-                let ok = m.current.as_ref() == Some(&fresh);
-                let detail = if ok {
+                let config = config_problem(ctx, crate::manifest::connector_config(&fresh, &want));
+                let ok = m.current.as_ref() == Some(&fresh) && config.is_none();
+                let detail = if let Some(problem) = config {
+                    format!("{problem}; run sdv-provision to repair it")
+                } else if ok {
                     format!("{} agrees with the identity", m.path.display())
                 } else {
                     let differing: Vec<&str> = crate::manifest::OWNED_ENV
@@ -196,4 +205,29 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
         },
     }
     Ok(checks)
+}
+
+/// What is wrong with the connector's TPM config file, compared with what the
+/// manifest's identity needs (`None`: nothing, or not TPM mode and no file).
+fn config_problem(ctx: &Ctx, want: Option<serde_json::Value>) -> Option<String> {
+    let path = ctx
+        .layout
+        .host_cert_file(crate::manifest::CONNECTOR_CONFIG_FILE);
+    let have = match crate::fsutil::read_optional(&path) {
+        Ok(have) => have,
+        Err(e) => return Some(e.to_string()),
+    };
+    let parsed = have
+        .as_deref()
+        .map(serde_json::from_slice::<serde_json::Value>);
+    match (want, parsed) {
+        (None, None) => None,
+        (None, Some(_)) => Some(format!("{} is left over from TPM mode", path.display())),
+        (Some(_), None) => Some(format!("{} is missing", path.display())),
+        (Some(want), Some(Ok(have))) if have == want => None,
+        (Some(_), Some(_)) => Some(format!(
+            "{} does not hold the identity's TPM settings (tpmDevice, tpmHandle, tpmKey, tpmKeyPub)",
+            path.display()
+        )),
+    }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use rcgen::{KeyPair, PublicKeyData, RsaKeySize, SigningKey};
 use zeroize::Zeroizing;
 
-use super::{Algorithm, DeviceKey, KeyStore, KeyStoreError, KeyUri, KeystoreKind, Role};
+use super::{Algorithm, DeviceKey, KeyStore, KeyStoreError, KeyUri, KeystoreKind, OwnedKey, Role};
 use crate::fsutil;
 use crate::paths::{self, Layout};
 
@@ -24,7 +24,10 @@ impl FileKeyStore {
 
     fn host_path(&self, uri: &KeyUri) -> Result<PathBuf, KeyStoreError> {
         match uri {
-            KeyUri::File(p) => Ok(self.layout.host(p)),
+            KeyUri::File(p) => self
+                .layout
+                .try_host(p)
+                .map_err(|e| KeyStoreError::backend("find the key file", e.to_string())),
             other => Err(KeyStoreError::ForeignUri(other.to_string())),
         }
     }
@@ -44,10 +47,11 @@ impl KeyStore for FileKeyStore {
         Ok(KeyUri::File(key_path(role, staged)))
     }
 
-    fn generate(
+    fn generate_recorded(
         &mut self,
         uri: &KeyUri,
         alg: Algorithm,
+        record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
     ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
         let path = self.host_path(uri)?;
         let pair = match alg {
@@ -60,6 +64,10 @@ impl KeyStore for FileKeyStore {
         fsutil::atomic_write(&path, pem.as_bytes(), fsutil::SECRET).map_err(|e| {
             KeyStoreError::backend(format!("write {}", path.display()), e.to_string())
         })?;
+        if let Err(e) = record(&OwnedKey::new(uri.clone())) {
+            let _ = fsutil::remove_file(&path);
+            return Err(e);
+        }
         Ok(Box::new(FileKey {
             pair,
             uri: uri.clone(),

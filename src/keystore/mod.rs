@@ -242,12 +242,19 @@ pub trait DeviceKey: rcgen::SigningKey {
     /// The URI consumers load this key by.
     fn uri(&self) -> KeyUri;
     fn alg(&self) -> Algorithm;
+    /// Why the last `sign` failed, where the backend knows more than rcgen's
+    /// `RemoteKeyError` can carry (a TPM in lockout, say). Taken once.
+    fn take_sign_error(&self) -> Option<KeyStoreError> {
+        None
+    }
 }
 
 /// A backend that makes, finds and destroys device keys.
 ///
-/// Locations are planned before keys are made ([`KeyStore::plan`]) so a run can record
-/// its intent first; a run killed after that can then be cleaned up by the next one.
+/// Locations are planned before keys are made ([`KeyStore::plan`]), but a plan proves
+/// nothing: a key becomes the tool's only through the proof
+/// [`KeyStore::generate_recorded`] hands over once it exists, and is removed only
+/// while that proof still holds ([`KeyStore::remove_owned`]; DESIGN §6).
 pub trait KeyStore {
     fn kind(&self) -> KeystoreKind;
 
@@ -256,18 +263,45 @@ pub trait KeyStore {
     /// taken by something this tool did not make.
     fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError>;
 
-    /// Make a key at a planned location.
+    /// Make a key at a planned location. `record` is called with the key's ownership
+    /// proof as soon as the key exists (TPM: before it is persisted, see the TPM
+    /// store), and the key is taken back if it fails: the caller journals the proof
+    /// there, so nothing is ever "ours" on a plan alone (DESIGN §6).
+    fn generate_recorded(
+        &mut self,
+        uri: &KeyUri,
+        alg: Algorithm,
+        record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
+    ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError>;
+
+    /// [`KeyStore::generate_recorded`] without recording.
     fn generate(
         &mut self,
         uri: &KeyUri,
         alg: Algorithm,
-    ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError>;
+    ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
+        self.generate_recorded(uri, alg, &mut |_| Ok(()))
+    }
 
     /// Open an existing key.
     fn open(&mut self, uri: &KeyUri) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError>;
 
     /// Destroy a key this tool made. A key that is already gone is not an error.
     fn remove(&mut self, uri: &KeyUri) -> Result<(), KeyStoreError>;
+
+    /// Destroy `key` only while what its location holds is what its proof names.
+    /// `Ok(false)`: something else is there now; it was left in place. The PKCS#11 and
+    /// file proofs are in the URI itself (CKA_ID + label; a closed set of file names).
+    fn remove_owned(&mut self, key: &OwnedKey) -> Result<bool, KeyStoreError> {
+        self.remove(&key.uri).map(|()| true)
+    }
+
+    /// The proof for a key an older run recorded without one, if the key there can
+    /// be shown to be the identity's (TPM: its public area equals the key's public
+    /// blob); `None` when it cannot. Changes nothing.
+    fn prove(&mut self, uri: &KeyUri) -> Result<Option<OwnedKey>, KeyStoreError> {
+        Ok(Some(OwnedKey::new(uri.clone())))
+    }
 
     /// Move a staged key to the live location of `role`, returning its new URI.
     /// Idempotent, so an interrupted move can be finished by the next run.
@@ -298,6 +332,82 @@ pub trait KeyStore {
     /// checked, or why the copies are not that key. Changes nothing.
     fn check_copies(&mut self, _uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
         None
+    }
+
+    /// Check how the key at `uri` was made, for `verify`: `None` when the backend has
+    /// nothing to check, else what was checked or what is wrong and how to fix it (a
+    /// TPM key from an older run without noDA). Changes nothing.
+    fn check_key(&mut self, _uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
+        None
+    }
+}
+
+/// A key with the proof that it is this tool's (DESIGN §6), as the journal and the
+/// state record it: a PKCS#11 key's proof is the random CKA_ID in its URI, a key
+/// file's its name (one of a closed set), a TPM key's its Name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnedKey {
+    pub uri: KeyUri,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_name: Option<TpmName>,
+}
+
+impl OwnedKey {
+    pub fn new(uri: KeyUri) -> OwnedKey {
+        OwnedKey {
+            uri,
+            tpm_name: None,
+        }
+    }
+}
+
+/// A TPM object's Name: its name algorithm (2 bytes) and the digest of its public
+/// area under that algorithm, written as hex. Only an object with the very same
+/// public area has it, and a persistent object with our key's public area can only
+/// be our key (fixedTPM | fixedParent: it cannot be imported or duplicated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmName(Vec<u8>);
+
+impl TpmName {
+    /// A Name as the TPM returns it: SHA-1, SHA-256, SHA-384 or SHA-512 name algorithm
+    /// followed by a digest of that algorithm's size.
+    pub fn new(bytes: Vec<u8>) -> Result<TpmName, String> {
+        let digest_len = match bytes.get(..2) {
+            Some([0x00, 0x04]) => 20,
+            Some([0x00, 0x0b]) => 32,
+            Some([0x00, 0x0c]) => 48,
+            Some([0x00, 0x0d]) => 64,
+            _ => return Err("a TPM Name starts with a SHA name algorithm".into()),
+        };
+        if bytes.len() != 2 + digest_len {
+            return Err("a TPM Name's digest has the wrong length".into());
+        }
+        Ok(TpmName(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Display for TpmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(&self.0))
+    }
+}
+
+impl Serialize for TpmName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TpmName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = hex::decode(&s).map_err(|_| serde::de::Error::custom("TPM Name: not hex"))?;
+        TpmName::new(bytes).map_err(serde::de::Error::custom)
     }
 }
 

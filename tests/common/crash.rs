@@ -108,6 +108,16 @@ pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()
     hammer_with(dev, kills, allowed, &|_| {}, &|_| extra_check())
 }
 
+/// Files that are not the tool's, planted before the first run: one in the
+/// certificates directory (a name outside the tool's closed set), one beside it.
+const FOREIGN_FILES: [(&str, &[u8]); 2] = [
+    (
+        "data/var/certificates/operator-notes.txt",
+        b"not sdv-provision's\n",
+    ),
+    ("data/var/device.key", b"someone else's key file\n"),
+];
+
 /// [`hammer`] with a hook before recovery (repairing what a stand-in backend itself
 /// breaks when killed, e.g. SoftHSM's token file) and one after it; both get a
 /// description of the round for their messages.
@@ -118,6 +128,37 @@ pub fn hammer_with(
     before_recovery: &dyn Fn(&str),
     extra_check: &dyn Fn(&str),
 ) -> Tally {
+    hammer_guarding(
+        dev,
+        kills,
+        allowed,
+        before_recovery,
+        extra_check,
+        &String::new,
+    )
+}
+
+/// [`hammer_with`], also proving that nothing which existed before the first run and
+/// was not the tool's is touched: `foreign` describes the backend's foreign objects
+/// byte for byte (TPM Names, PKCS#11 attributes) and must describe them the same after
+/// every recovery; the planted [`FOREIGN_FILES`] must keep their content.
+pub fn hammer_guarding(
+    dev: &Device,
+    kills: u32,
+    allowed: &[&str],
+    before_recovery: &dyn Fn(&str),
+    extra_check: &dyn Fn(&str),
+    foreign: &dyn Fn() -> String,
+) -> Tally {
+    for (rel, bytes) in FOREIGN_FILES {
+        let p = dev.root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, bytes).unwrap();
+    }
+    let foreign_before = foreign();
+    let mut allowed = allowed.to_vec();
+    allowed.push("operator-notes.txt");
+    let allowed = &allowed[..];
     let seed = std::env::var("SDV_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -196,6 +237,14 @@ pub fn hammer_with(
             "round {round} ({op:?} killed after {delay:?}): leftovers {leftovers:?}"
         );
         extra_check(&what);
+        for (rel, bytes) in FOREIGN_FILES {
+            assert_eq!(
+                fs::read(dev.root.join(rel)).ok().as_deref(),
+                Some(bytes),
+                "{what}: {rel} is not the tool's and must stay as it was"
+            );
+        }
+        assert_eq!(foreign(), foreign_before, "{what}: foreign objects changed");
         tally.recovered += 1;
     }
     eprintln!("crash harness: {tally:?}");

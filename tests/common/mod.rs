@@ -182,6 +182,26 @@ pub fn mtls_handshake(
     tls13: bool,
     client_env: &[(&str, &str)],
 ) {
+    mtls_handshake_trusting(
+        dir,
+        device_cert,
+        device_cert,
+        client_key_args,
+        tls13,
+        client_env,
+    )
+}
+
+/// [`mtls_handshake`] with a server that trusts `ca_file` (e.g. both of a device's
+/// certificates in one file) rather than the client's own certificate alone.
+pub fn mtls_handshake_trusting(
+    dir: &Path,
+    ca_file: &Path,
+    device_cert: &Path,
+    client_key_args: &[&str],
+    tls13: bool,
+    client_env: &[(&str, &str)],
+) {
     let (srv_crt, srv_key) = server_identity(dir);
     let port = free_port();
     let version = if tls13 { "-tls1_3" } else { "-tls1_2" };
@@ -201,7 +221,7 @@ pub fn mtls_handshake(
             version,
         ])
         .arg("-CAfile")
-        .arg(device_cert)
+        .arg(ca_file)
         // s_server shuts down on EOF of its stdin: keep it open until the end.
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -10,11 +10,14 @@
 //! - The PIN comes from `--pkcs11-pin-file`, `SDV_PROVISION_PKCS11_PIN`, the PIN file
 //!   an earlier run recorded, or a hidden prompt; never argv. A wrong PIN is reported
 //!   once and never retried: real tokens lock after a few attempts.
-//! - Objects are created and destroyed, never rewritten in place (promotion copies,
-//!   then destroys): SoftHSM rewrites an object file by truncating it first, so a
-//!   process killed mid-update would lose the object (`tests/pkcs11_crash.rs`).
-//! - New objects are made as session objects and copied to the token whole
-//!   ([`Placement::CopyFromSession`]) where the token can copy: one write per object.
+//! - Objects are made directly on the token (`CKA_TOKEN=true`), the path every token
+//!   supports, and found and removed by CKA_ID plus label, never by label alone: an
+//!   object someone else made under one of our labels is not ours. A label is not a
+//!   lock either: a foreign object under it neither blocks a run nor is touched.
+//! - Promotion copies the staged objects under the live label (`C_CopyObject`), then
+//!   destroys the staged ones: each step leaves a complete set under one label or the
+//!   other, so a killed move is finished by the next run. A token without
+//!   `C_CopyObject` gets the label changed in place.
 //!
 //! Here: the store, its objects and their errors. `token` loads the module and finds
 //! the token, `pin` gets the PINs and logs in, `key` signs and reads public keys.
@@ -30,7 +33,7 @@ use cryptoki::session::Session;
 
 use super::{
     Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
-    KeystoreKind, Pkcs11Uri, Role,
+    KeystoreKind, OwnedKey, Pkcs11Uri, Role,
 };
 use crate::paths::Layout;
 
@@ -58,6 +61,13 @@ const IDENTITY_CLASSES: [ObjectClass; 3] = [
     ObjectClass::CERTIFICATE,
 ];
 
+/// What a containerised consumer of `module` must mount besides the module itself
+/// (SoftHSM's configuration and token store), read from the module's configuration;
+/// loading the module also proves the path is one.
+pub fn consumer_mounts_of(module: &std::path::Path) -> Result<Vec<PathBuf>, KeyStoreError> {
+    Ok(consumer_mounts(&load_module(module)?))
+}
+
 /// The live (or staged) object label of a role.
 pub fn label(role: Role, staged: bool) -> &'static str {
     match (role, staged) {
@@ -66,34 +76,6 @@ pub fn label(role: Role, staged: bool) -> &'static str {
         (Role::Primary, true) => "device-primary.next",
         (Role::Secondary, true) => "device-secondary.next",
     }
-}
-
-/// How new objects reach the token's storage.
-///
-/// `C_GenerateKeyPair` and `C_CreateObject` with `CKA_TOKEN=true` make a token object
-/// and then give it its attributes; a token may store each one as it goes. SoftHSM's
-/// file store rewrites the object's file once per attribute, truncating it first:
-/// about 30 writes per object, and a process killed in between leaves an object
-/// without label or CKA_ID that nobody can attribute (`tests/pkcs11_crash.rs`).
-/// Making the object in the session (memory) and copying it to the token with
-/// `C_CopyObject(CKA_TOKEN=true)` stores it in two transactions (SoftHSM commits the
-/// copied attributes, then applies the template): 19 instead of 175 file rewrites for
-/// a provisioning, and about a third of the time with the store on ext4
-/// (`bench/results.md`). PKCS#11 lets `CKA_TOKEN` change in a copy precisely to copy a
-/// session object to the token.
-///
-/// The copy keeps the key's history: `CKA_LOCAL`, `CKA_ALWAYS_SENSITIVE` and
-/// `CKA_NEVER_EXTRACTABLE` stay true (PKCS#11 defines a copy of a locally generated
-/// key as local), and the key never leaves the token; the copy's protection is read
-/// back, and a token that loses any of it gets the key made again directly. Many
-/// hardware tokens (OpenSC cards, tpm2-pkcs11, YubiKey PIV) have no session objects or
-/// no `C_CopyObject`; they get [`Placement::Direct`], as every token did before.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Placement {
-    /// Made as a session object, then copied to the token with `C_CopyObject`.
-    CopyFromSession,
-    /// Made on the token (`CKA_TOKEN=true`) directly.
-    Direct,
 }
 
 /// Keys in a PKCS#11 token.
@@ -113,12 +95,6 @@ pub struct Pkcs11KeyStore {
     /// Extra host paths a containerised consumer needs (SoftHSM's token store and
     /// config); the module itself is added by the manifest code.
     mounts: Vec<PathBuf>,
-    /// How new objects are made; probed at the first write (status and verify never
-    /// write, so they never probe), and switched to `Direct` if a copy fails.
-    placement: Option<Placement>,
-    /// Set by [`Pkcs11KeyStore::set_placement`]: also decides how `promote` moves
-    /// objects (otherwise it always tries a copy first).
-    forced: Option<Placement>,
 }
 
 impl Pkcs11KeyStore {
@@ -197,58 +173,7 @@ impl Pkcs11KeyStore {
             pin_file,
             pin_file_current,
             mounts,
-            placement: None,
-            forced: None,
         })
-    }
-
-    /// Choose how new objects are made (and staged ones moved) instead of probing
-    /// the token. The tests use it to take, on SoftHSM, the path of tokens that
-    /// cannot copy objects.
-    pub fn set_placement(&mut self, placement: Placement) {
-        self.forced = Some(placement);
-    }
-
-    /// How new objects are made on this token: probed once, with a session data
-    /// object that is created, copied and destroyed (nothing reaches the token).
-    pub fn placement(&mut self) -> Placement {
-        if let Some(p) = self.forced.or(self.placement) {
-            return p;
-        }
-        let p = probe_placement(self.session());
-        tracing::debug!(placement = ?p, "PKCS#11 object placement");
-        self.placement = Some(p);
-        p
-    }
-
-    /// Make objects with `make(on_token)` so that they end up on the token, each
-    /// stored whole where the token allows it (see [`Placement`]). `make(false)` must
-    /// create session objects, `make(true)` the same objects on the token; `check`
-    /// vets the token copies (e.g. a key's protection) before they are kept.
-    ///
-    /// Until the copies are made and vetted nothing of ours is on the token, so any
-    /// failure on the way (no session keys, copy refused or failed, a copy that lost
-    /// protection) destroys what was made, switches the store to
-    /// [`Placement::Direct`] and makes the objects on the token directly; the error
-    /// reported is that path's. Session objects are always destroyed here, and a killed
-    /// process loses them with its session.
-    fn make_on_token(
-        &mut self,
-        step: &str,
-        make: impl Fn(&Session, bool) -> Result<Vec<ObjectHandle>, CkError>,
-        check: impl Fn(&Session, &[ObjectHandle]) -> Result<(), String>,
-    ) -> Result<Vec<ObjectHandle>, KeyStoreError> {
-        let token = self.token.clone();
-        if self.placement() == Placement::CopyFromSession {
-            match copy_from_session(self.session(), &make, &check)? {
-                Ok(copies) => return Ok(copies),
-                Err(why) => {
-                    tracing::debug!("token {token}: {why}; making objects on the token");
-                    self.placement = Some(Placement::Direct);
-                }
-            }
-        }
-        make(self.session(), true).map_err(|e| write_error(step, &token, e))
     }
 
     /// The token label this store works on.
@@ -285,9 +210,10 @@ impl KeyStore for Pkcs11KeyStore {
     }
 
     fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
+        // A label is not a lock: objects someone else made under it stay and do not
+        // block (ours are told apart by the random CKA_ID).
         let label = label(role, staged);
         let token = self.token.clone();
-        ensure_free(self.session(), &token, label)?;
         let id = random_id()?;
         Ok(KeyUri::Pkcs11(Pkcs11Uri {
             token,
@@ -296,13 +222,16 @@ impl KeyStore for Pkcs11KeyStore {
         }))
     }
 
-    fn generate(
+    /// Made on the token directly; `record` runs right after the pair exists (the
+    /// CKA_ID is the proof), and a failure to record destroys the pair again.
+    fn generate_recorded(
         &mut self,
         uri: &KeyUri,
         alg: Algorithm,
+        record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
     ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
         let u = self.uri(uri)?.clone();
-        ensure_free(self.session(), &u.token, &u.object)?;
+        ensure_unused_id(self.session(), &u)?;
         let common = |private: bool| {
             vec![
                 Attribute::Private(private),
@@ -337,25 +266,18 @@ impl KeyStore for Pkcs11KeyStore {
             Mechanism::EccKeyPairGen
         };
         let step = format!("generate the {alg} key pair {}", u.object);
-        let made = self.make_on_token(
-            &step,
-            |session, on_token| {
-                let with = |t: &[Attribute]| {
-                    let mut t = t.to_vec();
-                    t.push(Attribute::Token(on_token));
-                    t
-                };
-                let (pub_h, priv_h) =
-                    session.generate_key_pair(&mechanism, &with(&public), &with(&private))?;
-                Ok(vec![priv_h, pub_h])
-            },
-            |session, copies| protected(session, copies[0]),
-        )?;
-        let [priv_h, pub_h] = made[..] else {
-            unreachable!("a key pair is two objects")
-        };
+        public.push(Attribute::Token(true));
+        private.push(Attribute::Token(true));
+        let token = u.token.clone();
         let session = self.session();
+        let (pub_h, priv_h) = session
+            .generate_key_pair(&mechanism, &public, &private)
+            .map_err(|e| write_error(&step, &token, e))?;
         // The pair exists now: any failure from here on destroys it (no orphans).
+        if let Err(e) = record(&OwnedKey::new(uri.clone())) {
+            destroy_all(session, &[priv_h, pub_h]);
+            return Err(e);
+        }
         match public_der(session, pub_h, alg) {
             Ok(der) => Ok(Box::new(Pkcs11Key {
                 session: &self.session,
@@ -435,21 +357,13 @@ impl KeyStore for Pkcs11KeyStore {
         Ok(())
     }
 
-    /// Move the staged objects to the live label, keeping their CKA_ID. Like the file
-    /// keystore's rename, the move *replaces* what is at the destination: objects with
-    /// the live label and another CKA_ID (the previous key of that role) are destroyed
-    /// last, once the new ones carry the live label.
-    ///
-    /// Each object is **copied** under the live label (`C_CopyObject`) and the staged
-    /// one destroyed, rather than relabelled in place (`C_SetAttributeValue`): a token
-    /// that rewrites an object file non-atomically (SoftHSM truncates, then writes)
-    /// loses the object if the process dies mid-update, while a copy is a new object and
-    /// a destroy is an unlink. Every step is idempotent: for each class, the staged
-    /// object, its live copy, or both exist at every instant, and a re-run finishes
-    /// the move. Without a copy (a token set to [`Placement::Direct`], a token that
-    /// does not copy, or a key copy that lost its protection) the staged objects are
-    /// relabelled in place; a storage failure stops the move (with a hint), for the
-    /// next run.
+    /// Move the staged objects to the live label, keeping their CKA_ID: each object is
+    /// copied under the live label (`C_CopyObject`), then the staged one destroyed, so
+    /// for each class the staged object, its live copy, or both exist at every instant
+    /// and a re-run finishes the move. A token without `C_CopyObject`
+    /// (`CKR_FUNCTION_NOT_SUPPORTED`) gets the label changed in place. Objects under
+    /// the live label with another CKA_ID are never touched: the key this one replaces
+    /// is removed by its own recorded CKA_ID before the move.
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
         let u = self.uri(from)?.clone();
         let live = label(role, false);
@@ -458,9 +372,6 @@ impl KeyStore for Pkcs11KeyStore {
             object: live.to_owned(),
             id: u.id.clone(),
         });
-        // Copy unless the token is known not to (forced, or found this run): a token
-        // that fails every copy would otherwise report a storage failure here.
-        let copies = self.forced.or(self.placement) != Some(Placement::Direct);
         let session = self.session();
         let step = format!("move {} to {live}", u.object);
         let live_label = Attribute::Label(live.as_bytes().to_vec());
@@ -470,31 +381,20 @@ impl KeyStore for Pkcs11KeyStore {
                 let Some(&first) = staged.first() else {
                     continue;
                 };
-                let mut copied = find(session, &identity_template(live, &u.id, class))?;
-                if class == ObjectClass::PRIVATE_KEY {
-                    // A copy an interrupted run made but never vetted is vetted now.
-                    for &h in &copied {
-                        if let Err(why) = protected(session, h) {
-                            session.destroy_object(h).map_err(|e| {
-                                ck(format!("remove a copy that lost protection ({why})"), e)
-                            })?;
+                // A copy an interrupted move already made is kept.
+                if find(session, &identity_template(live, &u.id, class))?.is_empty() {
+                    match session.copy_object(first, slice::from_ref(&live_label)) {
+                        Ok(_) => {}
+                        Err(CkError::Pkcs11(RvError::FunctionNotSupported, _)) => {
+                            for h in &staged {
+                                session
+                                    .update_attributes(*h, slice::from_ref(&live_label))
+                                    .map_err(|e| write_error(&step, &u.token, e))?;
+                            }
+                            continue;
                         }
+                        Err(e) => return Err(write_error(&step, &u.token, e)),
                     }
-                    copied = find(session, &identity_template(live, &u.id, class))?;
-                }
-                if copied.is_empty()
-                    && !(copies
-                        && copy_keeping_protection(session, first, class, &live_label)
-                            .map_err(|e| write_error(&step, &u.token, e))?)
-                {
-                    // No copy (a token that cannot copy, or a key copy that lost its
-                    // protection): relabel the staged objects in place.
-                    for h in &staged {
-                        session
-                            .update_attributes(*h, slice::from_ref(&live_label))
-                            .map_err(|e| write_error(&step, &u.token, e))?;
-                    }
-                    continue;
                 }
                 for h in staged {
                     session
@@ -513,15 +413,8 @@ impl KeyStore for Pkcs11KeyStore {
                 uri: from.to_string(),
             });
         }
-        for class in IDENTITY_CLASSES {
-            for h in find(session, &[Attribute::Class(class), live_label.clone()])? {
-                if object_id(session, h)?.as_deref() != Some(&u.id[..]) {
-                    session
-                        .destroy_object(h)
-                        .map_err(|e| write_error(&step, &u.token, e))?;
-                }
-            }
-        }
+        // Nothing else under the live label is touched: the key this one replaces was
+        // removed by its recorded CKA_ID, and any other object there is not ours.
         Ok(to)
     }
 
@@ -566,16 +459,12 @@ impl KeyStore for Pkcs11KeyStore {
             }
         }
         let step = format!("store the certificate of {}", u.object);
-        self.make_on_token(
-            &step,
-            |session, on_token| {
-                let mut t = template.to_vec();
-                t.push(Attribute::Token(on_token));
-                Ok(vec![session.create_object(&t)?])
-            },
-            |_, _| Ok(()),
-        )?;
         let session = self.session();
+        let mut t = template.to_vec();
+        t.push(Attribute::Token(true));
+        session
+            .create_object(&t)
+            .map_err(|e| write_error(&step, &u.token, e))?;
         for h in old {
             session
                 .destroy_object(h)
@@ -626,152 +515,6 @@ fn random_id() -> Result<Vec<u8>, KeyStoreError> {
     Ok(id)
 }
 
-/// Can this token copy objects? A session data object is made, copied and destroyed;
-/// any failure means [`Placement::Direct`].
-fn probe_placement(session: &Session) -> Placement {
-    let probe = [
-        Attribute::Class(ObjectClass::DATA),
-        Attribute::Token(false),
-        Attribute::Private(false),
-        Attribute::Label(b"sdv-provision probe".to_vec()),
-    ];
-    let Ok(h) = session.create_object(&probe) else {
-        return Placement::Direct;
-    };
-    let placement = match session.copy_object(h, &[Attribute::Token(false)]) {
-        Ok(copy) => {
-            destroy_all(session, &[copy]);
-            Placement::CopyFromSession
-        }
-        Err(_) => Placement::Direct,
-    };
-    destroy_all(session, &[h]);
-    placement
-}
-
-/// Make objects in the session with `make(false)`, copy each to the token and vet
-/// the copies with `check`. `Ok(Err(why))`: it did not work and nothing of ours is left
-/// on the token (try directly); `Err`: a partial copy could not be destroyed (stop:
-/// making the objects again would duplicate its label and CKA_ID).
-fn copy_from_session(
-    session: &Session,
-    make: &impl Fn(&Session, bool) -> Result<Vec<ObjectHandle>, CkError>,
-    check: &impl Fn(&Session, &[ObjectHandle]) -> Result<(), String>,
-) -> Result<Result<Vec<ObjectHandle>, String>, KeyStoreError> {
-    let made = match make(session, false) {
-        Ok(made) => made,
-        Err(e) => return Ok(Err(format!("no session objects ({})", describe(&e)))),
-    };
-    let mut copies = Vec::with_capacity(made.len());
-    let mut failed = None;
-    for &h in &made {
-        match session.copy_object(h, &[Attribute::Token(true)]) {
-            Ok(c) => copies.push(c),
-            Err(e) => {
-                failed = Some(format!("cannot copy to the token ({})", describe(&e)));
-                break;
-            }
-        }
-    }
-    destroy_all(session, &made);
-    let failed = failed.or_else(|| check(session, &copies).err());
-    let Some(why) = failed else {
-        return Ok(Ok(copies));
-    };
-    for h in copies {
-        session.destroy_object(h).map_err(|e| {
-            ck(
-                format!("remove a partial copy on the token after: {why}"),
-                e,
-            )
-        })?;
-    }
-    Ok(Err(why))
-}
-
-/// A token copy of a private key must be protected as the key was made: on the
-/// token, private, sensitive, never extractable, and local.
-fn protected(session: &Session, key: ObjectHandle) -> Result<(), String> {
-    use AttributeType as T;
-    let want = [
-        (T::Token, true),
-        (T::Private, true),
-        (T::Sensitive, true),
-        (T::Extractable, false),
-        (T::AlwaysSensitive, true),
-        (T::NeverExtractable, true),
-        (T::Local, true),
-    ];
-    let types: Vec<T> = want.iter().map(|(t, _)| *t).collect();
-    let attrs = session
-        .get_attributes(key, &types)
-        .map_err(|e| format!("cannot read the copy's attributes ({})", describe(&e)))?;
-    for (t, expected) in want {
-        let got = attrs.iter().find_map(|a| match (a, t) {
-            (Attribute::Token(b), T::Token)
-            | (Attribute::Private(b), T::Private)
-            | (Attribute::Sensitive(b), T::Sensitive)
-            | (Attribute::Extractable(b), T::Extractable)
-            | (Attribute::AlwaysSensitive(b), T::AlwaysSensitive)
-            | (Attribute::NeverExtractable(b), T::NeverExtractable)
-            | (Attribute::Local(b), T::Local) => Some(*b),
-            _ => None,
-        });
-        if got != Some(expected) {
-            return Err(format!("the copy has {t} = {got:?}, not {expected}"));
-        }
-    }
-    Ok(())
-}
-
-/// Copy `object` under `label`; a private key's copy must keep its protection
-/// ([`protected`]). `Ok(false)`, with nothing left behind, when the copy did not work
-/// or lost protection: relabel instead. A storage failure ([`storage_failure`]) is
-/// returned instead: a relabel rewrites the object in place, which on a full or
-/// failing store can lose it, while the failed move is retried by the next run once
-/// the storage is fixed. `Err` also if a copy that lost protection cannot be
-/// destroyed.
-fn copy_keeping_protection(
-    session: &Session,
-    object: ObjectHandle,
-    class: ObjectClass,
-    label: &Attribute,
-) -> Result<bool, CkError> {
-    let copy = match session.copy_object(object, slice::from_ref(label)) {
-        Ok(copy) => copy,
-        Err(e) if storage_failure(&e) => return Err(e),
-        Err(e) => {
-            tracing::debug!("no copy ({}); relabelling in place", describe(&e));
-            return Ok(false);
-        }
-    };
-    if class == ObjectClass::PRIVATE_KEY {
-        if let Err(why) = protected(session, copy) {
-            tracing::warn!(
-                "a copy of the staged key lost its protection ({why}); relabelling in place"
-            );
-            session.destroy_object(copy)?;
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// The token could not store a change: out of space, write-protected, or failing.
-fn storage_failure(e: &CkError) -> bool {
-    matches!(
-        e,
-        CkError::Pkcs11(
-            RvError::DeviceMemory
-                | RvError::DeviceError
-                | RvError::GeneralError
-                | RvError::FunctionFailed
-                | RvError::TokenWriteProtected,
-            _,
-        )
-    )
-}
-
 /// Destroy objects we made, on a path that already failed or no longer needs them;
 /// a failure here is logged, not returned (the first error is the one to report).
 fn destroy_all(session: &Session, handles: &[ObjectHandle]) {
@@ -785,23 +528,28 @@ fn destroy_all(session: &Session, handles: &[ObjectHandle]) {
     }
 }
 
-/// `plan`/`generate` refuse a label something already uses.
-fn ensure_free(session: &Session, token: &str, label: &str) -> Result<(), KeyStoreError> {
-    let taken = find(session, &[Attribute::Label(label.as_bytes().to_vec())])?;
+/// `generate` refuses a CKA_ID already in use under the label: the id is the proof
+/// that objects are ours, so it must name only what this run makes.
+fn ensure_unused_id(session: &Session, u: &Pkcs11Uri) -> Result<(), KeyStoreError> {
+    let taken = find(
+        session,
+        &[
+            Attribute::Label(u.object.as_bytes().to_vec()),
+            Attribute::Id(u.id.clone()),
+        ],
+    )?;
     if taken.is_empty() {
-        Ok(())
-    } else {
-        Err(KeyStoreError::Occupied {
-            what: format!(
-                "label {label} in PKCS#11 token {token} ({} object(s))",
-                taken.len()
-            ),
-            hint: "choose another token with --pkcs11-token, delete those objects \
-                   (pkcs11-tool --delete-object), or run `sdv-provision reset` if an \
-                   earlier run left them"
-                .into(),
-        })
+        return Ok(());
     }
+    Err(KeyStoreError::Occupied {
+        what: format!(
+            "CKA_ID {} under label {} in PKCS#11 token {}",
+            hex::encode(&u.id),
+            u.object,
+            u.token
+        ),
+        hint: "run sdv-provision again (it picks a new random CKA_ID)".into(),
+    })
 }
 
 fn identity_template(label: &str, id: &[u8], class: ObjectClass) -> [Attribute; 3] {
@@ -816,16 +564,6 @@ fn find(session: &Session, template: &[Attribute]) -> Result<Vec<ObjectHandle>, 
     session
         .find_objects(template)
         .map_err(|e| ck("search the token", e))
-}
-
-fn object_id(session: &Session, h: ObjectHandle) -> Result<Option<Vec<u8>>, KeyStoreError> {
-    let attrs = session
-        .get_attributes(h, &[AttributeType::Id])
-        .map_err(|e| ck("read CKA_ID", e))?;
-    Ok(attrs.into_iter().find_map(|a| match a {
-        Attribute::Id(id) => Some(id),
-        _ => None,
-    }))
 }
 
 /// A failed PKCS#11 call, keeping cryptoki's cause (the function and return value).

@@ -279,17 +279,20 @@ pub(super) fn connector_pin_file(
 }
 
 /// The device path of `host_path` if it lies inside the certificates directory.
+/// Compared after resolution, never as text: `certificates/../../../etc/x.pin` is not
+/// in it, and neither is a link there (the container's mount would follow it).
 fn inside_cert_dir(layout: &Layout, host_path: &Path) -> Option<PathBuf> {
     let dir = layout.host_cert_dir();
-    let rel = host_path
-        .strip_prefix(&dir)
-        .ok()
-        .map(Path::to_owned)
-        .or_else(|| {
-            let (d, p) = (dir.canonicalize().ok()?, host_path.canonicalize().ok()?);
-            p.strip_prefix(d).ok().map(Path::to_owned)
-        })?;
-    (!rel.as_os_str().is_empty()).then(|| Path::new(CERT_DIR).join(rel))
+    let name = host_path.file_name()?;
+    if !std::fs::symlink_metadata(host_path).ok()?.is_file() {
+        return None;
+    }
+    let parent = host_path.parent()?.canonicalize().ok()?;
+    let rel = parent
+        .strip_prefix(dir.canonicalize().ok()?)
+        .ok()?
+        .join(name);
+    Some(Path::new(CERT_DIR).join(rel))
 }
 
 #[cfg(test)]
@@ -301,12 +304,22 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let layout = Layout::new(d.path());
         let inside = layout.host_cert_file("my.pin");
+        std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        std::fs::write(&inside, "1234\n").unwrap();
+        std::fs::write(d.path().join("etc/x.pin"), "1234\n").unwrap();
         assert_eq!(
             inside_cert_dir(&layout, &inside),
             Some(PathBuf::from("/data/var/certificates/my.pin"))
         );
-        assert_eq!(inside_cert_dir(&layout, &d.path().join("etc/pin")), None);
+        assert_eq!(inside_cert_dir(&layout, &d.path().join("etc/x.pin")), None);
         assert_eq!(inside_cert_dir(&layout, &layout.host_cert_dir()), None);
+        // Before: compared as text, this counted as inside (and was mounted).
+        let climbing = layout.host_cert_dir().join("../../../etc/x.pin");
+        assert_eq!(inside_cert_dir(&layout, &climbing), None);
+        let link = layout.host_cert_file("link.pin");
+        std::os::unix::fs::symlink(d.path().join("etc/x.pin"), &link).unwrap();
+        assert_eq!(inside_cert_dir(&layout, &link), None);
     }
 
     #[test]

@@ -187,18 +187,73 @@ pub(super) fn consumer_mounts(ctx: &Pkcs11) -> Vec<PathBuf> {
     if !is_softhsm {
         return Vec::new();
     }
-    let conf = std::env::var_os("SOFTHSM2_CONF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(SOFTHSM_DEFAULT_CONF));
+    let conf = softhsm_conf_path();
     let mut mounts = Vec::new();
     if let Ok(text) = std::fs::read_to_string(&conf) {
-        if let Some(dir) = text.lines().find_map(|l| {
-            let (k, v) = l.split_once('=')?;
-            (k.trim() == "directories.tokendir").then(|| v.trim().to_owned())
-        }) {
-            mounts.push(PathBuf::from(dir.trim_end_matches('/')));
-        }
+        mounts.extend(softhsm_tokendir(&text));
     }
     mounts.push(conf);
     mounts
+}
+
+/// The configuration file SoftHSM reads: `SOFTHSM2_CONF`, else
+/// `$HOME/.config/softhsm2/softhsm2.conf` when readable, else the default.
+fn softhsm_conf_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("SOFTHSM2_CONF") {
+        return PathBuf::from(p);
+    }
+    let user = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| Path::new(&h).join(".config/softhsm2/softhsm2.conf"))
+        .filter(|p| std::fs::File::open(p).is_ok());
+    user.unwrap_or_else(|| PathBuf::from(SOFTHSM_DEFAULT_CONF))
+}
+
+/// `directories.tokendir` as SoftHSM's `SimpleConfigLoader` reads it: each line cut at
+/// the first `#`; name and value are the first two non-empty `=`-separated pieces,
+/// trimmed; the **last** assignment wins. Only an absolute directory other than `/`
+/// is a mount (mounting `/` would hand the container the host's whole file system).
+fn softhsm_tokendir(text: &str) -> Option<PathBuf> {
+    let dir = text
+        .lines()
+        .filter_map(|line| {
+            let line = line.split(['#', '\r']).next()?;
+            let mut parts = line.split('=').filter(|p| !p.is_empty());
+            let (k, v) = (parts.next()?.trim(), parts.next()?.trim());
+            (k == "directories.tokendir" && !v.is_empty()).then_some(v)
+        })
+        .next_back()?;
+    let dir: PathBuf = Path::new(dir).components().collect();
+    (dir.is_absolute() && dir != Path::new("/")).then_some(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softhsm_tokendir_is_read_as_softhsm_reads_it() {
+        let t = |s: &str| softhsm_tokendir(s).map(|p| p.display().to_string());
+        // Before: the first line won, and `/` gave an empty mount source.
+        assert_eq!(
+            t("directories.tokendir = /\ndirectories.tokendir = /var/lib/softhsm/tokens/\n"),
+            Some("/var/lib/softhsm/tokens".into())
+        );
+        assert_eq!(
+            t("directories.tokendir = /a\ndirectories.tokendir = /\n"),
+            None
+        );
+        assert_eq!(
+            t("  directories.tokendir\t=\t/t # comment\n"),
+            Some("/t".into())
+        );
+        assert_eq!(t("# directories.tokendir = /t\n"), None);
+        assert_eq!(
+            t("directories.tokendir = /t\ndirectories.tokendir =\n"),
+            Some("/t".into())
+        );
+        assert_eq!(t("directories.tokendir == /t=x\r\n"), Some("/t".into()));
+        assert_eq!(t("directories.tokendir = tokens\n"), None);
+        assert_eq!(t("objectstore.backend = file\n"), None);
+    }
 }

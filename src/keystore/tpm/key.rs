@@ -19,9 +19,9 @@ use tss_esapi::structures::{
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::Context;
 
-use super::tss_error;
+use super::{da, tss_error};
 use crate::keystore::{
-    ecdsa_raw_to_der, rsa_public_der, sign_error, Algorithm, DeviceKey, KeyStoreError, KeyUri,
+    ecdsa_raw_to_der, rsa_public_der, Algorithm, DeviceKey, KeyStoreError, KeyUri,
 };
 
 fn template_error(e: tss_esapi::Error) -> KeyStoreError {
@@ -61,15 +61,19 @@ pub fn device_key_parameters(alg: Algorithm) -> PublicParameters {
 }
 
 /// The device key template: a child of the SRK, unrestricted signing, scheme Null,
-/// fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth, empty auth.
+/// fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | noDA, empty auth.
 /// fixedTPM + sensitiveDataOrigin: the private key is made by this TPM and can never
-/// leave it, not even wrapped for another TPM.
+/// leave it, not even wrapped for another TPM. noDA: with an empty auth value there is
+/// nothing to guess, and without it every power loss after a key use (no orderly
+/// TPM2_Shutdown) counts as a failed authorization: swtpm locked the identity out
+/// after three.
 pub fn device_key_template(alg: Algorithm) -> Result<Public, KeyStoreError> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
+        .with_no_da(true)
         .with_sign_encrypt(true)
         .build()
         .map_err(template_error)?;
@@ -208,6 +212,8 @@ pub struct TpmKey<'a> {
     pub(super) handle: u32,
     pub(super) alg: Algorithm,
     pub(super) public_der: Vec<u8>,
+    /// Why the last signature failed: rcgen's error can only say "Remote key error".
+    pub(super) last_error: Mutex<Option<KeyStoreError>>,
 }
 
 impl TpmKey<'_> {
@@ -233,16 +239,19 @@ impl TpmKey<'_> {
         })
         .map_err(|e| KeyStoreError::backend("prepare the hashcheck ticket", e.to_string()))?;
         let mut ctx = self.ctx.lock().unwrap_or_else(PoisonError::into_inner);
-        let signature = ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.sign(self.object.into(), digest, scheme, ticket)
+        let signature = da::retry_transient(|| {
+            ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                c.sign(self.object.into(), digest.clone(), scheme, ticket.clone())
             })
-            .map_err(|e| {
-                tss_error(
-                    &format!("sign with TPM key 0x{:08x} (TPM2_Sign)", self.handle),
-                    e,
-                )
-            })?;
+        })
+        .map_err(|e| {
+            let step = format!("sign with TPM key 0x{:08x} (TPM2_Sign)", self.handle);
+            if da::is_lockout(&e) {
+                da::lockout_error(&step, da::Lockout::read(&mut ctx))
+            } else {
+                tss_error(&step, e)
+            }
+        })?;
         match signature {
             Signature::RsaSsa(s) => Ok(s.signature().value().to_vec()),
             Signature::EcDsa(s) => {
@@ -274,7 +283,14 @@ impl rcgen::PublicKeyData for TpmKey<'_> {
 
 impl rcgen::SigningKey for TpmKey<'_> {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        self.tpm_sign(msg).map_err(sign_error)
+        self.tpm_sign(msg).map_err(|e| {
+            tracing::error!("signing through the TPM failed: {e}");
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(e);
+            rcgen::Error::RemoteKeyError
+        })
     }
 }
 
@@ -284,5 +300,11 @@ impl DeviceKey for TpmKey<'_> {
     }
     fn alg(&self) -> Algorithm {
         self.alg
+    }
+    fn take_sign_error(&self) -> Option<KeyStoreError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 }

@@ -33,12 +33,13 @@ use tss_esapi::Context;
 
 use super::{
     Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
-    KeystoreKind, Role,
+    KeystoreKind, OwnedKey, Role, TpmName,
 };
 use crate::fsutil;
 use crate::paths::{self, Layout};
 
 mod blob;
+mod da;
 mod key;
 mod tcti;
 
@@ -86,13 +87,9 @@ pub(crate) fn tss_error(step: &str, e: tss_esapi::Error) -> KeyStoreError {
                     ),
                 )
             }
-            Some(Rc::Lockout) => {
-                return rejected(
-                    format!("the TPM is in dictionary-attack lockout and will not {step}"),
-                    "wait for the lockout to expire, or have the TPM owner reset it \
-                     (tpm2_dictionarylockout -c), then retry",
-                )
-            }
+            // Where a context is at hand the caller adds the TPM's counters
+            // (`da::Lockout::read`); here only the fact is known.
+            Some(Rc::Lockout) => return da::lockout_error(step, None),
             Some(Rc::NvSpace) => {
                 return rejected(
                     format!("the TPM has no room for another persistent key ({step})"),
@@ -434,6 +431,18 @@ impl TpmKeyStore {
         private: Private,
         undo: &mut Undo,
     ) -> Result<ObjectHandle, KeyStoreError> {
+        let transient = self.load(srk, public, private, undo)?;
+        self.persist_loaded(transient, h, undo)
+    }
+
+    /// Load a key under the SRK (a transient object, recorded in `undo`).
+    fn load(
+        &mut self,
+        srk: ObjectHandle,
+        public: Public,
+        private: Private,
+        undo: &mut Undo,
+    ) -> Result<ObjectHandle, KeyStoreError> {
         let transient = self
             .ctx()
             .execute_with_session(Some(AuthSession::Password), |c| {
@@ -441,13 +450,93 @@ impl TpmKeyStore {
             })
             .map_err(|e| tss_error("load the key under the SRK (TPM2_Load)", e))?;
         undo.transient = Some(transient.into());
-        let persisted = self.persist(transient.into(), h)?;
+        Ok(transient.into())
+    }
+
+    /// Persist a loaded key at `h`, then flush the transient copy.
+    fn persist_loaded(
+        &mut self,
+        transient: ObjectHandle,
+        h: u32,
+        undo: &mut Undo,
+    ) -> Result<ObjectHandle, KeyStoreError> {
+        let persisted = self.persist(transient, h)?;
         undo.persistent = Some((persisted, h));
         self.ctx()
-            .flush_context(transient.into())
+            .flush_context(transient)
             .map_err(|e| tss_error("flush the transient key", e))?;
         undo.transient = None;
         Ok(persisted)
+    }
+
+    /// The TPM's Name of a loaded object (read without a session, like `read_public`).
+    fn name_of(&mut self, object: ObjectHandle) -> Result<TpmName, KeyStoreError> {
+        let (_, name, _) = self
+            .ctx()
+            .execute_without_session(|c| c.read_public(object.into()))
+            .map_err(|e| tss_error("read the key's Name", e))?;
+        TpmName::new(name.value().to_vec())
+            .map_err(|e| KeyStoreError::backend("read the key's Name", e))
+    }
+
+    /// The Name of what persistent handle `h` holds now, or `None` when it is empty.
+    fn persistent_name(&mut self, h: u32) -> Result<Option<TpmName>, KeyStoreError> {
+        let Some((object, _)) = self.read_persistent(h)? else {
+            return Ok(None);
+        };
+        let name = self.name_of(object);
+        self.close(object);
+        name.map(Some)
+    }
+
+    /// Remove the blobs of the slot handle `h` is (files of a closed set of names in
+    /// the certificates directory: the tool's own).
+    fn remove_slot_blobs(&self, h: u32) -> Result<(), KeyStoreError> {
+        let Some((role, staged)) = self.slot_of(h) else {
+            return Ok(());
+        };
+        let (p, s) = self.host_blobs(role, staged);
+        for f in [s, p] {
+            fsutil::remove_file(&f)
+                .map_err(|e| KeyStoreError::backend("remove the key blob", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The Name is recorded (through `record`) while the key is only loaded, before it
+    /// is persisted: a run killed at any instant has either recorded the Name of a key
+    /// that may sit at the handle, or persisted nothing. Only our key has that Name.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &mut self,
+        srk: ObjectHandle,
+        uri: &KeyUri,
+        (role, staged): (Role, bool),
+        created: &tss_esapi::structures::CreateKeyResult,
+        record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
+        undo: &mut Undo,
+    ) -> Result<ObjectHandle, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let transient = self.load(
+            srk,
+            created.out_public.clone(),
+            created.out_private.clone(),
+            undo,
+        )?;
+        let name = self.name_of(transient)?;
+        record(&OwnedKey {
+            uri: uri.clone(),
+            tpm_name: Some(name),
+        })?;
+        let object = self.persist_loaded(transient, h, undo)?;
+        self.write_blobs(
+            role,
+            staged,
+            &created.out_public,
+            &created.out_private,
+            undo,
+        )?;
+        Ok(object)
     }
 
     /// Take back what a failed installation made: no orphan handles, no stray blobs.
@@ -589,6 +678,32 @@ impl TpmKeyStore {
         ))
     }
 
+    /// See [`KeyStore::check_key`].
+    fn check_no_da(&mut self, uri: &KeyUri) -> Result<String, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let Some((object, public)) = self.read_persistent(h)? else {
+            return Err(KeyStoreError::NotFound {
+                uri: uri.to_string(),
+            });
+        };
+        self.close(object);
+        if public.object_attributes().no_da() {
+            return Ok(format!(
+                "the key at 0x{h:08x} has noDA: a power loss never counts against it"
+            ));
+        }
+        Err(KeyStoreError::Rejected {
+            what: format!(
+                "the key at 0x{h:08x} lacks noDA (made by an older sdv-provision): every \
+                 power loss after it signed counts as a failed authorization, and a few \
+                 lock the identity out"
+            ),
+            hint: "replace both keys: run `sdv-provision rotate --promote`, register the \
+                   new thumbprints with the cloud, then run it again and register again"
+                .into(),
+        })
+    }
+
     fn key(&self, object: ObjectHandle, h: u32, alg: Algorithm, public_der: Vec<u8>) -> TpmKey<'_> {
         TpmKey {
             ctx: &self.ctx,
@@ -596,6 +711,7 @@ impl TpmKeyStore {
             handle: h,
             alg,
             public_der,
+            last_error: Mutex::new(None),
         }
     }
 }
@@ -662,10 +778,11 @@ impl KeyStore for TpmKeyStore {
         Ok(KeyUri::TpmHandle(h))
     }
 
-    fn generate(
+    fn generate_recorded(
         &mut self,
         uri: &KeyUri,
         alg: Algorithm,
+        record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
     ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
         let h = tpm_handle(uri)?;
         let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
@@ -683,7 +800,9 @@ impl KeyStore for TpmKeyStore {
         let created = self
             .ctx()
             .execute_with_session(Some(AuthSession::Password), |c| {
-                c.create(srk.into(), template, None, None, None, None)
+                da::retry_transient(|| {
+                    c.create(srk.into(), template.clone(), None, None, None, None)
+                })
             })
             .map_err(|e| {
                 if means_unsupported(&e) {
@@ -699,25 +818,7 @@ impl KeyStore for TpmKeyStore {
         let public_der = key::public_der(&created.out_public, alg)?;
 
         let mut undo = Undo::default();
-        let installed = self
-            .load_and_persist(
-                srk,
-                h,
-                created.out_public.clone(),
-                created.out_private.clone(),
-                &mut undo,
-            )
-            .and_then(|object| {
-                self.write_blobs(
-                    role,
-                    staged,
-                    &created.out_public,
-                    &created.out_private,
-                    &mut undo,
-                )
-                .map(|()| object)
-            });
-        match installed {
+        match self.install(srk, uri, (role, staged), &created, record, &mut undo) {
             Ok(object) => Ok(Box::new(self.key(object, h, alg, public_der))),
             Err(e) => {
                 self.rollback(undo);
@@ -782,12 +883,13 @@ impl KeyStore for TpmKeyStore {
             // The slot's public blob is the key this tool persisted there. If the
             // handle now holds another key (ours was evicted behind our back and
             // someone else's persisted in its place), that key is not ours to evict.
-            // No blob (a run killed between persisting and writing it) or an
-            // unreadable one: the journal says the handle is ours.
+            // Without a recorded Name ([`KeyStore::remove_owned`] has one) only a
+            // public blob equal to the handle's public area shows the key is ours;
+            // no blob, or an unreadable one, proves nothing.
             let foreign = match self.slot_of(h) {
-                Some((role, staged)) => matches!(
+                Some((role, staged)) => !matches!(
                     self.read_public_blob(&self.host_blobs(role, staged).0),
-                    Ok(Some(blob)) if blob != public
+                    Ok(Some(blob)) if blob == public
                 ),
                 None => false,
             };
@@ -809,6 +911,76 @@ impl KeyStore for TpmKeyStore {
             }
         }
         Ok(())
+    }
+
+    /// Evict only while the handle's current Name is the recorded one; an empty
+    /// handle or one that holds another key (someone else's, persisted after ours was
+    /// gone or before ours was made) is left alone. The slot's blobs are ours by name
+    /// and go either way.
+    fn remove_owned(&mut self, key: &OwnedKey) -> Result<bool, KeyStoreError> {
+        let Some(recorded) = &key.tpm_name else {
+            // Recorded before proofs existed: the public blob must show it is ours.
+            return match self.prove(&key.uri)? {
+                Some(_) => self.remove(&key.uri).map(|()| true),
+                None => {
+                    self.remove_slot_blobs(tpm_handle(&key.uri)?)?;
+                    Ok(false)
+                }
+            };
+        };
+        let h = tpm_handle(&key.uri)?;
+        match self.persistent_name(h)? {
+            // The Name is the proof: no blob needs to agree (a run killed between
+            // persisting and writing the blobs has none).
+            Some(now) if &now == recorded => {
+                if h == self.srk {
+                    return Err(KeyStoreError::Rejected {
+                        what: format!("refusing to remove the storage root key 0x{h:08x}"),
+                        hint: "only device keys are removed".into(),
+                    });
+                }
+                if let Some((object, _)) = self.read_persistent(h)? {
+                    self.evict(object, h)?;
+                }
+                self.remove_slot_blobs(h).map(|()| true)
+            }
+            Some(_) => {
+                crate::output::warning(&format!(
+                    "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
+                     left in place (evict it yourself if it is not needed)"
+                ));
+                self.remove_slot_blobs(h)?;
+                Ok(false)
+            }
+            None => self.remove_slot_blobs(h).map(|()| true),
+        }
+    }
+
+    /// A key from a run that recorded no Name is ours if the handle's public area is
+    /// the one in the slot's public blob (written by that run beside the key).
+    fn prove(&mut self, uri: &KeyUri) -> Result<Option<OwnedKey>, KeyStoreError> {
+        let h = tpm_handle(uri)?;
+        let Some((role, staged)) = self.slot_of(h) else {
+            return Ok(None);
+        };
+        let Some((object, public)) = self.read_persistent(h)? else {
+            return Ok(None);
+        };
+        let blob = self.read_public_blob(&self.host_blobs(role, staged).0);
+        let proven = matches!(&blob, Ok(Some(b)) if *b == public);
+        let name = if proven {
+            Some(self.name_of(object))
+        } else {
+            None
+        };
+        self.close(object);
+        Ok(match name {
+            Some(n) => Some(OwnedKey {
+                uri: uri.clone(),
+                tpm_name: Some(n?),
+            }),
+            None => None,
+        })
     }
 
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
@@ -922,6 +1094,12 @@ impl KeyStore for TpmKeyStore {
     /// TPM). The loaded copy is flushed; nothing is created or persisted.
     fn check_copies(&mut self, uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
         Some(self.check_blobs(uri))
+    }
+
+    /// A device key must have noDA (see [`key::device_key_template`]); keys made
+    /// before this tool set it are reported with the way to replace them.
+    fn check_key(&mut self, uri: &KeyUri) -> Option<Result<String, KeyStoreError>> {
+        Some(self.check_no_da(uri))
     }
 
     fn record(&self) -> BackendRecord {
