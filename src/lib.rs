@@ -13,6 +13,7 @@ pub mod inroot;
 pub mod keystore;
 pub mod manifest;
 pub mod paths;
+pub mod process;
 
 pub use error::{Error, Result};
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod interactive;
 pub mod output;
 pub mod progress;
+pub mod secret_modes;
 pub mod txn;
 
 /// Find a program on PATH.

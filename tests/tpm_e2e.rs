@@ -824,6 +824,10 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
     // certificate made through the key (OpenSSL's tpm2 provider).
     std::fs::copy(&public, cert_file(root, "device.tpm.pub")).unwrap();
     std::fs::copy(&private, cert_file(root, "device.tpm.priv")).unwrap();
+    // 0600, as sdv-provision writes a private blob (tpm2_create's file is 0660 under
+    // this umask, which verify's secret_modes check would rightly fail on).
+    let secret = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(cert_file(root, "device.tpm.priv"), secret).unwrap();
     {
         let abrmd = Abrmd::start(&tpm);
         let mut req = Command::new("openssl");

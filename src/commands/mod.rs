@@ -75,9 +75,12 @@ impl Ctx {
             json: g.json,
             interactive,
             restart: !g.no_restart,
-            out: Out {
-                human: !g.json && !g.quiet,
-                warnings: !g.quiet,
+            out: {
+                crate::output::set_quiet(g.quiet);
+                Out {
+                    human: !g.json && !g.quiet,
+                    warnings: !g.quiet,
+                }
             },
         }
     }
@@ -107,7 +110,17 @@ impl Ctx {
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(LOCK_TIMEOUT);
-        RunLock::acquire(&self.layout.host_cert_dir(), self.layout.root(), timeout)
+        let lock = RunLock::acquire(&self.layout.host_cert_dir(), self.layout.root(), timeout)?;
+        // Every mutating command takes the lock: the one place secret modes are
+        // enforced on every run (DESIGN §6).
+        for l in crate::secret_modes::tighten(&self.layout)? {
+            self.out.warn(format!(
+                "{} holds a secret but was mode {:04o}; set it back to 0600",
+                l.path.display(),
+                l.mode
+            ));
+        }
+        Ok(lock)
     }
 
     /// Open a keystore; settings an earlier run recorded fill in missing flags.

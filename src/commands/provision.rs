@@ -27,17 +27,12 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     // Flags first: a bad value stops the run before anything is read or written.
     let mut warnings = Vec::new();
     let cs_text = match &args.connection_string_file {
-        Some(f) => Some(zeroize::Zeroizing::new(
-            fsutil::read_optional_string(f)?
-                .ok_or_else(|| {
-                    Error::input(
-                        format!("{} does not exist", f.display()),
-                        "pass an existing --connection-string-file",
-                    )
-                })?
-                .trim()
-                .to_owned(),
-        )),
+        Some(f) => Some(cloud::read_secret_text(f)?.ok_or_else(|| {
+            Error::input(
+                format!("{} does not exist", f.display()),
+                "pass an existing --connection-string-file",
+            )
+        })?),
         None => args.connection_string.clone().map(zeroize::Zeroizing::new),
     };
     let flag_cloud = cloud::from_flags(
