@@ -27,17 +27,12 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     // Flags first: a bad value stops the run before anything is read or written.
     let mut warnings = Vec::new();
     let cs_text = match &args.connection_string_file {
-        Some(f) => Some(zeroize::Zeroizing::new(
-            fsutil::read_optional_string(f)?
-                .ok_or_else(|| {
-                    Error::input(
-                        format!("{} does not exist", f.display()),
-                        "pass an existing --connection-string-file",
-                    )
-                })?
-                .trim()
-                .to_owned(),
-        )),
+        Some(f) => Some(cloud::read_secret_text(f)?.ok_or_else(|| {
+            Error::input(
+                format!("{} does not exist", f.display()),
+                "pass an existing --connection-string-file",
+            )
+        })?),
         None => args.connection_string.clone().map(zeroize::Zeroizing::new),
     };
     let flag_cloud = cloud::from_flags(
@@ -48,6 +43,8 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     if let Some(id) = &args.device_id {
         device_id::check_flag(id)?;
     }
+    // The DPS flags and env too (the state's record was valid when written).
+    super::register::settings(&args.dps, None)?;
 
     device_id::check_file_kind(layout)?;
 
@@ -200,7 +197,10 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
                 days: args.days,
             };
             let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
-            let next = State::new(&device_id, kind, alg);
+            let mut next = State::new(&device_id, kind, alg);
+            // The DPS endpoint and trust carry over; the assignment was the old key's
+            // and is dropped by the registration step.
+            next.dps = old.as_ref().and_then(|o| o.dps.clone());
             if !rebuild {
                 // A new identity: the manifest is written before the commit, so a
                 // failure there removes the new keys again (no orphans in a token or
@@ -267,6 +267,15 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     }
 
     drop(files_step);
+    // DPS registration through the device key (DESIGN §3b).
+    let state = super::register::provision_step(
+        ctx,
+        state,
+        &cloud,
+        &args.dps,
+        args.no_register,
+        cloud_changed,
+    )?;
     // 5 and 6. Manifest and connector.
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);

@@ -59,7 +59,9 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     state = commit(ctx, ks.as_mut(), journal, built, state.clone(), old, false)?;
     drop(ks);
     if promote {
-        // The primary changed: the manifest follows and the connector restarts.
+        // The primary changed: DPS learns it, the manifest follows and the
+        // connector restarts.
+        state = super::register::refresh(ctx, &state, &cloud)?;
         converge(ctx, &state, &cloud, true, false)?;
     }
     let id = Identity::load(&ctx.layout)?;

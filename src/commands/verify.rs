@@ -33,15 +33,10 @@ pub fn run(ctx: &Ctx) -> Result<i32> {
     let checks = checks(ctx)?;
     let ok = checks.iter().all(|c| c.ok);
     if ctx.json {
-        let mut o = std::io::stdout().lock();
-        let _ = serde_json::to_writer_pretty(
-            &mut o,
-            &VerifyReport {
-                ok,
-                checks: &checks,
-            },
-        );
-        let _ = std::io::Write::write_all(&mut o, b"\n");
+        crate::output::print_json(&VerifyReport {
+            ok,
+            checks: &checks,
+        });
     } else {
         for c in &checks {
             ctx.out.say(format!(
@@ -156,6 +151,17 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             }
         }
     }
+    let loose = crate::secret_modes::loose(&ctx.layout);
+    let detail = if loose.is_empty() {
+        "every secret file is 0600".to_string()
+    } else {
+        loose
+            .iter()
+            .map(|l| l.problem())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    add("secret_modes".into(), loose.is_empty(), detail);
     match (Manifest::load(&ctx.layout)?, &id.cloud) {
         (None, _) => add(
             "manifest".into(),

@@ -17,7 +17,7 @@
 //! provably ours, so the tool leaves it (and says so). The token check below counts
 //! such pairs separately; every other object must be the identity's.
 //!
-//! The kill loop is the shared one (`tests/common/crash.rs`); this file adds the
+//! The kill loop is the shared one (`tests/testsuite/common/crash.rs`); this file adds the
 //! SoftHSM-specific repair before recovery and the token check after it.
 //! `SDV_CRASH_SEED=<n>` replays a run; `SDV_CRASH_KILLS_PKCS11=<n>` sets the rounds
 //! (default 25).
