@@ -111,7 +111,11 @@ impl TokenDevice {
             } else if let Some(o) = objects.last_mut() {
                 let t = line.trim();
                 if let Some(l) = t.strip_prefix("label:") {
-                    o.label = l.trim().to_owned();
+                    // pkcs11-tool prints a missing label as "<empty>".
+                    o.label = Some(l.trim())
+                        .filter(|l| *l != "<empty>")
+                        .unwrap_or_default()
+                        .to_owned();
                 }
                 if let Some(i) = t.strip_prefix("ID:") {
                     o.id = i.trim().to_owned();
