@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod inroot;
 pub mod keystore;
 pub mod manifest;
+pub mod model;
 pub mod paths;
 
 pub use error::{Error, Result};

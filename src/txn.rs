@@ -29,19 +29,7 @@ use crate::paths::{self, Layout};
 pub const JOURNAL_FILE: &str = "sdv-provision.journal.json";
 const VERSION: u32 = 1;
 
-/// One of the four key slots: a role, live or staged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Slot {
-    pub role: Role,
-    pub staged: bool,
-}
-
-impl Slot {
-    pub fn cert_file(self) -> String {
-        paths::cert_name(self.role, self.staged)
-    }
-}
+pub use crate::model::Slot;
 
 /// A key this run made, in the slot it was made in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

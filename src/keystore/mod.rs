@@ -8,7 +8,6 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,135 +20,10 @@ mod uri;
 
 pub use uri::{KeyUri, Pkcs11Uri};
 
-/// The two identities Azure can roll over between.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Primary,
-    Secondary,
-}
+pub use crate::model::{Algorithm, KeystoreKind, Role};
 
-impl Role {
-    pub const ALL: [Role; 2] = [Role::Primary, Role::Secondary];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::Secondary => "secondary",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Which backend holds the keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum KeystoreKind {
-    File,
-    Tpm,
-    Pkcs11,
-}
-
-impl KeystoreKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeystoreKind::File => "file",
-            KeystoreKind::Tpm => "tpm",
-            KeystoreKind::Pkcs11 => "pkcs11",
-        }
-    }
-}
-
-impl fmt::Display for KeystoreKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Key algorithm; also fixes the certificate's signature algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-pub enum Algorithm {
-    #[serde(rename = "rsa-2048")]
-    #[value(name = "rsa-2048")]
-    Rsa2048,
-    #[serde(rename = "rsa-3072")]
-    #[value(name = "rsa-3072")]
-    Rsa3072,
-    #[serde(rename = "ecdsa-p256")]
-    #[value(name = "ecdsa-p256")]
-    EcdsaP256,
-    #[serde(rename = "ecdsa-p384")]
-    #[value(name = "ecdsa-p384")]
-    EcdsaP384,
-}
-
+/// Algorithms by their keys' encodings.
 impl Algorithm {
-    pub const ALL: [Algorithm; 4] = [
-        Algorithm::Rsa2048,
-        Algorithm::Rsa3072,
-        Algorithm::EcdsaP256,
-        Algorithm::EcdsaP384,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Algorithm::Rsa2048 => "rsa-2048",
-            Algorithm::Rsa3072 => "rsa-3072",
-            Algorithm::EcdsaP256 => "ecdsa-p256",
-            Algorithm::EcdsaP384 => "ecdsa-p384",
-        }
-    }
-
-    pub fn is_rsa(self) -> bool {
-        matches!(self, Algorithm::Rsa2048 | Algorithm::Rsa3072)
-    }
-
-    /// RSA modulus size in bits, or the curve's field size.
-    pub fn bits(self) -> usize {
-        match self {
-            Algorithm::Rsa2048 => 2048,
-            Algorithm::Rsa3072 => 3072,
-            Algorithm::EcdsaP256 => 256,
-            Algorithm::EcdsaP384 => 384,
-        }
-    }
-
-    /// The certificate signature algorithm: RSA PKCS#1 v1.5 with SHA-256 (what every
-    /// TLS stack and Azure accept), ECDSA with the curve's matching hash.
-    pub fn rcgen(self) -> &'static rcgen::SignatureAlgorithm {
-        match self {
-            Algorithm::Rsa2048 | Algorithm::Rsa3072 => &rcgen::PKCS_RSA_SHA256,
-            Algorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-            Algorithm::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
-        }
-    }
-
-    /// Hash the to-be-signed data the way [`Algorithm::rcgen`]'s algorithm needs.
-    pub fn digest(self, msg: &[u8]) -> Vec<u8> {
-        use sha2::Digest;
-        match self {
-            Algorithm::EcdsaP384 => sha2::Sha384::digest(msg).to_vec(),
-            _ => sha2::Sha256::digest(msg).to_vec(),
-        }
-    }
-
     /// Recognise the algorithm of a SubjectPublicKeyInfo (DER).
     pub fn from_spki(spki_der: &[u8]) -> Option<Algorithm> {
         use der::Decode;
@@ -180,22 +54,6 @@ impl Algorithm {
         } else {
             None
         }
-    }
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Algorithm {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Algorithm::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| format!("unknown algorithm {s:?}"))
     }
 }
 

@@ -72,12 +72,7 @@ pub fn consumer_mounts_of(module: &std::path::Path) -> Result<Vec<PathBuf>, KeyS
 
 /// The live (or staged) object label of a role.
 pub fn label(role: Role, staged: bool) -> &'static str {
-    match (role, staged) {
-        (Role::Primary, false) => "device-primary",
-        (Role::Secondary, false) => "device-secondary",
-        (Role::Primary, true) => "device-primary.next",
-        (Role::Secondary, true) => "device-secondary.next",
-    }
+    crate::model::Slot { role, staged }.pkcs11_label()
 }
 
 /// Keys in a PKCS#11 token.

@@ -36,7 +36,8 @@ use super::{
     KeystoreKind, OwnedKey, Role, TpmName,
 };
 use crate::fsutil;
-use crate::paths::{self, Layout};
+use crate::model::Slot;
+use crate::paths::Layout;
 
 mod blob;
 mod blob_files;
@@ -57,8 +58,7 @@ use key::TpmKey;
 pub const DEFAULT_SRK: u32 = 0x8100_0001;
 pub const DEFAULT_PRIMARY: u32 = 0x8100_0010;
 pub const DEFAULT_SECONDARY: u32 = 0x8100_0011;
-/// A staged key sits at its live handle + this offset.
-pub const STAGED_OFFSET: u32 = 0x100;
+pub use crate::model::STAGED_OFFSET;
 pub struct TpmKeyStore {
     /// One ESAPI context per keystore. The keys handed out borrow it; see
     /// [`key::TpmKey`] for why it sits behind a mutex.
@@ -197,15 +197,7 @@ impl TpmKeyStore {
 
     /// The persistent handle for `role`'s live or staged key.
     pub fn handle_for(&self, role: Role, staged: bool) -> u32 {
-        let live = match role {
-            Role::Primary => self.primary,
-            Role::Secondary => self.secondary,
-        };
-        if staged {
-            live + STAGED_OFFSET
-        } else {
-            live
-        }
+        Slot { role, staged }.tpm_handle(self.primary, self.secondary)
     }
 
     /// Which of our four slots a handle is, if any.
@@ -228,8 +220,7 @@ impl TpmKeyStore {
     }
 
     fn blob_names(role: Role, staged: bool) -> (String, String) {
-        let stem = paths::stem(role, staged);
-        (format!("{stem}.tpm.pub"), format!("{stem}.tpm.priv"))
+        Slot { role, staged }.tpm_blobs()
     }
 
     fn host_blobs(&self, role: Role, staged: bool) -> (PathBuf, PathBuf) {
