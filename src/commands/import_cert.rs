@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use crate::cert::{key_matches, CertInfo};
+use crate::connector::Change;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
@@ -64,13 +65,12 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
     if let Some(cloud) = &id.cloud {
         super::compatibility_warnings(ctx, &state, cloud);
         // The connector only presents the primary certificate.
-        converge(
-            ctx,
-            &state,
-            cloud,
-            !installed && role == Role::Primary,
-            false,
-        )?;
+        let change = if !installed && role == Role::Primary {
+            Change::Certificates
+        } else {
+            Change::Nothing
+        };
+        converge(ctx, &state, cloud, change)?;
     }
     report(ctx)?;
     Ok(0)

@@ -411,16 +411,9 @@ fn write_connector_config(ctx: &Ctx, content: Option<serde_json::Value>) -> Resu
     }
 }
 
-/// Bring the manifest in line and restart the connector as needed. `certs_changed`
-/// says whether this run changed keys or certificates; `manifest_changed` whether it
-/// already rewrote the manifest earlier.
-pub fn converge(
-    ctx: &Ctx,
-    state: &State,
-    cloud: &Cloud,
-    certs_changed: bool,
-    manifest_changed: bool,
-) -> Result<()> {
+/// Bring the manifest in line and restart the connector as needed. `change` is what
+/// this run changed before (keys or certificates, or the manifest already).
+pub fn converge(ctx: &Ctx, state: &State, cloud: &Cloud, change: Change) -> Result<()> {
     let manifest_changed = match update_manifest(ctx, state, cloud)? {
         None => {
             ctx.out.warn(format!(
@@ -429,14 +422,12 @@ pub fn converge(
             ));
             false
         }
-        Some(wrote) => wrote || manifest_changed,
+        Some(wrote) => wrote,
     };
     let change = if manifest_changed {
         Change::Manifest
-    } else if certs_changed {
-        Change::Certificates
     } else {
-        Change::Nothing
+        change
     };
     if ctx.restart {
         connector::restart(change, &ctx.out);

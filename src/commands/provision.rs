@@ -10,6 +10,7 @@
 
 use crate::cli::ProvisionArgs;
 use crate::cloud::{self, Cloud};
+use crate::connector::Change;
 use crate::device_id::{self, Source};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -22,13 +23,6 @@ use crate::txn::Plan;
 use super::{
     build_keys, commit, compatibility_warnings, converge, recover, report, update_manifest, Ctx,
 };
-
-/// What step 3 changed, for steps 5 and 6.
-#[derive(Default)]
-struct Changed {
-    certs: bool,
-    manifest: bool,
-}
 
 pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let out = &ctx.out;
@@ -72,11 +66,11 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
 
     // 3. Keys and certificates.
     let keys_step = crate::progress::step("keys and certificates");
-    let mut changed = Changed::default();
+    let mut change = Change::Nothing;
     let state = match (&id.state, id.legacy, rebuild) {
-        (Some(s), _, false) => keep(ctx, args, s, &id, &device_id, &mut changed)?,
-        (None, true, false) => adopt_script_files(ctx, args, &id, &device_id, &mut changed)?,
-        (_, _, _) => build_new(ctx, args, &id, &device_id, rebuild, &cloud, &mut changed)?,
+        (Some(s), _, false) => keep(ctx, args, s, &id, &device_id, &mut change)?,
+        (None, true, false) => adopt_script_files(ctx, args, &id, &device_id, &mut change)?,
+        (_, _, _) => build_new(ctx, args, &id, &device_id, rebuild, &cloud, &mut change)?,
     };
 
     drop(keys_step);
@@ -88,7 +82,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     // 5 and 6. Manifest and connector.
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
-    converge(ctx, &state, &cloud, changed.certs, changed.manifest)?;
+    converge(ctx, &state, &cloud, change)?;
     let complete = report(ctx)?.is_empty();
     Ok(if complete { 0 } else { 1 })
 }
@@ -169,13 +163,15 @@ fn keep(
     s: &State,
     id: &Identity,
     device_id: &str,
-    changed: &mut Changed,
+    change: &mut Change,
 ) -> Result<State> {
     check_unchanged(ctx, args, s.keystore, s.algorithm)?;
     let mut ks = ctx.open_keystore_to_provision(s.keystore, Some(s))?;
-    changed.certs |= check_certificates(ctx, ks.as_mut(), s, id, args.days)?;
+    if check_certificates(ctx, ks.as_mut(), s, id, args.days)? {
+        *change = (*change).max(Change::Certificates);
+    }
     let s = refresh_pin_file(&ctx.layout, s, ks.as_ref())?;
-    complete_slots(ctx, args, ks.as_mut(), s, device_id, changed)
+    complete_slots(ctx, args, ks.as_mut(), s, device_id, change)
 }
 
 /// Step 3, adopt the old script's files: its key/cert pairs become the identity, and
@@ -185,7 +181,7 @@ fn adopt_script_files(
     args: &ProvisionArgs,
     id: &Identity,
     device_id: &str,
-    changed: &mut Changed,
+    change: &mut Change,
 ) -> Result<State> {
     let (adopted, missing) = adopt(ctx, id, device_id)?;
     check_unchanged(ctx, args, KeystoreKind::File, adopted.algorithm)?;
@@ -197,7 +193,7 @@ fn adopt_script_files(
         return Ok(adopted);
     }
     let mut ks: Box<dyn KeyStore> = Box::new(FileKeyStore::new(ctx.layout.clone()));
-    complete_slots(ctx, args, ks.as_mut(), adopted, device_id, changed)
+    complete_slots(ctx, args, ks.as_mut(), adopted, device_id, change)
 }
 
 /// The slots `state` has no key for are built and committed (none missing: `state`).
@@ -207,7 +203,7 @@ fn complete_slots(
     ks: &mut dyn KeyStore,
     state: State,
     device_id: &str,
-    changed: &mut Changed,
+    change: &mut Change,
 ) -> Result<State> {
     let missing: Vec<Role> = Role::ALL
         .into_iter()
@@ -216,7 +212,7 @@ fn complete_slots(
     if missing.is_empty() {
         return Ok(state);
     }
-    changed.certs = true;
+    *change = (*change).max(Change::Certificates);
     let plan = Plan {
         roles: &missing,
         staged: false,
@@ -237,10 +233,10 @@ fn build_new(
     device_id: &str,
     rebuild: bool,
     cloud: &Cloud,
-    changed: &mut Changed,
+    change: &mut Change,
 ) -> Result<State> {
     let old = id.state.as_ref();
-    changed.certs = true;
+    *change = (*change).max(Change::Certificates);
     let kind = ctx
         .keystore
         .unwrap_or_else(|| keystore::select_auto(&ctx.ks_config));
@@ -275,7 +271,8 @@ fn build_new(
             provisional.keys.insert(b.role(), b.uri().clone());
         }
         match update_manifest(ctx, &provisional, cloud) {
-            Ok(wrote) => changed.manifest = wrote.unwrap_or(false),
+            Ok(Some(true)) => *change = Change::Manifest,
+            Ok(_) => {}
             Err(e) => {
                 if let Err(cleanup) = journal.roll_back(&ctx.layout, ks.as_mut()) {
                     ctx.out.warn(format!(

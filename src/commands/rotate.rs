@@ -6,6 +6,7 @@
 //! the old primary is removed, so a crash leaves a usable identity and the next run
 //! finishes the move (and `provision` then makes the missing secondary).
 
+use crate::connector::Change;
 use crate::error::{Error, Result};
 use crate::identity::{Identity, State};
 use crate::keystore::Role;
@@ -60,7 +61,7 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     drop(ks);
     if promote {
         // The primary changed: the manifest follows and the connector restarts.
-        converge(ctx, &state, &cloud, true, false)?;
+        converge(ctx, &state, &cloud, Change::Certificates)?;
     }
     let id = Identity::load(&ctx.layout)?;
     if let Ok(c) = &id.role(Role::Secondary).cert {
