@@ -40,11 +40,13 @@ use crate::paths::Layout;
 mod errors;
 mod key;
 mod pin;
+pub mod pin_file;
 mod token;
 
 use errors::{ck, describe, write_error};
 use key::{ec_params, key_algorithm, public_der, Pkcs11Key};
-use pin::{check_user_pin_state, connector_pin_file, login, user_pin};
+use pin::{check_user_pin_state, login, user_pin};
+use pin_file::connector_pin_file;
 use token::{consumer_mounts, find_token, init_token, load_module, not_found, MODULE_HINT};
 
 /// Token label used when neither a flag nor an earlier run names one.
