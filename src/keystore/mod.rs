@@ -319,47 +319,7 @@ pub struct BackendRecord {
     pub mounts: Vec<PathBuf>,
 }
 
-/// Keystore errors: what failed, and what the user can do about it.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyStoreError {
-    #[error("{what}; {hint}")]
-    Unavailable { what: String, hint: String },
-
-    #[error("{what} is already in use by something sdv-provision did not create; {hint}")]
-    Occupied { what: String, hint: String },
-
-    #[error("key {uri} not found; run `sdv-provision provision --force` to make a new identity")]
-    NotFound { uri: String },
-
-    #[error("{alg} is not supported by this {keystore}; choose another --algorithm")]
-    UnsupportedAlgorithm {
-        alg: Algorithm,
-        keystore: &'static str,
-    },
-
-    #[error("{what}; {hint}")]
-    Rejected { what: String, hint: String },
-
-    #[error("{step} failed: {detail}")]
-    Backend { step: String, detail: String },
-
-    #[error("key URI {0} does not belong to this keystore")]
-    ForeignUri(String),
-
-    /// A secret the keystore needs, in a run that may not prompt (exit 2, a usage
-    /// error, like the tool's other missing answers).
-    #[error("{what} is needed but the run is non-interactive; pass {flag}")]
-    MissingAnswer { what: String, flag: String },
-}
-
-impl KeyStoreError {
-    pub fn backend(step: impl Into<String>, detail: impl Into<String>) -> Self {
-        KeyStoreError::Backend {
-            step: step.into(),
-            detail: detail.into(),
-        }
-    }
-}
+pub use crate::error::KeyStoreError;
 
 /// Convert a keystore failure inside rcgen's `sign` callback. rcgen's error type has no
 /// room for a cause, so the cause is logged here rather than dropped silently.

@@ -7,7 +7,10 @@ use super::KeyStoreError;
 
 /// A failed PKCS#11 call, keeping cryptoki's cause (the function and return value).
 pub(super) fn ck(step: impl Into<String>, e: CkError) -> KeyStoreError {
-    KeyStoreError::backend(step, describe(&e))
+    KeyStoreError::Pkcs11 {
+        step: step.into(),
+        source: e,
+    }
 }
 
 /// Like [`ck`] for calls that write to the token (`step` says what was being done,
@@ -38,26 +41,4 @@ pub(super) fn write_error(step: &str, token: &str, e: CkError) -> KeyStoreError 
     }
 }
 
-/// `C_Login: CKR_PIN_INCORRECT` — short, and greppable against the PKCS#11 spec.
-pub(super) fn describe(e: &CkError) -> String {
-    match e {
-        CkError::Pkcs11(rv, function) => {
-            format!(
-                "C_{function:?}: CKR_{}",
-                screaming_snake(&format!("{rv:?}"))
-            )
-        }
-        other => other.to_string(),
-    }
-}
-
-fn screaming_snake(camel: &str) -> String {
-    let mut out = String::with_capacity(camel.len() + 8);
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
-}
+pub(crate) use crate::error::describe_ck as describe;

@@ -43,7 +43,8 @@ mod pin;
 pub mod pin_file;
 mod token;
 
-use errors::{ck, describe, write_error};
+pub(crate) use errors::describe;
+use errors::{ck, write_error};
 use key::{ec_params, key_algorithm, public_der, Pkcs11Key};
 use pin::{check_user_pin_state, login, user_pin};
 use pin_file::connector_pin_file;

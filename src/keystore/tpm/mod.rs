@@ -59,6 +59,7 @@ pub const DEFAULT_SRK: u32 = 0x8100_0001;
 pub const DEFAULT_PRIMARY: u32 = 0x8100_0010;
 pub const DEFAULT_SECONDARY: u32 = 0x8100_0011;
 pub use crate::model::STAGED_OFFSET;
+
 pub struct TpmKeyStore {
     /// One ESAPI context per keystore. The keys handed out borrow it; see
     /// [`key::TpmKey`] for why it sits behind a mutex.
@@ -120,7 +121,10 @@ pub(crate) fn tss_error(step: &str, e: tss_esapi::Error) -> KeyStoreError {
             _ => {}
         }
     }
-    KeyStoreError::backend(step, e.to_string())
+    KeyStoreError::Tss {
+        step: step.into(),
+        source: e,
+    }
 }
 
 /// TPM answers to `TPM2_TestParms` / `TPM2_Create` that mean "I don't do this algorithm".

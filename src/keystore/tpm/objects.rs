@@ -147,6 +147,10 @@ impl TpmKeyStore {
             KeyStoreError::Backend { detail, .. } => {
                 KeyStoreError::backend(format!("evict TPM handle 0x{h:08x}"), detail)
             }
+            KeyStoreError::Tss { source, .. } => KeyStoreError::Tss {
+                step: format!("evict TPM handle 0x{h:08x}"),
+                source,
+            },
             other => other,
         })?;
         let mut stale = object;
