@@ -115,7 +115,7 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
-        self.open_keystore_with(kind, state, false, false)
+        self.open_keystore_with(kind, state, Purpose::Change)
     }
 
     /// [`Ctx::open_keystore`] for `provision`, the one command that may choose the
@@ -125,7 +125,7 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
-        self.open_keystore_with(kind, state, false, true)
+        self.open_keystore_with(kind, state, Purpose::Provision)
     }
 
     /// [`Ctx::open_keystore`] for commands that only read and take no lock (`verify`,
@@ -135,25 +135,46 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
-        self.open_keystore_with(kind, state, true, false)
+        self.open_keystore_with(kind, state, Purpose::Read)
     }
 
     fn open_keystore_with(
         &self,
         kind: KeystoreKind,
         state: Option<&State>,
-        read_only: bool,
-        manage_pin_file: bool,
+        purpose: Purpose,
     ) -> Result<Box<dyn KeyStore>> {
         let mut cfg = self.ks_config.clone();
-        cfg.read_only = read_only;
-        cfg.manage_pin_file = manage_pin_file;
+        cfg.read_only = purpose == Purpose::Read;
+        cfg.manage_pin_file = purpose == Purpose::Provision;
         if let Some(s) = state {
             cfg.recorded = s.backend.clone();
         }
         tracing::info!(keystore = %kind, tcti = ?cfg.tcti, module = ?cfg.pkcs11_module, "opening keystore");
         Ok(keystore::open(kind, &cfg, &self.layout)?)
     }
+}
+
+/// What a command opens a keystore for (see [`KeystoreConfig::read_only`] and
+/// [`KeystoreConfig::manage_pin_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A command that changes the identity but not the connector's PIN file.
+    Change,
+    /// `provision`: may choose the connector's PIN file.
+    Provision,
+    /// `verify`, `csr`: nothing is written while opening.
+    Read,
+}
+
+/// Whether a commit records the store's settings in the next state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settings {
+    /// `provision`: the store's settings (it converges the manifest afterwards).
+    Record,
+    /// `rotate`: the recorded ones, so the state never names settings the manifest
+    /// was not converged to.
+    Keep,
 }
 
 /// Run the parsed command line; returns the exit code.
@@ -493,9 +514,7 @@ pub fn build_keys(
 }
 
 /// [`txn::commit`]; the old identity's keystore is opened here when it is another
-/// one. `provision` records the store's settings in the next state (it converges
-/// the manifest afterwards); `rotate` keeps the recorded ones (`record_backend`
-/// false), so the state never names settings the manifest was not converged to.
+/// one; `settings` says whether the next state records the store's settings.
 pub fn commit(
     ctx: &Ctx,
     ks: &mut dyn KeyStore,
@@ -503,9 +522,9 @@ pub fn commit(
     built: Vec<txn::Built>,
     mut next: State,
     old: Option<&State>,
-    record_backend: bool,
+    settings: Settings,
 ) -> Result<State> {
-    if record_backend {
+    if settings == Settings::Record {
         next.backend = ks.record();
     }
     let old = match old {

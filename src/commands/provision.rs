@@ -22,6 +22,7 @@ use crate::txn::Plan;
 
 use super::{
     build_keys, commit, compatibility_warnings, converge, recover, report, update_manifest, Ctx,
+    Settings,
 };
 
 pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
@@ -221,7 +222,7 @@ fn complete_slots(
         days: args.days,
     };
     let (journal, built) = build_keys(ctx, ks, &plan)?;
-    commit(ctx, ks, journal, built, state, None, true)
+    commit(ctx, ks, journal, built, state, None, Settings::Record)
 }
 
 /// Step 3, build a new identity (none yet, or `--force`): all slots in the chosen
@@ -295,7 +296,7 @@ fn build_new(
         built,
         next,
         old_state.as_ref(),
-        true,
+        Settings::Record,
     )
 }
 

@@ -12,7 +12,7 @@ use crate::identity::{Identity, State};
 use crate::keystore::Role;
 use crate::txn::{Journal, Plan};
 
-use super::{build_keys, commit, converge, recover, report, Ctx};
+use super::{build_keys, commit, converge, recover, report, Ctx, Settings};
 
 pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     let _lock = ctx.lock()?;
@@ -57,7 +57,15 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     let mut base: State = state.clone();
     base.forget(Role::Primary);
     let old = staged.then_some(&base);
-    state = commit(ctx, ks.as_mut(), journal, built, state.clone(), old, false)?;
+    state = commit(
+        ctx,
+        ks.as_mut(),
+        journal,
+        built,
+        state.clone(),
+        old,
+        Settings::Keep,
+    )?;
     drop(ks);
     if promote {
         // The primary changed: the manifest follows and the connector restarts.
