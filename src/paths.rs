@@ -23,6 +23,8 @@ pub const SYS_CLASS_NET: &str = "/sys/class/net";
 pub const MANIFEST_DIR: &str = "/data/var/containers/manifests";
 /// Our state file: keystore, algorithm, key URIs, handles, in-flight work.
 pub const STATE_FILE: &str = "sdv-provision.state.json";
+/// The journal of in-flight work (see `txn`).
+pub const JOURNAL_FILE: &str = "sdv-provision.journal.json";
 pub const ID_SCOPE_FILE: &str = "azure.idscope";
 pub const CONNECTION_STRING_FILE: &str = "azure.connectionstring";
 /// The PIN file the PKCS#11 keystore writes for the connector (0600).

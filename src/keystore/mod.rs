@@ -20,6 +20,7 @@ mod uri;
 
 pub use uri::{KeyUri, Pkcs11Uri};
 
+use crate::model::Slot;
 pub use crate::model::{Algorithm, KeystoreKind, Role};
 
 /// Algorithms by their keys' encodings.
@@ -320,6 +321,43 @@ pub struct BackendRecord {
 }
 
 pub use crate::error::KeyStoreError;
+
+/// A key named in a journal or state: of `kind`'s backend; in `slot` when one is
+/// given (file name, label, handle range); a TPM key made by this version carries
+/// its Name (`need_name`).
+pub(crate) fn check_recorded_key(
+    kind: KeystoreKind,
+    slot: Option<Slot>,
+    key: &OwnedKey,
+    need_name: bool,
+) -> std::result::Result<(), String> {
+    let slots: Vec<Slot> = match slot {
+        Some(s) => vec![s],
+        None => Slot::ALL.to_vec(),
+    };
+    let uri = &key.uri;
+    let fits = match (kind, uri) {
+        (KeystoreKind::File, KeyUri::File(p)) => {
+            slots.iter().any(|s| *p == file::key_path(s.role, s.staged))
+        }
+        (KeystoreKind::Tpm, KeyUri::TpmHandle(h)) => {
+            (0x8100_0000..=0x817F_FFFF).contains(h) && (key.tpm_name.is_some() || !need_name)
+        }
+        #[cfg(feature = "pkcs11")]
+        (KeystoreKind::Pkcs11, KeyUri::Pkcs11(u)) => slots
+            .iter()
+            .any(|s| u.object == pkcs11::label(s.role, s.staged)),
+        _ => false,
+    };
+    if key.tpm_name.is_some() && kind != KeystoreKind::Tpm {
+        return Err(format!("{uri}: only a TPM key has a TPM Name"));
+    }
+    if fits {
+        Ok(())
+    } else {
+        Err(format!("{uri} is not a {kind} key sdv-provision makes"))
+    }
+}
 
 /// Convert a keystore failure inside rcgen's `sign` callback. rcgen's error type has no
 /// room for a cause, so the cause is logged here rather than dropped silently.
