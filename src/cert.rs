@@ -91,6 +91,40 @@ pub struct CertInfo {
     pub chain_len: usize,
 }
 
+/// Every `CERTIFICATE` block of a PEM file, in order; anything else between or
+/// around them (comments, `openssl x509 -text` output) is ignored.
+///
+/// Each block is base64-decoded whole and then parsed from the bytes. Not x509-cert
+/// 0.2's `load_pem_chain`: its streaming PEM reader never returns on a block whose
+/// DER header claims more bytes than the block holds (`MIIB` alone hung
+/// `import-cert`, and a truncated `device.crt` would hang every command; found by
+/// fuzz/fuzz_targets/cert_import.rs).
+fn pem_chain(pem: &[u8]) -> std::result::Result<Vec<Certificate>, String> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let mut certs = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = find(rest, BEGIN) {
+        let block = &rest[start..];
+        let end =
+            find(block, END).ok_or("a PEM block has no `-----END CERTIFICATE-----`")? + END.len();
+        let (label, der) = der::pem::decode_vec(&block[..end])
+            .map_err(|e| format!("not a PEM certificate ({e})"))?;
+        if label != "CERTIFICATE" {
+            return Err(format!("a PEM block is a {label}, not a CERTIFICATE"));
+        }
+        let cert = Certificate::from_der(&der)
+            .map_err(|e| format!("certificate {} is not valid DER ({e})", certs.len() + 1))?;
+        certs.push(cert);
+        rest = &block[end..];
+    }
+    if certs.is_empty() {
+        return Err("not a PEM certificate (no `-----BEGIN CERTIFICATE-----`)".into());
+    }
+    Ok(certs)
+}
+
 impl CertInfo {
     /// Parse the first certificate of a PEM file (the rest is its chain).
     pub fn from_pem(path: &Path, pem: &[u8]) -> Result<CertInfo> {
@@ -98,13 +132,10 @@ impl CertInfo {
             path: path.to_owned(),
             detail,
         };
-        // x509-cert 0.2 computes `len - 1` of the input stripped of trailing CR/LF:
-        // an empty file would underflow (a panic in debug builds).
-        if pem.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+        if pem.iter().all(|b| b.is_ascii_whitespace()) {
             return Err(bad("the file is empty, no certificate in it".into()));
         }
-        let chain = Certificate::load_pem_chain(pem)
-            .map_err(|e| bad(format!("not a PEM certificate ({e})")))?;
+        let chain = pem_chain(pem).map_err(bad)?;
         let cert = chain
             .first()
             .ok_or_else(|| bad("no certificate in file".into()))?;
@@ -227,6 +258,45 @@ mod tests {
             assert_eq!(reopened.alg(), alg);
             assert!(key_matches(reopened.as_ref(), &info.spki).unwrap());
         }
+    }
+
+    /// Before: x509-cert's `load_pem_chain` never returned on this input (the DER
+    /// header claims more bytes than the block holds): `import-cert` hung.
+    #[test]
+    fn truncated_pem_is_refused_not_hung() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+            let _ = tx.send(CertInfo::from_pem(Path::new("x"), pem).map(|_| ()));
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(10));
+        let e = r.expect("from_pem returned").unwrap_err().to_string();
+        assert!(
+            e.contains("not valid DER") || e.contains("not a PEM"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pem_chains_keep_their_order_and_ignore_text_around_them() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ks = FileKeyStore::new(Layout::new(d.path()));
+        let uri = ks.plan(Role::Primary, false).unwrap();
+        let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
+        let a = self_signed(key.as_ref(), "dev-a", 30).unwrap();
+        let b = self_signed(key.as_ref(), "dev-b", 30).unwrap();
+        let text = format!("Certificate:\n  (text)\n{a}\nsome comment\n{b}");
+        let info = CertInfo::from_pem(Path::new("x"), text.as_bytes()).unwrap();
+        assert_eq!(info.subject_cn.as_deref(), Some("dev-a"));
+        assert_eq!(info.chain_len, 1);
+        for bad in ["", "\n \n", "no pem", "-----BEGIN CERTIFICATE-----\nMIIB\n"] {
+            assert!(
+                CertInfo::from_pem(Path::new("x"), bad.as_bytes()).is_err(),
+                "{bad:?}"
+            );
+        }
+        let key_pem = a.replace("CERTIFICATE", "PRIVATE KEY");
+        assert!(CertInfo::from_pem(Path::new("x"), key_pem.as_bytes()).is_err());
     }
 
     /// Two self-signed certificates of one subject carry different key identifiers,

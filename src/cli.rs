@@ -93,6 +93,7 @@ impl Cli {
             || top.algorithm.is_some()
             || top.device_id.is_some()
             || top.force
+            || top.no_register
             || top.days != ProvisionArgs::DEFAULT_DAYS;
         let sub = match &self.command {
             None => return Ok(top.clone()),
@@ -137,6 +138,53 @@ impl Cli {
             },
             device_id: pick("--device-id", &sub.device_id, &top.device_id)?,
             force: sub.force || top.force,
+            dps: sub.dps.merge(&top.dps)?,
+            no_register: sub.no_register || top.no_register,
+        })
+    }
+
+    /// The DPS flags of `register`: after the subcommand word, or before it.
+    pub fn register_args(&self) -> Result<DpsArgs, String> {
+        match &self.command {
+            Some(Command::Register(sub)) => sub.merge(&self.provision.dps),
+            _ => Ok(self.provision.dps.clone()),
+        }
+    }
+}
+
+/// Where DPS is and whom to trust for it (DESIGN §3b); recorded in the state, so
+/// later runs need neither flag.
+#[derive(Debug, Clone, Default, PartialEq, Args)]
+pub struct DpsArgs {
+    /// DPS service endpoint [env: SDV_PROVISION_DPS_ENDPOINT; default: what the
+    /// state recorded, else global.azure-devices-provisioning.net].
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub dps_endpoint: Option<String>,
+
+    /// PEM file with the CA certificate(s) the DPS server's certificate must chain to,
+    /// instead of the system roots (private clouds, tests) [env:
+    /// SDV_PROVISION_DPS_CA_FILE; default: what the state recorded].
+    #[arg(long, value_name = "FILE")]
+    pub dps_ca_file: Option<PathBuf>,
+}
+
+impl DpsArgs {
+    fn merge(&self, other: &DpsArgs) -> Result<DpsArgs, String> {
+        fn pick<T: Clone + PartialEq>(
+            name: &str,
+            a: &Option<T>,
+            b: &Option<T>,
+        ) -> Result<Option<T>, String> {
+            match (a, b) {
+                (Some(x), Some(y)) if x != y => {
+                    Err(format!("{name} is given twice with different values"))
+                }
+                _ => Ok(a.clone().or_else(|| b.clone())),
+            }
+        }
+        Ok(DpsArgs {
+            dps_endpoint: pick("--dps-endpoint", &self.dps_endpoint, &other.dps_endpoint)?,
+            dps_ca_file: pick("--dps-ca-file", &self.dps_ca_file, &other.dps_ca_file)?,
         })
     }
 }
@@ -252,6 +300,9 @@ pub enum Command {
         /// PEM file: the certificate, then its chain.
         file: PathBuf,
     },
+    /// Register with DPS through the device key (TLS client certificate = the primary);
+    /// records the assigned hub. Changes nothing on disk when it fails.
+    Register(DpsArgs),
     /// Remove the identity: certificates, keys, token objects, TPM handles, manifest entries.
     Reset {
         /// Do not ask for confirmation (required when not on a terminal).
@@ -297,6 +348,14 @@ pub struct ProvisionArgs {
     /// the new ones are in place.
     #[arg(long)]
     pub force: bool,
+
+    #[command(flatten)]
+    pub dps: DpsArgs,
+
+    /// With DPS and a TPM or PKCS#11 key, do not register at the end (run
+    /// `sdv-provision register` later).
+    #[arg(long)]
+    pub no_register: bool,
 }
 
 impl ProvisionArgs {

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -113,7 +114,7 @@ impl ConnectionString {
             return Err("the connection string contains non-ASCII characters".into());
         }
         let (mut host, mut dev, mut key, mut x509) = (None, None, false, false);
-        for part in s.split(';') {
+        for (i, part) in s.split(';').enumerate() {
             // An empty segment (`;;`, a trailing `;`) is stored verbatim in the
             // manifest, where the connector's own parser would stumble on it.
             if part.is_empty() {
@@ -121,9 +122,14 @@ impl ConnectionString {
                     "the connection string has an empty segment (`;;` or a trailing `;`)".into(),
                 );
             }
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                "the connection string must be Key=Value pairs separated by ';'".to_string()
-            })?;
+            // From here on an error names a key only once it is one of ours: a
+            // malformed part may be the SharedAccessKey itself (DESIGN §6).
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| malformed_part(i, part))?;
+            if !KEYS.contains(&k) {
+                return Err(malformed_part(i, part));
+            }
             if v.is_empty() {
                 return Err(format!("{k} has an empty value in the connection string"));
             }
@@ -164,12 +170,7 @@ impl ConnectionString {
                     }
                     x509 = true;
                 }
-                "GatewayHostName" => check_host(k, v)?,
-                other => {
-                    return Err(format!(
-                        "unknown key {other:?} in the connection string (expected HostName, DeviceId, SharedAccessKey, x509, GatewayHostName)"
-                    ))
-                }
+                _ => check_host(k, v)?,
             }
         }
         Ok(ConnectionString {
@@ -184,6 +185,30 @@ impl ConnectionString {
     /// The full string, secret included: for the 0600 file and the manifest only.
     pub fn expose(&self) -> &str {
         self.raw.expose_secret()
+    }
+}
+
+/// The keys a connection string may hold.
+const KEYS: [&str; 5] = [
+    "HostName",
+    "DeviceId",
+    "SharedAccessKey",
+    "x509",
+    "GatewayHostName",
+];
+
+/// The error for part `i` (0-based) whose key is not one of [`KEYS`] followed by
+/// `=`. It names the part by position and the known key it starts with, never its
+/// text: `SharedAccessKeyc2Vj…=` (the `=` forgotten) is the key itself.
+fn malformed_part(i: usize, part: &str) -> String {
+    let n = i + 1;
+    match KEYS.iter().find(|k| part.starts_with(**k)) {
+        Some(k) => format!(
+            "part {n} of the connection string: the part after `{k}` has no `=` (expected {k}=VALUE)"
+        ),
+        None => format!(
+            "part {n} of the connection string is not Key=Value with a known key (expected HostName, DeviceId, SharedAccessKey, x509 or GatewayHostName, each as Key=Value, separated by ';')"
+        ),
     }
 }
 
@@ -227,12 +252,28 @@ pub fn from_flags(
     Ok(None)
 }
 
+/// Read a file that may hold a connection string, trimmed. Every copy of its bytes
+/// is zeroized on drop (a non-UTF-8 file too); the error names the file, never its
+/// content.
+pub fn read_secret_text(path: &std::path::Path) -> Result<Option<Zeroizing<String>>> {
+    let Some(bytes) = fsutil::read_optional(path)?.map(Zeroizing::new) else {
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|_| {
+        Error::input(
+            format!("{} is not UTF-8 text", path.display()),
+            "write the connection string as text into the file",
+        )
+    })?;
+    Ok(Some(Zeroizing::new(text.trim().to_owned())))
+}
+
 /// The backend configured on disk, if any.
 pub fn load(layout: &Layout) -> Result<Option<Cloud>> {
     let scope_path = layout.host_cert_file(ID_SCOPE_FILE);
     let cs_path = layout.host_cert_file(CONNECTION_STRING_FILE);
     let scope = fsutil::read_optional_string(&scope_path)?;
-    let cs = fsutil::read_optional_string(&cs_path)?.map(zeroize::Zeroizing::new);
+    let cs = read_secret_text(&cs_path)?;
     match (scope, cs) {
         (Some(_), Some(_)) => Err(Error::input(
             format!(
@@ -255,7 +296,7 @@ pub fn load(layout: &Layout) -> Result<Option<Cloud>> {
             }))
         }
         (None, Some(s)) => {
-            let cs = ConnectionString::parse(s.trim()).map_err(|e| {
+            let cs = ConnectionString::parse(&s).map_err(|e| {
                 Error::input(
                     format!("{}: {e}", cs_path.display()),
                     "fix the file or remove it and run sdv-provision again",
@@ -334,5 +375,30 @@ mod tests {
         let err =
             ConnectionString::parse("HostName=h;DeviceId=d;SharedAccessKey=sec!ret").unwrap_err();
         assert!(!err.contains("sec!ret"));
+    }
+
+    /// Before: the `=` after the key name missing, the part was split at the key's
+    /// own padding and the error printed 43 of its 44 characters.
+    #[test]
+    fn malformed_parts_name_the_field_not_the_value() {
+        let key = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=";
+        for bad in [
+            format!("HostName=h;DeviceId=d;SharedAccessKey{key}"),
+            format!("HostName=h;DeviceId=d;SharedAccessKey{key}="),
+            format!("HostName=h;DeviceId=d;{key}"),
+            format!("HostName=h;DeviceId=d;Shared{key}"),
+            format!("HostName=h;DeviceId=d;SharedAccessKey:{key}"),
+        ] {
+            let err = ConnectionString::parse(&bad).unwrap_err();
+            for w in key.as_bytes().windows(8) {
+                assert!(!err.contains(std::str::from_utf8(w).unwrap()), "{err}");
+            }
+        }
+        let err = ConnectionString::parse(&format!("HostName=h;DeviceId=d;SharedAccessKey{key}"))
+            .unwrap_err();
+        assert!(
+            err.contains("the part after `SharedAccessKey` has no `=`"),
+            "{err}"
+        );
     }
 }

@@ -57,6 +57,9 @@ pub enum Error {
     #[error("certificate {path}: {detail}")]
     Certificate { path: PathBuf, detail: String },
 
+    #[error("{0}")]
+    Dps(#[from] crate::dps::DpsError),
+
     #[error("cannot build certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
 

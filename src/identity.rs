@@ -47,6 +47,10 @@ pub struct State {
     /// The keys were made by the original shell script and adopted as they were.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopted: bool,
+    /// DPS endpoint, trust and assignment (DESIGN §3b); absent until `register` or
+    /// `provision --dps-*` records them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dps: Option<crate::dps::DpsRecord>,
 }
 
 impl State {
@@ -60,6 +64,7 @@ impl State {
             tpm_names: BTreeMap::new(),
             backend: BackendRecord::default(),
             adopted: false,
+            dps: None,
         }
     }
 
@@ -88,6 +93,9 @@ impl State {
             return Err(format!("unknown version {}", self.version));
         }
         crate::device_id::validate(&self.device_id)?;
+        if let Some(d) = &self.dps {
+            d.validate().map_err(|e| format!("dps: {e}"))?;
+        }
         let b = &self.backend;
         for (role, uri) in &self.keys {
             let key = OwnedKey {

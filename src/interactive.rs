@@ -10,11 +10,16 @@ use crate::output::Out;
 /// Ask for the cloud backend, with the original script's wording. Bad input re-asks.
 pub fn ask_cloud(out: &Out, device_id: &str) -> Result<Cloud> {
     out.say(" - Neither Id Scope file nor ConnectionString found, needs manual configuration");
+    // The question is a line of its own, as in the original script, and the Select
+    // prompt is short: dialoguer redraws only the last terminal line of its prompt,
+    // so a prompt that wraps was drawn twice once the choice was made. On stderr,
+    // where dialoguer draws.
+    crate::output::stderr(
+        "Do you want to use the global Azure IoT Device Provisioning Service (DPS) by using an Id Scope, \
+         or do you want to use a direct connection to a specific Azure IoT Hub using a Connection String?\n",
+    );
     let choice = Select::with_theme(&SimpleTheme)
-        .with_prompt(
-            "Do you want to use the global Azure IoT Device Provisioning Service (DPS) by using an Id Scope, \
-             or do you want to use a direct connection to a specific Azure IoT Hub using a Connection String?",
-        )
+        .with_prompt("Your choice")
         .items(&[
             "d) Azure IoT Device Provisioning Service (DPS) with Id Scope",
             "h) Azure IoT Hub with Connection String",

@@ -6,6 +6,7 @@
 pub mod cert;
 pub mod cloud;
 pub mod device_id;
+pub mod dps;
 pub mod error;
 pub mod fsutil;
 pub mod inroot;
@@ -13,6 +14,7 @@ pub mod keystore;
 pub mod manifest;
 pub mod model;
 pub mod paths;
+pub mod process;
 
 pub use error::{Error, Result};
 pub mod cli;
@@ -22,6 +24,7 @@ pub mod identity;
 pub mod interactive;
 pub mod output;
 pub mod progress;
+pub mod secret_modes;
 pub mod txn;
 
 /// Find a program on PATH.

@@ -144,9 +144,10 @@ impl Manifest {
         if self.current.as_ref() == Some(new) {
             return Ok(false);
         }
+        // The bytes may hold the SharedAccessKey: wiped once written.
         fsutil::atomic_write(
             &self.path,
-            &to_bytes(new),
+            &zeroize::Zeroizing::new(to_bytes(new)),
             if secret {
                 fsutil::SECRET
             } else {
@@ -376,7 +377,10 @@ fn reconcile_mounts(
         if !owned_source(src) {
             return true;
         }
-        let keep = needed.iter().any(|(n, _)| n == src) && !seen.iter().any(|s| s == src);
+        // One of ours without a destination is replaced, not kept beside the new one.
+        let keep = needed.iter().any(|(n, _)| n == src)
+            && !seen.iter().any(|s| s == src)
+            && m.get("destination").is_some_and(Value::is_string);
         seen.push(src.to_owned());
         keep
     });
@@ -586,6 +590,30 @@ mod tests {
             .iter()
             .map(|e| e.as_str().unwrap().to_owned())
             .collect()
+    }
+
+    /// Found by fuzz/fuzz_targets/manifest_merge.rs: a mount of ours without a
+    /// destination was kept and a second one appended; the next merge moved it, so
+    /// every run rewrote the manifest (and restarted the connector).
+    #[test]
+    fn an_owned_mount_without_destination_is_replaced_and_the_merge_is_stable() {
+        let base = json!({
+            "mount_points": [
+                {"source": "/data/var/certificates/device.crt", "desthnation": "/device.crt"},
+                {"source": "/data/var/mosquitto", "destination": "/mosquitto"}
+            ]
+        });
+        let want = file_want("0ne0012345A");
+        let once = apply(&base, &want).unwrap();
+        assert_eq!(apply(&once, &want).unwrap(), once);
+        let crt: Vec<&Value> = once["mount_points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["source"] == "/data/var/certificates/device.crt")
+            .collect();
+        assert_eq!(crt.len(), 1, "{once}");
+        assert_eq!(crt[0]["destination"], "/var/certificates/device.crt");
     }
 
     #[test]

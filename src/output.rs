@@ -23,16 +23,69 @@ pub struct Out {
 impl Out {
     pub fn say(&self, line: impl AsRef<str>) {
         if self.human {
-            let mut o = std::io::stdout().lock();
-            let _ = writeln!(o, "{}", line.as_ref());
+            stdout(&format!("{}\n", line.as_ref()));
         }
     }
 
     pub fn warn(&self, line: impl AsRef<str>) {
         if self.warnings {
-            eprintln!("warning: {}", line.as_ref());
+            warning(line.as_ref());
         }
     }
+}
+
+/// Which stream failed first, and why (for the one `error:` line at the end).
+static FAILED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Write `text` to stdout. Every byte the tool prints goes through [`stdout`],
+/// [`stderr`] or [`write_to`]: a failed write (a full disk, a closed pipe) never
+/// panics. It is recorded and the run carries on, so a transaction in flight still
+/// finishes; `main` then exits 1 ([`failure`]). Returns whether the write worked.
+pub fn stdout(text: &str) -> bool {
+    write_to("stdout", |w| w.write_all(text.as_bytes()))
+}
+
+/// Write `text` to stderr (see [`stdout`]).
+pub fn stderr(text: &str) -> bool {
+    let mut e = std::io::stderr().lock();
+    record(
+        "stderr",
+        e.write_all(text.as_bytes()).and_then(|()| e.flush()),
+    )
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--quiet`: [`warning`] prints nothing (set once, when the run's context is made).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// One `warning: …` line on stderr unless `--quiet`, for code without an [`Out`]
+/// (see [`stdout`]).
+pub fn warning(line: &str) -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed) || stderr(&format!("warning: {line}\n"))
+}
+
+/// Run `f` on a locked, flushed stdout (a `--json` document): see [`stdout`].
+pub fn write_to(name: &'static str, f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> bool {
+    let mut o = std::io::stdout().lock();
+    record(name, f(&mut o).and_then(|()| o.flush()))
+}
+
+fn record(name: &str, r: std::io::Result<()>) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            let _ = FAILED.set(format!("cannot write to {name} ({e})"));
+            false
+        }
+    }
+}
+
+/// The first failed write of this run, if any: the run's exit code is then 1.
+pub fn failure() -> Option<&'static str> {
+    FAILED.get().map(String::as_str)
 }
 
 #[derive(Debug, Serialize)]
@@ -52,6 +105,9 @@ pub struct Report {
 pub enum CloudReport {
     Dps {
         id_scope: String,
+        /// `null` until `register` succeeded (DESIGN §3b).
+        assigned_hub: Option<String>,
+        assigned_device_id: Option<String>,
     },
     Hub {
         host_name: String,
@@ -59,11 +115,13 @@ pub enum CloudReport {
     },
 }
 
-impl From<&Cloud> for CloudReport {
-    fn from(c: &Cloud) -> Self {
+impl CloudReport {
+    fn new(c: &Cloud, assignment: Option<&crate::dps::Assignment>) -> Self {
         match c {
             Cloud::Dps { id_scope } => CloudReport::Dps {
                 id_scope: id_scope.clone(),
+                assigned_hub: assignment.map(|a| a.assigned_hub.clone()),
+                assigned_device_id: assignment.map(|a| a.device_id.clone()),
             },
             Cloud::Hub(cs) => CloudReport::Hub {
                 host_name: cs.host_name.clone(),
@@ -109,7 +167,10 @@ impl Report {
                 .as_ref()
                 .map(|s| s.keystore)
                 .or(id.legacy.then_some(KeystoreKind::File)),
-            cloud: id.cloud.as_ref().map(CloudReport::from),
+            cloud: id
+                .cloud
+                .as_ref()
+                .map(|c| CloudReport::new(c, assignment(id))),
             certificates: id.roles.iter().map(|r| cert_report(layout, r)).collect(),
             manifest: manifest_exists.then(|| layout.host(MANIFEST).display().to_string()),
             problems,
@@ -117,10 +178,20 @@ impl Report {
     }
 
     pub fn print_json(&self) {
-        let mut o = std::io::stdout().lock();
-        let _ = serde_json::to_writer_pretty(&mut o, self);
-        let _ = writeln!(o);
+        print_json(self);
     }
+}
+
+fn assignment(id: &Identity) -> Option<&crate::dps::Assignment> {
+    id.state.as_ref()?.dps.as_ref()?.assignment.as_ref()
+}
+
+/// A `--json` document on stdout, pretty, newline-terminated (see [`stdout`]).
+pub fn print_json(doc: &impl Serialize) -> bool {
+    write_to("stdout", |o| {
+        serde_json::to_writer_pretty(&mut *o, doc)?;
+        writeln!(o)
+    })
 }
 
 fn cert_report(layout: &Layout, r: &RoleView) -> CertReport {
@@ -152,6 +223,16 @@ pub fn print_identity(out: &Out, layout: &Layout, id: &Identity) {
         out.say(format!("- Keystore: {} ({})", s.keystore, s.algorithm));
     } else if id.legacy {
         out.say("- Keystore: file (keys left by the original sdv-provision script)");
+    }
+    match (&id.cloud, assignment(id), &id.state) {
+        (Some(Cloud::Dps { .. }), Some(a), _) => out.say(format!(
+            "- DPS assignment: device {} on hub {}",
+            a.device_id, a.assigned_hub
+        )),
+        (Some(Cloud::Dps { .. }), None, Some(s)) if s.keystore != KeystoreKind::File => {
+            out.say("- DPS assignment: not registered yet (run `sdv-provision register`)")
+        }
+        _ => {}
     }
     for r in &id.roles {
         out.say(format!(

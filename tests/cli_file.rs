@@ -1068,7 +1068,9 @@ fn check_schema(fr: &FakeRoot, doc: &Value, alg: &str, kind: &str) -> Vec<Value>
     match kind {
         "dps" => assert_eq!(
             doc["cloud"],
-            serde_json::json!({"kind": "dps", "id_scope": GOOD_SCOPE})
+            // DESIGN §5/§3b: the DPS assignment is null until `register` succeeded.
+            serde_json::json!({"kind": "dps", "id_scope": GOOD_SCOPE,
+                "assigned_hub": null, "assigned_device_id": null})
         ),
         _ => assert_eq!(doc["cloud"]["kind"], "hub"),
     }

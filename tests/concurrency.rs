@@ -27,7 +27,7 @@ fn device() -> tempfile::TempDir {
 }
 
 fn cmd(root: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(common::bin());
+    let mut c = common::tool();
     c.arg("--root")
         .arg(root)
         .args(["--no-restart", "--non-interactive", "--keystore", "file"])

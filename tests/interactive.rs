@@ -127,6 +127,18 @@ fn interactive_hub_hidden_connection_string() {
         matches!(status, WaitStatus::Exited(_, 0)),
         "{status:?}\n{seen}"
     );
+    // The screen: the question once, on a line of its own, and the short prompt
+    // with the answer. Before, the question was the Select prompt itself: it
+    // wrapped, and dialoguer redrew only its last line, so it stood twice.
+    assert_eq!(
+        seen.matches("Do you want to use the global").count(),
+        1,
+        "{seen}"
+    );
+    assert!(
+        seen.contains("Your choice: h) Azure IoT Hub with Connection String"),
+        "{seen}"
+    );
     // Hidden input: the secret never showed on the terminal.
     assert!(
         !seen.contains(SECRET_KEY),
@@ -159,4 +171,100 @@ fn non_interactive_flag_on_a_terminal_does_not_prompt() {
     );
     assert!(!seen.contains("Do you want to use"), "{seen}");
     assert_same_tree(&before, &fr.snapshot(), "--non-interactive on a tty");
+}
+
+/// DPS with a hardware key, not enrolled yet: on a terminal, provision offers to
+/// retry the registration once the user has enrolled (issue 16).
+#[cfg(feature = "pkcs11")]
+#[test]
+fn interactive_provision_retries_the_dps_registration() {
+    use common::dps::{Dps, Mode, HUB_A};
+    if !common::softhsm::available() {
+        return;
+    }
+    let store = common::softhsm::PrivateStore::new("leda");
+    let dps = Dps::start(Mode::NotEnrolled);
+    let fr = FakeRoot::with_template();
+    let mut cmd: Command = fr.cmd();
+    cmd.args(["--keystore", "pkcs11", "--pkcs11-module"])
+        .arg(&store.module)
+        .arg("--pkcs11-pin-file")
+        .arg(&store.pin_file)
+        .args([
+            "--no-restart",
+            "--algorithm",
+            "ecdsa-p256",
+            "--id-scope",
+            GOOD_SCOPE,
+        ])
+        .args(["--dps-endpoint", &dps.endpoint(), "--dps-ca-file"])
+        .arg(&dps.ca_file)
+        .envs(store.env())
+        .env("TERM", "xterm")
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let mut p = rexpect::session::spawn_command(cmd, Some(TIMEOUT_MS)).expect("spawn on a pty");
+    let mut seen = String::new();
+    expect(&mut p, "then run `sdv-provision register`", &mut seen);
+    expect(&mut p, "Retry the DPS registration now", &mut seen);
+    expect(&mut p, "[y/N]", &mut seen);
+    dps.set_mode(Mode::Assigned);
+    p.send_line("y").unwrap();
+    expect(&mut p, &format!("to hub {HUB_A}"), &mut seen);
+    assert_eq!(
+        finish(&mut p, &mut seen),
+        WaitStatus::Exited(p.process().child_pid, 0),
+        "{seen}"
+    );
+    let state = fs::read_to_string(fr.cert_file("sdv-provision.state.json")).unwrap();
+    assert!(state.contains(HUB_A), "{state}");
+}
+
+/// The hidden prompt's retry message for a malformed connection string names what
+/// is wrong, never a part of the SharedAccessKey (DESIGN §6).
+#[test]
+fn interactive_retry_message_never_echoes_the_key() {
+    let fr = FakeRoot::with_manifest();
+    let mut p = spawn(&fr, &[]);
+    let mut seen = String::new();
+    choose(&mut p, &mut seen);
+    p.send(DOWN).unwrap();
+    p.send(ENTER).unwrap();
+    p.flush().unwrap();
+    let h = "HostName=hub.azure-devices.net";
+    let bad = [
+        format!("{h};DeviceId={ETH0_ID};SharedAccessKey{SECRET_KEY}"),
+        format!("{h};DeviceId={ETH0_ID};{SECRET_KEY}"),
+        format!("{h};DeviceId={ETH0_ID};SharedAccessKey={SECRET_KEY}!"),
+        format!("{h};DeviceId={SECRET_KEY}"),
+    ];
+    // Core dumps are off before any secret is read (DESIGN §6 "The process").
+    let limits = fs::read_to_string(format!("/proc/{}/limits", p.process().child_pid)).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
+    for b in &bad {
+        expect(&mut p, "Connection String of the device", &mut seen);
+        p.send_line(b).unwrap();
+        expect(&mut p, "error: ", &mut seen);
+    }
+    expect(&mut p, "Connection String of the device", &mut seen);
+    p.send_line(&hub_cs(ETH0_ID)).unwrap();
+    expect(&mut p, "Primary thumbprint: ", &mut seen);
+    let status = finish(&mut p, &mut seen);
+    assert!(
+        matches!(status, WaitStatus::Exited(_, 0)),
+        "{status:?}\n{seen}"
+    );
+    for i in 0..=SECRET_KEY.len() - 8 {
+        let w = &SECRET_KEY[i..i + 8];
+        assert!(!seen.contains(w), "{w:?} of the key was shown:\n{seen}");
+    }
 }

@@ -1393,3 +1393,400 @@ fn softhsm_reset_leaves_a_foreign_key_under_our_label() {
         "the foreign pair must survive the reset"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// DPS registration through the device key (issue 16, DESIGN §3b), against the
+// stand-in of tests/common/dps.rs
+// ---------------------------------------------------------------------------------
+
+use common::dps::{Dps, Mode, HUB_A};
+
+impl Device {
+    /// `register` against `dps`, with its CA, with the fake `kanto-cm` in reach.
+    fn register(&self, dps: &Dps, extra_env: &[(&str, &str)]) -> Run {
+        let mut c = self.base_cmd();
+        c.args([
+            "register",
+            "--dps-endpoint",
+            &dps.endpoint(),
+            "--dps-ca-file",
+        ])
+        .arg(&dps.ca_file);
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        Run::from(c.output().expect("run sdv-provision"))
+    }
+
+    /// Run without the harness's DPS endpoint, so the one the state recorded is used.
+    fn run_recorded(&self, args: &[&str]) -> Run {
+        Run::from(
+            self.base_cmd()
+                .env_remove("SDV_PROVISION_DPS_ENDPOINT")
+                .arg("--no-restart")
+                .args(args)
+                .output()
+                .expect("run sdv-provision"),
+        )
+    }
+
+    fn hardware(&self) -> bool {
+        self.kind() != Kind::File
+    }
+
+    fn primary_sha256(&self) -> String {
+        field(&self.status(), "primary", "sha256_thumbprint").to_owned()
+    }
+
+    fn state_json(&self) -> Value {
+        read_json(&self.cert("sdv-provision.state.json"))
+    }
+}
+
+/// The cloud entries of the manifest: for a registered hardware key the hub's x509
+/// connection string instead of ID_SCOPE; the file keystore keeps ID_SCOPE.
+fn assert_manifest_cloud(d: &Device, hub: Option<&str>) {
+    let m = read_json(&d.fr.p(MANIFEST));
+    let cs = env_values(&m, "CONNECTION_STRING");
+    let scope = env_values(&m, "ID_SCOPE");
+    match hub {
+        Some(h) if d.hardware() => {
+            assert_eq!(cs, [format!("HostName={h};DeviceId={ETH0_ID};x509=true")]);
+            assert!(scope.is_empty(), "{scope:?}");
+        }
+        _ => {
+            assert!(cs.is_empty(), "{cs:?}");
+            assert_eq!(scope, [GOOD_SCOPE]);
+        }
+    }
+}
+
+/// Registers `d` (already provisioned) with a fresh stand-in; checks the protocol.
+fn register_and_check(d: &Device, dps: &Dps) {
+    dps.expect_client(&d.cert("device.crt"));
+    let r = d.register(dps, &[]).ok();
+    assert_eq!(dps.violations(), Vec::<String>::new());
+    assert_eq!(dps.client_thumbprints(), [d.primary_sha256()], "{r}");
+    assert_eq!(
+        dps.connections(),
+        1,
+        "one TLS connection for the PUT and the polls"
+    );
+    let reqs = dps.requests();
+    assert_eq!(
+        reqs.iter().map(|q| q.method.as_str()).collect::<Vec<_>>(),
+        ["PUT", "GET"]
+    );
+    assert!(reqs[0].target.starts_with(&format!(
+        "/{GOOD_SCOPE}/registrations/{ETH0_ID}/register?api-version="
+    )));
+    assert!(
+        reqs[1].at - reqs[0].at >= std::time::Duration::from_millis(950),
+        "Retry-After: 1 was not honoured"
+    );
+    let s = d.status();
+    assert_eq!(s["cloud"]["assigned_hub"], HUB_A, "{s}");
+    assert_eq!(s["cloud"]["assigned_device_id"], ETH0_ID);
+    assert_manifest_cloud(d, Some(HUB_A));
+}
+
+/// `register` through the primary key on every keystore (ECDSA P-256, TLS 1.3): the
+/// stand-in sees the primary's certificate on one connection; state, status and
+/// manifest record the assignment. Again with the same assignment: nothing on disk
+/// changes and nothing restarts. A new hub: manifest updated, connector restarted.
+fn dps_register_records_the_assignment(kind: Kind) {
+    let Some(d) = Device::start(kind) else { return };
+    d.provision("ecdsa-p256");
+    let before = d.status();
+    assert_eq!(before["cloud"]["assigned_hub"], Value::Null, "{before}");
+    assert_eq!(before["cloud"]["assigned_device_id"], Value::Null);
+    assert_manifest_cloud(&d, None);
+    let dps = Dps::start(Mode::Assigned);
+    d.fr.clear_calls();
+    register_and_check(&d, &dps);
+    let restarted = !d.fr.calls().is_empty();
+    assert_eq!(restarted, d.hardware(), "{:?}", d.fr.calls());
+    d.verify_passes();
+
+    let snap = d.fr.snapshot();
+    d.fr.clear_calls();
+    d.register(&dps, &[]).ok();
+    assert_same_tree(&snap, &d.fr.snapshot(), "the same assignment again");
+    assert_eq!(d.fr.calls(), Vec::<String>::new());
+
+    dps.set_hub("hub-b.azure-devices.net");
+    d.register(&dps, &[]).ok();
+    assert_eq!(
+        d.status()["cloud"]["assigned_hub"],
+        "hub-b.azure-devices.net"
+    );
+    assert_manifest_cloud(&d, Some("hub-b.azure-devices.net"));
+    if d.hardware() {
+        assert!(
+            d.fr.calls().iter().any(|c| c == REMOVE),
+            "{:?}",
+            d.fr.calls()
+        );
+    } else {
+        assert_eq!(d.fr.calls(), Vec::<String>::new());
+    }
+}
+
+/// RSA-2048 keys register with RSA-PSS (TLS 1.3) and PKCS#1 v1.5 (TLS 1.2).
+fn dps_register_rsa_2048_tls13_and_tls12(kind: Kind) {
+    let Some(d) = Device::start(kind) else { return };
+    d.provision("rsa-2048");
+    register_and_check(&d, &Dps::start(Mode::Assigned));
+    let dps12 = Dps::start_tls12(Mode::Assigned);
+    dps12.expect_client(&d.cert("device.crt"));
+    d.register(&dps12, &[]).ok();
+    assert_eq!(dps12.client_thumbprints(), [d.primary_sha256()]);
+}
+
+/// Every way a registration can fail: exit 1, one `error:` line saying what to do,
+/// and the tree byte for byte as before.
+fn dps_register_failures_change_nothing(kind: Kind) {
+    let Some(d) = Device::start(kind) else { return };
+    d.provision("ecdsa-p256");
+    let timeout = [("SDV_PROVISION_DPS_TIMEOUT", "3")];
+    let mut cases: Vec<(Mode, &str)> = vec![(Mode::NotEnrolled, "not enrolled")];
+    if kind == Kind::File {
+        cases.extend([
+            (Mode::ServerError, "answered 503"),
+            (
+                Mode::Failed,
+                "failed the registration (Custom allocation failed?with",
+            ),
+            (
+                Mode::Assigning,
+                "did not finish the registration within 3 s",
+            ),
+            (Mode::Malformed, "not a registration result"),
+            (Mode::Slow, "did not finish the registration within 3 s"),
+        ]);
+    }
+    let snap = d.fr.snapshot();
+    for (mode, words) in cases {
+        let dps = Dps::start(mode);
+        dps.expect_client(&d.cert("device.crt"));
+        let r = d.register(&dps, &timeout);
+        let line = r.one_error(1);
+        assert!(line.contains(words), "{mode:?}: {line}");
+        assert!(
+            line.contains("sdv-provision register") || line.contains("--dps"),
+            "{line}"
+        );
+        assert_same_tree(&snap, &d.fr.snapshot(), &format!("{mode:?}"));
+    }
+    // A server whose certificate the CA file does not vouch for.
+    let dps = Dps::start(Mode::Assigned);
+    let other = Dps::start(Mode::Assigned);
+    let r = Run::from(
+        d.base_cmd()
+            .args([
+                "register",
+                "--dps-endpoint",
+                &dps.endpoint(),
+                "--dps-ca-file",
+            ])
+            .arg(&other.ca_file)
+            .output()
+            .unwrap(),
+    );
+    assert!(r.one_error(1).contains("not trusted"), "{r}");
+    assert!(dps.requests().is_empty());
+    // Nobody listening.
+    let r = Run::from(d.base_cmd().arg("register").output().unwrap());
+    assert!(
+        r.one_error(1).contains("cannot reach DPS at 127.0.0.1:1"),
+        "{r}"
+    );
+    assert_same_tree(&snap, &d.fr.snapshot(), "untrusted / unreachable");
+}
+
+/// `import-cert --role primary` of a registered identity registers the CA-issued
+/// certificate at once, with its chain.
+fn dps_import_cert_registers_the_new_primary(kind: Kind) {
+    let Some(d) = Device::start(kind) else { return };
+    d.provision("ecdsa-p256");
+    let dps = Dps::start(Mode::Assigned);
+    register_and_check(&d, &dps);
+    let ca = Ca::new();
+    let csr = ca.dir.path().join("device.csr");
+    d.run(&["csr", "--role", "primary", "--out", csr.to_str().unwrap()])
+        .ok();
+    let issued = ca.sign(&csr, "issued", &["-days", "30"]);
+    dps.reset_log();
+    dps.expect_client(&issued);
+    let r = d.run_recorded(&["import-cert", "--role", "primary", issued.to_str().unwrap()]);
+    let primary = d.primary_sha256();
+    assert_eq!(
+        dps.client_thumbprints(),
+        std::slice::from_ref(&primary),
+        "{r}"
+    );
+    assert_eq!(dps.chain_lens(), [2], "the leaf and its CA");
+    assert_eq!(d.state_json()["dps"]["assignment"]["thumbprint"], primary);
+    // Nothing changed since: no registration.
+    dps.reset_log();
+    d.run_recorded(&["import-cert", "--role", "primary", issued.to_str().unwrap()])
+        .ok();
+    assert_eq!(dps.connections(), 0);
+}
+
+mod dps {
+    use super::*;
+    on_every_keystore!(
+        dps_import_cert_registers_the_new_primary,
+        dps_register_records_the_assignment,
+        dps_register_rsa_2048_tls13_and_tls12,
+        dps_register_failures_change_nothing,
+    );
+}
+
+/// `provision` with DPS and a hardware key registers by itself and records where;
+/// not enrolled: exit 0, identity complete and verified, the next step printed;
+/// `--no-register`: DPS is not contacted.
+#[cfg(any(feature = "tpm", feature = "pkcs11"))]
+fn dps_provision_registers_by_itself(kind: Kind) {
+    let Some(d) = Device::start(kind) else { return };
+    let pending = Dps::start(Mode::NotEnrolled);
+    let dps_flags = |dps: &Dps| {
+        vec![
+            "--dps-endpoint".to_string(),
+            dps.endpoint(),
+            "--dps-ca-file".into(),
+            dps.ca_file.display().to_string(),
+        ]
+    };
+    let mut args: Vec<String> = [
+        "provision",
+        "--id-scope",
+        GOOD_SCOPE,
+        "--algorithm",
+        "ecdsa-p256",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut no_register = args.clone();
+    no_register.push("--no-register".into());
+    let r = d
+        .run(&no_register.iter().map(String::as_str).collect::<Vec<_>>())
+        .ok();
+    assert!(r.stdout.contains("--no-register"), "{r}");
+    d.run(&["reset", "--yes"]).ok();
+
+    args.extend(dps_flags(&pending));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = d.run(&argv).ok();
+    assert!(r.stdout.contains("az iot dps enrollment create"), "{r}");
+    assert!(
+        r.stdout.contains("then run `sdv-provision register`"),
+        "{r}"
+    );
+    assert!(r.stderr.contains("not enrolled"), "{r}");
+    assert!(r.stderr.contains("needs a key file for DPS"), "{r}");
+    assert_eq!(pending.client_thumbprints(), [d.primary_sha256()]);
+    let r = d.run(&["status"]).ok();
+    assert!(
+        r.stdout.contains("DPS assignment: not registered yet"),
+        "{r}"
+    );
+    d.verify_passes();
+    assert_eq!(d.status()["cloud"]["assigned_hub"], Value::Null);
+    assert_eq!(d.state_json()["dps"]["endpoint"], pending.endpoint());
+
+    // Enrolled now: a re-run registers (with the recorded endpoint and CA) and the
+    // compatibility warning about DPS with a hardware key is gone.
+    pending.set_mode(Mode::Assigned);
+    let r = d.run_recorded(&["provision"]).ok();
+    assert_eq!(d.status()["cloud"]["assigned_hub"], HUB_A, "{r}");
+    assert!(!r.stderr.contains("needs a key file for DPS"), "{r}");
+    assert_manifest_cloud(&d, Some(HUB_A));
+    let r = d.run(&["status"]).ok();
+    assert!(
+        r.stdout
+            .contains(&format!("DPS assignment: device {ETH0_ID} on hub {HUB_A}")),
+        "{r}"
+    );
+    let snap = d.fr.snapshot();
+    d.run_recorded(&["provision"]).ok();
+    assert_same_tree(&snap, &d.fr.snapshot(), "provision again once registered");
+    assert_eq!(
+        pending.connections(),
+        2,
+        "a registered identity is not registered again"
+    );
+}
+
+/// `rotate --promote` registers the new primary; when DPS refuses it, the run still
+/// succeeds, says so, and keeps the recorded assignment.
+#[cfg(any(feature = "tpm", feature = "pkcs11"))]
+fn dps_promote_registers_the_new_primary(kind: Kind) {
+    let Some(d) = Device::start(kind) else { return };
+    d.provision("ecdsa-p256");
+    let dps = Dps::start(Mode::Assigned);
+    register_and_check(&d, &dps);
+    dps.reset_log();
+    d.run(&["rotate"]).ok();
+    dps.expect_client(&d.cert("device2.crt"));
+    d.run_recorded(&["rotate", "--promote"]).ok();
+    let primary = d.primary_sha256();
+    assert_eq!(dps.client_thumbprints(), std::slice::from_ref(&primary));
+    assert_eq!(d.state_json()["dps"]["assignment"]["thumbprint"], primary);
+
+    // DPS does not know the next primary: the promotion stands, the run says so.
+    d.run(&["rotate"]).ok();
+    let r = d.run_recorded(&["rotate", "--promote"]).ok();
+    assert!(r.stderr.contains("not registered with DPS yet"), "{r}");
+    assert!(r.stdout.contains("sdv-provision register"), "{r}");
+    assert_eq!(d.status()["cloud"]["assigned_hub"], HUB_A);
+    assert_manifest_cloud(&d, Some(HUB_A));
+}
+
+#[cfg(feature = "tpm")]
+mod swtpm_dps {
+    #[test]
+    fn dps_provision_registers_by_itself() {
+        super::dps_provision_registers_by_itself(super::Kind::Swtpm)
+    }
+    #[test]
+    fn dps_promote_registers_the_new_primary() {
+        super::dps_promote_registers_the_new_primary(super::Kind::Swtpm)
+    }
+}
+
+#[cfg(feature = "pkcs11")]
+mod softhsm_dps {
+    #[test]
+    fn dps_provision_registers_by_itself() {
+        super::dps_provision_registers_by_itself(super::Kind::SoftHsm)
+    }
+    #[test]
+    fn dps_promote_registers_the_new_primary() {
+        super::dps_promote_registers_the_new_primary(super::Kind::SoftHsm)
+    }
+}
+
+/// `register` needs a provisioned DPS identity: otherwise one error line, exit 1,
+/// nothing touched.
+#[test]
+fn dps_register_needs_a_dps_identity() {
+    let fr = FakeRoot::with_template();
+    let r = fr.run(&["register"]);
+    assert!(r.one_error(1).contains("not provisioned"), "{r}");
+    fr.run(&[
+        "--keystore",
+        "file",
+        "--no-restart",
+        "--connection-string",
+        &common::fake_root::hub_cs(ETH0_ID),
+    ])
+    .ok();
+    let snap = fr.snapshot();
+    let r = fr.run(&["register"]);
+    assert!(r.one_error(1).contains("not through DPS"), "{r}");
+    assert_same_tree(&snap, &fr.snapshot(), "register on a Hub identity");
+    let r = fr.run(&["register", "--dps-endpoint", "https://x"]);
+    assert!(r.one_error(1).contains("--dps-endpoint"), "{r}");
+}

@@ -236,6 +236,71 @@ fn symlink_at_manifest_path_is_refused() {
     }
 }
 
+/// DESIGN §6 "Secret modes hold on every run". Before: a key, the connection string
+/// or the SharedAccessKey-bearing manifest loosened to 0644 stayed 0644 after a
+/// re-run, and status and verify were content.
+#[test]
+fn loosened_secret_files_are_reported_and_tightened_by_every_mutating_run() {
+    let fr = FakeRoot::with_template();
+    let hub = |args: &[&str]| {
+        let mut c = fr.cmd();
+        c.args(["--keystore", "file"])
+            .args(args)
+            .env("SDV_PROVISION_CONNECTION_STRING", hub_cs(ETH0_ID));
+        Run::from(c.output().unwrap())
+    };
+    hub(&["--algorithm", "ecdsa-p256"]).ok();
+    let secrets = [
+        fr.cert_file("device.key"),
+        fr.cert_file("device2.key"),
+        fr.cert_file("azure.connectionstring"),
+        fr.p(MANIFEST),
+    ];
+    let import = fr.root().parent().unwrap().join("import.crt");
+    let commands: [&[&str]; 5] = [
+        &["provision"],
+        &["rotate"],
+        &["rotate", "--promote"],
+        &["import-cert", "--role", "primary", import.to_str().unwrap()],
+        &["provision", "--force"],
+    ];
+    for cmd in commands {
+        fs::copy(fr.cert_file("device.crt"), &import).unwrap();
+        for p in &secrets {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let status = fr.run(&["status"]);
+        assert_eq!(status.code, Some(1), "{status}");
+        let verify = fr.run(&["--json", "verify"]);
+        assert_eq!(verify.code, Some(1), "{verify}");
+        let check = verify.json()["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "secret_modes")
+            .cloned()
+            .unwrap();
+        assert_eq!(check["ok"], false);
+        for p in &secrets {
+            let name = p.display().to_string();
+            let line = format!("{name} holds a secret but is mode 0644");
+            assert!(status.stdout.contains(&line), "{line}:\n{status}");
+            assert!(check["detail"].as_str().unwrap().contains(&line), "{check}");
+        }
+        let run = hub(cmd).ok();
+        for p in &secrets {
+            assert_eq!(mode(p), 0o600, "{cmd:?} left {} loose", p.display());
+            assert!(
+                run.stderr
+                    .contains(&format!("{} holds a secret but was mode 0644", p.display())),
+                "{cmd:?}:\n{run}"
+            );
+        }
+        fr.run(&["verify"]).ok();
+        fr.run(&["status"]).ok();
+    }
+}
+
 /// The directories the certificates directory hangs from (each one can be a link).
 const CHAIN: [&str; 3] = ["data", "data/var", CERTS];
 

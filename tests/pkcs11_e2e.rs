@@ -26,7 +26,7 @@ fn root_with_template(store: &PrivateStore) -> PathBuf {
 
 /// The binary, with only this store's environment (no inherited TPM or PIN settings).
 fn tool(store: &PrivateStore, root: &Path) -> Command {
-    let mut c = Command::new(common::bin());
+    let mut c = common::tool();
     c.arg("--root").arg(root);
     for k in [
         "SDV_PROVISION_PKCS11_PIN",

@@ -340,3 +340,113 @@ fn tpm_keystore_never_leaks() {
         &secrets,
     );
 }
+
+/// Connection strings that are wrong around the SharedAccessKey. Each holds
+/// [`SECRET_KEY`] somewhere a parser could mistake for a name or a value.
+pub fn malformed_connection_strings() -> Vec<String> {
+    let (h, d, k) = ("HostName=hub.azure-devices.net", ETH0_ID, SECRET_KEY);
+    vec![
+        // The case: the `=` after the key name missing, so the first `=` is
+        // the key's own base64 padding.
+        format!("{h};DeviceId={d};SharedAccessKey{k}"),
+        format!("{h};DeviceId={d};SharedAccessKey{k}x=="),
+        format!("{h};DeviceId={d};SharedAccessKey:{k}"),
+        format!("{h};DeviceId={d};{k}"),
+        format!("{h};DeviceId={d};sharedaccesskey={k}"),
+        format!("{h};DeviceId={d};SharedAccessKey={k}!"),
+        format!("{h};DeviceId={d};SharedAccessKey={k}=="),
+        format!("{h};DeviceId={d};SharedAccessKey={k};SharedAccessKey={k}"),
+        format!("{h};DeviceId={d};SharedAccessKey={k};"),
+        format!("{h};DeviceId={d};;SharedAccessKey={k}"),
+        format!("{h};DeviceId={k}"),
+        format!("HostName={k};DeviceId={d}"),
+        format!("SharedAccessKey={k}"),
+        format!("{h};DeviceId={d};SharedAccessKey={k};x509=yes"),
+        format!("{h};DeviceId={d};GatewayHostName={k}"),
+        format!("{h};DeviceId=other;SharedAccessKey={k}"),
+        k.to_string(),
+    ]
+}
+
+/// Any 8-character window of the SharedAccessKey found in `text`.
+pub fn leaked_window(text: &str) -> Option<&'static str> {
+    (0..=SECRET_KEY.len() - 8)
+        .map(|i| &SECRET_KEY[i..i + 8])
+        .find(|w| text.contains(w))
+}
+
+fn assert_no_leak(what: &str, input: &str, run: &Run) {
+    if let Some(w) = leaked_window(&run.all()) {
+        panic!("{what} with {input:?}: {w:?} of the key was printed:\n{run}");
+    }
+}
+
+/// DESIGN §6 "Never echo a secret, even from malformed input": every malformed
+/// string, through the flag, `--connection-string-file`, the environment, and on
+/// disk for `status`/`verify`/a re-run, in text and `--json`, with `-vv`: one
+/// `error:` line for the input, and no 8 characters of the key on stdout or stderr.
+/// (The interactive prompt's retry message is checked in tests/interactive.rs.)
+#[test]
+fn malformed_connection_strings_never_echo_the_key() {
+    let fr = FakeRoot::with_template();
+    let good = Run::from(
+        fr.cmd()
+            .args(["--keystore", "file", "--algorithm", "ecdsa-p256"])
+            .env("SDV_PROVISION_CONNECTION_STRING", hub_cs(ETH0_ID))
+            .output()
+            .unwrap(),
+    )
+    .ok();
+    assert_no_leak("a good provisioning", "", &good);
+    let on_disk = fr.cert_file("azure.connectionstring");
+    let file = fr.root().parent().unwrap().join("cs-input");
+    let mut runs = 0;
+    for bad in malformed_connection_strings() {
+        for json in [&[][..], &["--json"][..], &["-vv"][..]] {
+            let base = || {
+                let mut c = fr.cmd();
+                c.args(json)
+                    .args(["--keystore", "file", "provision", "--force"]);
+                c
+            };
+            let flag = Run::from(
+                base()
+                    .arg("--connection-string")
+                    .arg(&bad)
+                    .output()
+                    .unwrap(),
+            );
+            fs::write(&file, format!("{bad}\n")).unwrap();
+            let from_file = Run::from(
+                base()
+                    .arg("--connection-string-file")
+                    .arg(&file)
+                    .output()
+                    .unwrap(),
+            );
+            let env = Run::from(
+                base()
+                    .env("SDV_PROVISION_CONNECTION_STRING", &bad)
+                    .output()
+                    .unwrap(),
+            );
+            for (what, run) in [("flag", &flag), ("file", &from_file), ("env", &env)] {
+                assert_no_leak(what, &bad, run);
+                run.one_error(1);
+                runs += 1;
+            }
+            // The same text on disk, read by status, verify and a plain re-run.
+            let saved = fs::read(&on_disk).unwrap();
+            fs::write(&on_disk, format!("{bad}\n")).unwrap();
+            for cmd in ["status", "verify", "provision"] {
+                let run = Run::from(fr.cmd().args(json).arg(cmd).output().unwrap());
+                assert_no_leak(cmd, &bad, &run);
+                assert_ne!(run.code, Some(0), "{cmd} accepted {bad:?}:\n{run}");
+                runs += 1;
+            }
+            fs::write(&on_disk, saved).unwrap();
+        }
+    }
+    fr.run(&["verify"]).ok();
+    println!("{runs} runs with malformed connection strings, no key window printed");
+}

@@ -33,7 +33,7 @@ fn manifest_path(root: &Path) -> PathBuf {
 }
 
 fn sdv(tpm: &Swtpm, root: &Path, args: &[&str]) -> Output {
-    Command::new(common::bin())
+    common::tool()
         .args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
         .arg(root)
         .args(["--no-restart", "--non-interactive"])
@@ -462,7 +462,7 @@ fn occupied_handle_is_refused_and_nothing_is_left_half_made() {
 fn unreachable_tpm_is_one_clear_error() {
     let root = device_root();
     let tcti = format!("swtpm:host=127.0.0.1,port={}", common::free_port());
-    let out = Command::new(common::bin())
+    let out = common::tool()
         .args(["--keystore", "tpm", "--tcti", &tcti, "--root"])
         .arg(root.path())
         .args([
@@ -589,7 +589,7 @@ fn auto_picks_the_tpm_a_tcti_names() {
     let tpm = Swtpm::start();
     for how in ["--tcti", "TPM2TOOLS_TCTI", "TCTI"] {
         let root = device_root();
-        let mut cmd = Command::new(common::bin());
+        let mut cmd = common::tool();
         cmd.arg("--root")
             .arg(root.path())
             .args(["--no-restart", "--non-interactive", "--json"])
@@ -665,7 +665,7 @@ fn owner_hierarchy_password_from_env_or_file() {
     let root = device_root();
     let args = ["--id-scope", "0ne0012345A", "--device-id", "dev-e2e-5"];
     let run = |env: &[(&str, &str)]| {
-        let mut c = Command::new(common::bin());
+        let mut c = common::tool();
         c.args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
             .arg(root.path())
             .args(["--no-restart", "--non-interactive"])
@@ -824,6 +824,10 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
     // certificate made through the key (OpenSSL's tpm2 provider).
     std::fs::copy(&public, cert_file(root, "device.tpm.pub")).unwrap();
     std::fs::copy(&private, cert_file(root, "device.tpm.priv")).unwrap();
+    // 0600, as sdv-provision writes a private blob (tpm2_create's file is 0660 under
+    // this umask, which verify's secret_modes check would rightly fail on).
+    let secret = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(cert_file(root, "device.tpm.priv"), secret).unwrap();
     {
         let abrmd = Abrmd::start(&tpm);
         let mut req = Command::new("openssl");

@@ -28,10 +28,10 @@ pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
         Some(path) => {
             fsutil::atomic_write(path, pem.as_bytes(), fsutil::PUBLIC)?;
             if ctx.json {
-                println!(
-                    "{}",
+                crate::output::stdout(&format!(
+                    "{}\n",
                     serde_json::json!({"role": role.as_str(), "path": path.display().to_string(), "key_uri": crate::output::host_uri(&ctx.layout, uri)})
-                );
+                ));
             } else {
                 ctx.out.say(format!(
                     "Wrote the {role} certificate request to {}",
@@ -40,12 +40,14 @@ pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
             }
         }
         None if ctx.json => {
-            println!(
-                "{}",
+            crate::output::stdout(&format!(
+                "{}\n",
                 serde_json::json!({"role": role.as_str(), "csr": pem, "key_uri": crate::output::host_uri(&ctx.layout, uri)})
-            );
+            ));
         }
-        None => print!("{pem}"),
+        None => {
+            crate::output::stdout(&pem);
+        }
     }
     Ok(0)
 }

@@ -63,6 +63,10 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
         ));
     }
     if let Some(cloud) = &id.cloud {
+        let state = match &id.state {
+            Some(_) => super::register::refresh(ctx, &state, cloud)?,
+            None => state,
+        };
         super::compatibility_warnings(ctx, &state, cloud);
         // The connector only presents the primary certificate.
         let change = if !installed && role == Role::Primary {

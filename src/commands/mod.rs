@@ -19,6 +19,7 @@ use crate::txn::{self, Journal};
 pub mod csr;
 pub mod import_cert;
 pub mod provision;
+pub mod register;
 pub mod reset;
 pub mod rotate;
 pub mod status;
@@ -74,9 +75,12 @@ impl Ctx {
             json: g.json,
             interactive,
             restart: !g.no_restart,
-            out: Out {
-                human: !g.json && !g.quiet,
-                warnings: !g.quiet,
+            out: {
+                crate::output::set_quiet(g.quiet);
+                Out {
+                    human: !g.json && !g.quiet,
+                    warnings: !g.quiet,
+                }
             },
         }
     }
@@ -106,7 +110,17 @@ impl Ctx {
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(LOCK_TIMEOUT);
-        RunLock::acquire(&self.layout.host_cert_dir(), self.layout.root(), timeout)
+        let lock = RunLock::acquire(&self.layout.host_cert_dir(), self.layout.root(), timeout)?;
+        // Every mutating command takes the lock: the one place secret modes are
+        // enforced on every run (DESIGN §6).
+        for l in crate::secret_modes::tighten(&self.layout)? {
+            self.out.warn(format!(
+                "{} holds a secret but was mode {:04o}; set it back to 0600",
+                l.path.display(),
+                l.mode
+            ));
+        }
+        Ok(lock)
     }
 
     /// Open a keystore; settings an earlier run recorded fill in missing flags.
@@ -189,6 +203,9 @@ pub fn run(cli: &Cli) -> Result<i32> {
         Some(Command::Csr { role, out }) => csr::run(&ctx, *role, out.as_deref()),
         Some(Command::ImportCert { role, file }) => import_cert::run(&ctx, *role, file),
         Some(Command::Reset { yes }) => reset::run(&ctx, *yes),
+        Some(Command::Register(_)) => {
+            register::run(&ctx, &cli.register_args().map_err(Error::Usage)?)
+        }
     }
 }
 
@@ -362,7 +379,7 @@ fn upgrade_proofs(ctx: &Ctx) -> Result<()> {
 /// What the manifest should say for this identity and cloud.
 pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
     let key = identity::key_ref(state, Role::Primary)?;
-    let (k, v) = cloud.env();
+    let (k, v) = cloud_env(state, cloud);
     Some(Desired {
         cloud: (k, v),
         cert: crate::paths::Layout::cert_file(&crate::paths::cert_name(Role::Primary, false)),
@@ -371,6 +388,19 @@ pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
         // the configuration (`key`).
         previously_owned: state.backend.mounts.clone(),
     })
+}
+
+/// The cloud entry of the manifest: a DPS identity with a hardware key that DPS has
+/// assigned gets the hub's `CONNECTION_STRING=…;x509=true` instead of `ID_SCOPE`
+/// (DESIGN §3b); the file keystore keeps `ID_SCOPE` (its connector does DPS itself).
+pub fn cloud_env(state: &State, cloud: &Cloud) -> (&'static str, String) {
+    let assigned = state.dps.as_ref().and_then(|d| d.assignment.as_ref());
+    match assigned {
+        Some(a) if register::needs_registration(state, cloud) => {
+            ("CONNECTION_STRING", a.connection_string())
+        }
+        _ => cloud.env(),
+    }
 }
 
 /// Write the manifest for `state` if it differs. `Ok(None)`: no manifest on this
@@ -471,9 +501,8 @@ pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
         keystore: state.keystore,
         algorithm: state.algorithm,
         dps: matches!(cloud, Cloud::Dps { .. }),
-        // DPS registration through the hardware key (DESIGN §3b) is not made yet:
-        // set this from the recorded assignment once it is.
-        dps_registered: false,
+        // DPS registration through the hardware key (DESIGN §3b): recorded.
+        dps_registered: state.dps.as_ref().is_some_and(|d| d.assignment.is_some()),
         cert_chain,
         hub_host: match cloud {
             Cloud::Hub(cs) => Some(cs.host_name.as_str()),

@@ -77,9 +77,18 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     drop(keys_step);
     // 4. Device id and cloud files.
     let files_step = crate::progress::step("device id and cloud files");
-    write_id_and_cloud(ctx, &id, &device_id, &cloud)?;
+    let cloud_changed = write_id_and_cloud(ctx, &id, &device_id, &cloud)?;
 
     drop(files_step);
+    // DPS registration through the device key (DESIGN §3b).
+    let state = super::register::provision_step(
+        ctx,
+        state,
+        &cloud,
+        &args.dps,
+        args.no_register,
+        cloud_changed,
+    )?;
     // 5 and 6. Manifest and connector.
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
@@ -92,17 +101,12 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
 /// scope and the device id. Returns the cloud backend the flags choose, if any.
 fn check_flags(args: &ProvisionArgs, warnings: &mut Vec<String>) -> Result<Option<Cloud>> {
     let cs_text = match &args.connection_string_file {
-        Some(f) => Some(zeroize::Zeroizing::new(
-            fsutil::read_optional_string(f)?
-                .ok_or_else(|| {
-                    Error::input(
-                        format!("{} does not exist", f.display()),
-                        "pass an existing --connection-string-file",
-                    )
-                })?
-                .trim()
-                .to_owned(),
-        )),
+        Some(f) => Some(cloud::read_secret_text(f)?.ok_or_else(|| {
+            Error::input(
+                format!("{} does not exist", f.display()),
+                "pass an existing --connection-string-file",
+            )
+        })?),
         None => args.connection_string.clone().map(zeroize::Zeroizing::new),
     };
     let flag_cloud = cloud::from_flags(
@@ -113,6 +117,8 @@ fn check_flags(args: &ProvisionArgs, warnings: &mut Vec<String>) -> Result<Optio
     if let Some(id) = &args.device_id {
         device_id::check_flag(id)?;
     }
+    // The DPS flags and env too (the state's record was valid when written).
+    super::register::settings(&args.dps, None)?;
     Ok(flag_cloud)
 }
 
@@ -260,7 +266,10 @@ fn build_new(
         days: args.days,
     };
     let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
-    let next = State::new(device_id, kind, alg);
+    let mut next = State::new(device_id, kind, alg);
+    // The DPS endpoint and trust carry over; the assignment was the old key's and is
+    // dropped by the registration step.
+    next.dps = old.and_then(|o| o.dps.clone());
     if !rebuild {
         // A new identity: the manifest is written before the commit, so a
         // failure there removes the new keys again (no orphans in a token or

@@ -39,6 +39,13 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
     let state = match existing_state(&id) {
         Ok(s) => Some(s),
         Err(_) if id.cloud.is_some() => None,
+        // Nothing left to remove (a reset ran, or the recovery above finished an
+        // interrupted one): the device is in the state reset promises.
+        Err(_) if nothing_to_remove(ctx) => {
+            ctx.out
+                .say("Nothing to remove: this device has no identity");
+            return Ok(0);
+        }
         Err(e) => return Err(e),
     };
     // The manifest is parsed, then the keystore opened, before anything changes: a
@@ -75,7 +82,17 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
         crate::connector::restart(crate::connector::Change::Manifest, &ctx.out);
     }
     if ctx.json {
-        println!("{}", serde_json::json!({"reset": true}));
+        crate::output::stdout(&format!("{}\n", serde_json::json!({"reset": true})));
     }
     Ok(0)
+}
+/// No identity file and no state: what a finished reset leaves.
+fn nothing_to_remove(ctx: &Ctx) -> bool {
+    let names = crate::txn::identity_files().into_iter().chain([
+        crate::paths::STATE_FILE.to_string(),
+        crate::txn::JOURNAL_FILE.to_string(),
+    ]);
+    !names
+        .map(|n| ctx.layout.host_cert_file(&n))
+        .any(|p| crate::fsutil::exists_nofollow(&p))
 }

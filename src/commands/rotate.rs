@@ -68,7 +68,9 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     )?;
     drop(ks);
     if promote {
-        // The primary changed: the manifest follows and the connector restarts.
+        // The primary changed: DPS learns it, the manifest follows and the
+        // connector restarts.
+        state = super::register::refresh(ctx, &state, &cloud)?;
         converge(ctx, &state, &cloud, Change::Certificates)?;
     }
     let id = Identity::load(&ctx.layout)?;

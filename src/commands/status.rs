@@ -34,6 +34,11 @@ pub fn problems(ctx: &Ctx, id: &Identity) -> Result<Vec<String>> {
     if id.device_id.is_none() {
         p.push("no device id".to_string());
     }
+    p.extend(
+        crate::secret_modes::loose(&ctx.layout)
+            .iter()
+            .map(|l| l.problem()),
+    );
     let Some(cloud) = &id.cloud else {
         p.push("no cloud backend configured (run sdv-provision with --id-scope or --connection-string)".into());
         return Ok(finish(p, id));

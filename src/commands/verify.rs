@@ -33,15 +33,10 @@ pub fn run(ctx: &Ctx) -> Result<i32> {
     let checks = checks(ctx)?;
     let ok = checks.iter().all(|c| c.ok);
     if ctx.json {
-        let mut o = std::io::stdout().lock();
-        let _ = serde_json::to_writer_pretty(
-            &mut o,
-            &VerifyReport {
-                ok,
-                checks: &checks,
-            },
-        );
-        let _ = std::io::Write::write_all(&mut o, b"\n");
+        crate::output::print_json(&VerifyReport {
+            ok,
+            checks: &checks,
+        });
     } else {
         for c in &checks {
             ctx.out.say(format!(
@@ -82,7 +77,7 @@ impl Checks {
 }
 
 /// The checks `verify` runs, in order: cloud, keystore, per role the certificate and
-/// the key, then the manifest.
+/// the key, the secret files' modes, then the manifest.
 pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
     let id = Identity::load(&ctx.layout)?;
     let state = existing_state(&id)?;
@@ -101,8 +96,24 @@ pub fn checks(ctx: &Ctx) -> Result<Vec<Check>> {
             ks.as_mut().map(|k| k.as_mut() as _),
         );
     }
+    check_secret_modes(&mut checks, ctx);
     check_manifest(&mut checks, ctx, &id, &state)?;
     Ok(checks.0)
+}
+
+/// Every secret file is 0600 (DESIGN §6).
+fn check_secret_modes(checks: &mut Checks, ctx: &Ctx) {
+    let loose = crate::secret_modes::loose(&ctx.layout);
+    let detail = if loose.is_empty() {
+        "every secret file is 0600".to_string()
+    } else {
+        loose
+            .iter()
+            .map(|l| l.problem())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    checks.add("secret_modes", loose.is_empty(), detail);
 }
 
 fn check_cloud(checks: &mut Checks, id: &Identity) {

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use rcgen::{KeyPair, PublicKeyData, RsaKeySize, SigningKey};
 use zeroize::Zeroizing;
 
-use super::{Algorithm, DeviceKey, KeyStore, KeyStoreError, KeyUri, KeystoreKind, OwnedKey, Role};
+use super::{
+    Algorithm, DeviceKey, Hash, KeyStore, KeyStoreError, KeyUri, KeystoreKind, OwnedKey, Role,
+    TlsScheme,
+};
 use crate::fsutil;
 use crate::paths::Layout;
 
@@ -165,5 +168,36 @@ impl DeviceKey for FileKey {
     }
     fn alg(&self) -> Algorithm {
         self.alg
+    }
+
+    /// Through aws-lc, from the PKCS#8 form of the key (zeroized after use).
+    fn sign_with(&self, scheme: TlsScheme, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
+        use aws_lc_rs::signature::{self as sig, EcdsaKeyPair, RsaKeyPair};
+        if !scheme.fits(self.alg) {
+            return Err(scheme.misfit(self.alg));
+        }
+        let bad = |e: String| KeyStoreError::backend(format!("sign with {}", self.uri), e);
+        let pkcs8 = Zeroizing::new(self.pair.serialize_der());
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let rsa: &'static dyn sig::RsaEncoding = match scheme {
+            TlsScheme::Ecdsa(h) => {
+                let alg = match h {
+                    Hash::Sha256 => &sig::ECDSA_P256_SHA256_ASN1_SIGNING,
+                    Hash::Sha384 => &sig::ECDSA_P384_SHA384_ASN1_SIGNING,
+                };
+                let key = EcdsaKeyPair::from_pkcs8(alg, &pkcs8).map_err(|e| bad(e.to_string()))?;
+                let s = key.sign(&rng, msg).map_err(|e| bad(e.to_string()))?;
+                return Ok(s.as_ref().to_vec());
+            }
+            TlsScheme::RsaPss(Hash::Sha256) => &sig::RSA_PSS_SHA256,
+            TlsScheme::RsaPss(Hash::Sha384) => &sig::RSA_PSS_SHA384,
+            TlsScheme::RsaPkcs1(Hash::Sha256) => &sig::RSA_PKCS1_SHA256,
+            TlsScheme::RsaPkcs1(Hash::Sha384) => &sig::RSA_PKCS1_SHA384,
+        };
+        let key = RsaKeyPair::from_pkcs8(&pkcs8).map_err(|e| bad(e.to_string()))?;
+        let mut out = vec![0; key.public_modulus_len()];
+        key.sign(rsa, &rng, msg, &mut out)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(out)
     }
 }

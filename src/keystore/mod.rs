@@ -101,10 +101,91 @@ pub trait DeviceKey: rcgen::SigningKey {
     /// The URI consumers load this key by.
     fn uri(&self) -> KeyUri;
     fn alg(&self) -> Algorithm;
+
+    /// Sign `msg` (the whole message; the backend hashes it) with an explicit
+    /// scheme, for TLS handshakes (DESIGN §3b). RSA signatures come back raw, ECDSA
+    /// ones as DER. The key's own algorithm must fit the scheme ([`TlsScheme::fits`]).
+    fn sign_with(&self, scheme: TlsScheme, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError>;
+
     /// Why the last `sign` failed, where the backend knows more than rcgen's
     /// `RemoteKeyError` can carry (a TPM in lockout, say). Taken once.
     fn take_sign_error(&self) -> Option<KeyStoreError> {
         None
+    }
+}
+
+/// The hash of a [`TlsScheme`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hash {
+    Sha256,
+    Sha384,
+}
+
+impl Hash {
+    pub fn digest(self, msg: &[u8]) -> Vec<u8> {
+        use sha2::Digest;
+        match self {
+            Hash::Sha256 => sha2::Sha256::digest(msg).to_vec(),
+            Hash::Sha384 => sha2::Sha384::digest(msg).to_vec(),
+        }
+    }
+
+    pub fn output_len(self) -> usize {
+        match self {
+            Hash::Sha256 => 32,
+            Hash::Sha384 => 48,
+        }
+    }
+
+    /// DER `DigestInfo` (RFC 8017 §9.2 note 1) around `digest`, for raw PKCS#1 v1.5.
+    pub fn digest_info(self, digest: &[u8]) -> Vec<u8> {
+        let mut info = match self {
+            Hash::Sha256 => vec![
+                0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+                0x01, 0x05, 0x00, 0x04, 0x20,
+            ],
+            Hash::Sha384 => vec![
+                0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+                0x02, 0x05, 0x00, 0x04, 0x30,
+            ],
+        };
+        info.extend_from_slice(digest);
+        info
+    }
+}
+
+/// A signature scheme a TLS peer may ask for: RSA-PSS (TLS 1.3, MGF1 with the same
+/// hash, salt as long as the hash), RSA PKCS#1 v1.5 (TLS 1.2) or ECDSA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsScheme {
+    RsaPss(Hash),
+    RsaPkcs1(Hash),
+    Ecdsa(Hash),
+}
+
+impl TlsScheme {
+    pub fn hash(self) -> Hash {
+        match self {
+            TlsScheme::RsaPss(h) | TlsScheme::RsaPkcs1(h) | TlsScheme::Ecdsa(h) => h,
+        }
+    }
+
+    /// Can a key of `alg` sign with this scheme? ECDSA keys sign with their curve's
+    /// hash only (what TLS 1.3 pairs them with).
+    pub fn fits(self, alg: Algorithm) -> bool {
+        match self {
+            TlsScheme::RsaPss(_) | TlsScheme::RsaPkcs1(_) => alg.is_rsa(),
+            TlsScheme::Ecdsa(Hash::Sha256) => alg == Algorithm::EcdsaP256,
+            TlsScheme::Ecdsa(Hash::Sha384) => alg == Algorithm::EcdsaP384,
+        }
+    }
+
+    /// The error for a scheme that does not fit the key (a caller's bug, not input).
+    pub fn misfit(self, alg: Algorithm) -> KeyStoreError {
+        KeyStoreError::backend(
+            "sign for TLS",
+            format!("a {alg} key cannot sign with {self:?}"),
+        )
     }
 }
 

@@ -83,12 +83,34 @@ pub struct KeyUriError {
     pub why: &'static str,
 }
 
+/// A URI fit for an error message, whatever its scheme (it may be misspelt): it
+/// loses its query (RFC 7512 puts `pin-value` there) and any attribute that
+/// mentions `pin-value`; at most 256 characters.
+fn redacted(s: &str) -> String {
+    let shown = {
+        let path = s.split_once('?').map_or(s, |(p, _)| p);
+        let attrs: Vec<&str> = path
+            .split(';')
+            .map(|a| {
+                if a.to_ascii_lowercase().contains("pin-value") {
+                    "pin-value=***"
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let q = if path.len() < s.len() { "?…" } else { "" };
+        format!("{}{q}", attrs.join(";"))
+    };
+    shown.chars().take(256).collect()
+}
+
 impl FromStr for KeyUri {
     type Err = KeyUriError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |why| KeyUriError {
-            uri: s.to_owned(),
+            uri: redacted(s),
             why,
         };
         if let Some(path) = s.strip_prefix("file:") {
@@ -220,5 +242,22 @@ mod tests {
             KeyUri::TpmHandle(0x8100_0011).to_string(),
             "handle:0x81000011"
         );
+    }
+
+    /// A malformed PKCS#11 URI carrying a PIN: the error shows neither.
+    #[test]
+    fn errors_never_show_a_pin_value() {
+        for bad in [
+            "pkcs11:token=t;object=o;pin-value=s3cr3t-PIN;type=public",
+            "pkcs11:token=t;object=o;type=public?pin-value=s3cr3t-PIN",
+            "pkcs11:token=t;PIN-VALUE=s3cr3t-PIN;nokey",
+            "pk1sc1:token=leda;object=o;pin-value=s3cr3t-PIN;type=public",
+            "PKCS11:pin-value=s3cr3t-PIN",
+            "file:x;pin-value=s3cr3t-PIN",
+            "pkcs11:token=t;oj=o=pin-value=s3cr3t-PIN;type=public",
+        ] {
+            let e = bad.parse::<KeyUri>().unwrap_err().to_string();
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
     }
 }

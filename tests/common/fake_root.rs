@@ -205,9 +205,14 @@ impl FakeRoot {
             "TPM2TOOLS_TCTI",
             "TCTI",
             "RUST_LOG",
+            "SDV_PROVISION_DPS_CA_FILE",
+            "SDV_PROVISION_DPS_TIMEOUT",
         ] {
             c.env_remove(v);
         }
+        // DPS registration (hardware keys) goes to a closed local port unless a test
+        // points it at its stand-in: never to Azure, and it fails at once.
+        c.env("SDV_PROVISION_DPS_ENDPOINT", "127.0.0.1:1");
         c.stdin(Stdio::null());
         c
     }

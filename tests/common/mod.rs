@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod crash;
+pub mod dps;
 pub mod fake_root;
 pub mod softhsm;
 pub mod swtpm;
@@ -14,6 +15,14 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// The built binary as a command whose DPS registration (hardware keys) goes to a
+/// closed local port: never to Azure, and it fails at once.
+pub fn tool() -> Command {
+    let mut c = Command::new(bin());
+    c.env("SDV_PROVISION_DPS_ENDPOINT", "127.0.0.1:1");
+    c
+}
 
 /// The built binary.
 pub fn bin() -> PathBuf {

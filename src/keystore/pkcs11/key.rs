@@ -4,25 +4,21 @@
 
 use std::sync::Mutex;
 
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectHandle};
 use cryptoki::session::Session;
 use rcgen::{PublicKeyData, SigningKey};
 
 use super::ck;
 use crate::keystore::{
-    ecdsa_raw_to_der, rsa_public_der, sign_error, Algorithm, DeviceKey, KeyStoreError, KeyUri,
+    ecdsa_raw_to_der, rsa_public_der, sign_error, Algorithm, DeviceKey, Hash, KeyStoreError,
+    KeyUri, TlsScheme,
 };
 
 /// DER `ECParameters` (namedCurve OIDs) for the two curves we support.
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-
-/// DER `DigestInfo` header for SHA-256 (RFC 8017 §9.2, note 1); the 32-byte hash follows.
-const SHA256_DIGEST_INFO: &[u8] = &[
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
-    0x00, 0x04, 0x20,
-];
 
 /// A key in the token. Signing runs through the store's session.
 pub(super) struct Pkcs11Key<'a> {
@@ -45,34 +41,61 @@ impl Pkcs11Key<'_> {
     /// - hashing stays in one place for both algorithms ([`Algorithm::digest`]), and only
     ///   51 bytes cross the token interface instead of the whole to-be-signed data.
     fn sign_in_token(&self, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
-        let digest = self.alg.digest(msg);
+        // Our RSA certificates are always sha256WithRSAEncryption (Algorithm::rcgen).
+        let scheme = match self.alg {
+            Algorithm::EcdsaP384 => TlsScheme::Ecdsa(Hash::Sha384),
+            Algorithm::EcdsaP256 => TlsScheme::Ecdsa(Hash::Sha256),
+            _ => TlsScheme::RsaPkcs1(Hash::Sha256),
+        };
+        self.sign_scheme(scheme, msg)
+    }
+
+    /// Sign with an explicit scheme over a software digest: `CKM_RSA_PKCS` over a
+    /// DigestInfo, `CKM_RSA_PKCS_PSS` (MGF1 with the same hash, salt = hash length,
+    /// as TLS 1.3 requires) or `CKM_ECDSA`.
+    fn sign_scheme(&self, scheme: TlsScheme, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
+        if !scheme.fits(self.alg) {
+            return Err(scheme.misfit(self.alg));
+        }
+        let hash = scheme.hash();
+        let digest = hash.digest(msg);
         let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         let step = format!("sign with {}", self.uri);
-        if self.alg.is_rsa() {
-            // Our RSA certificates are always sha256WithRSAEncryption (Algorithm::rcgen).
-            if digest.len() != 32 {
-                return Err(KeyStoreError::backend(
-                    step,
-                    "RSA signing expects a SHA-256 digest",
-                ));
+        match scheme {
+            TlsScheme::RsaPkcs1(_) => session
+                .sign(
+                    &Mechanism::RsaPkcs,
+                    self.private,
+                    &hash.digest_info(&digest),
+                )
+                .map_err(|e| ck(step, e)),
+            TlsScheme::RsaPss(_) => {
+                let (hash_alg, mgf) = match hash {
+                    Hash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+                    Hash::Sha384 => (MechanismType::SHA384, PkcsMgfType::MGF1_SHA384),
+                };
+                let params = PkcsPssParams {
+                    hash_alg,
+                    mgf,
+                    s_len: (hash.output_len() as u64).into(),
+                };
+                session
+                    .sign(&Mechanism::RsaPkcsPss(params), self.private, &digest)
+                    .map_err(|e| ck(step, e))
             }
-            let mut info = SHA256_DIGEST_INFO.to_vec();
-            info.extend_from_slice(&digest);
-            session
-                .sign(&Mechanism::RsaPkcs, self.private, &info)
-                .map_err(|e| ck(step, e))
-        } else {
-            let raw = session
-                .sign(&Mechanism::Ecdsa, self.private, &digest)
-                .map_err(|e| ck(&step, e))?;
-            if raw.is_empty() || raw.len() % 2 != 0 {
-                return Err(KeyStoreError::backend(
-                    step,
-                    format!("the token returned a {}-byte ECDSA signature", raw.len()),
-                ));
+            TlsScheme::Ecdsa(_) => {
+                let raw = session
+                    .sign(&Mechanism::Ecdsa, self.private, &digest)
+                    .map_err(|e| ck(&step, e))?;
+                if raw.is_empty() || raw.len() % 2 != 0 {
+                    return Err(KeyStoreError::backend(
+                        step,
+                        format!("the token returned a {}-byte ECDSA signature", raw.len()),
+                    ));
+                }
+                let (r, s) = raw.split_at(raw.len() / 2);
+                ecdsa_raw_to_der(r, s)
             }
-            let (r, s) = raw.split_at(raw.len() / 2);
-            ecdsa_raw_to_der(r, s)
         }
     }
 }
@@ -98,6 +121,9 @@ impl DeviceKey for Pkcs11Key<'_> {
     }
     fn alg(&self) -> Algorithm {
         self.alg
+    }
+    fn sign_with(&self, scheme: TlsScheme, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
+        self.sign_scheme(scheme, msg)
     }
 }
 

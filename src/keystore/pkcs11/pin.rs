@@ -156,12 +156,45 @@ pub(super) fn so_pin() -> Result<SecretString, KeyStoreError> {
     })
 }
 
+/// Longest PIN file read: a PIN is a few dozen bytes; anything larger is not one.
+const MAX_PIN_FILE: u64 = 4096;
+
 /// Read a PIN file, dropping one trailing newline. The bytes are zeroized on drop.
+/// Opened without following a link and without blocking (a FIFO would hang the run
+/// forever), it must be a regular file of at most [`MAX_PIN_FILE`] bytes; one that
+/// group or others can read gets a warning (DESIGN §6 "The process").
 fn read_pin_file(path: &Path, flag: &str) -> Result<SecretString, KeyStoreError> {
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| KeyStoreError::Unavailable {
-        what: format!("cannot read PIN file {} ({e})", path.display()),
-        hint: format!("pass {flag} with a readable file holding the PIN"),
-    })?);
+    use std::io::Read;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let refuse = |why: String| KeyStoreError::Unavailable {
+        what: format!("cannot read PIN file {} ({why})", path.display()),
+        hint: format!("pass {flag} with a regular, readable file holding the PIN"),
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refuse("it is a symbolic link".into()),
+            _ => refuse(e.to_string()),
+        })?;
+    let meta = f.metadata().map_err(|e| refuse(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if meta.len() > MAX_PIN_FILE {
+        return Err(refuse(format!("larger than {MAX_PIN_FILE} bytes")));
+    }
+    if meta.permissions().mode() & 0o044 != 0 {
+        crate::output::warning(&format!(
+            "PIN file {} can be read by group or others; chmod 600 it",
+            path.display()
+        ));
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_PIN_FILE as usize + 1));
+    f.take(MAX_PIN_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| refuse(e.to_string()))?;
     let mut pin: &[u8] = &bytes;
     if let Some(p) = pin.strip_suffix(b"\n") {
         pin = p.strip_suffix(b"\r").unwrap_or(p);
@@ -252,5 +285,31 @@ mod tests {
         }
         std::fs::write(&p, "\n").unwrap();
         assert!(read_pin_file(&p, "--x").is_err());
+    }
+
+    /// Before: a FIFO hung the run in read(2) forever; a link was followed.
+    #[test]
+    fn pin_file_must_be_a_regular_file_of_sane_size() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let real = d.path().join("real");
+        std::fs::write(&real, "1234\n").unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let big = d.path().join("big");
+        std::fs::write(&big, "1".repeat(5000)).unwrap();
+        for (p, why) in [
+            (&fifo, "not a regular file"),
+            (&link, "symbolic link"),
+            (&big, "larger than"),
+            (&d.path().to_path_buf(), "not a regular file"),
+        ] {
+            let e = read_pin_file(p, "--x").unwrap_err().to_string();
+            assert!(e.contains(why), "{}: {e}", p.display());
+        }
+        assert_eq!(read_pin_file(&real, "--x").unwrap().expose_secret(), "1234");
     }
 }

@@ -21,7 +21,7 @@ use tss_esapi::Context;
 
 use super::{da, tss_error};
 use crate::keystore::{
-    ecdsa_raw_to_der, rsa_public_der, Algorithm, DeviceKey, KeyStoreError, KeyUri,
+    ecdsa_raw_to_der, rsa_public_der, Algorithm, DeviceKey, Hash, KeyStoreError, KeyUri, TlsScheme,
 };
 
 fn template_error(e: tss_esapi::Error) -> KeyStoreError {
@@ -217,18 +217,33 @@ pub struct TpmKey<'a> {
 }
 
 impl TpmKey<'_> {
+    /// Certificates: PKCS#1 v1.5 (sha256WithRSAEncryption) or ECDSA with the curve's
+    /// hash, the signature algorithm [`Algorithm::rcgen`] names.
     fn tpm_sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
-        let digest = Digest::try_from(self.alg.digest(msg))
+        let scheme = match self.alg {
+            Algorithm::EcdsaP384 => TlsScheme::Ecdsa(Hash::Sha384),
+            Algorithm::EcdsaP256 => TlsScheme::Ecdsa(Hash::Sha256),
+            _ => TlsScheme::RsaPkcs1(Hash::Sha256),
+        };
+        self.sign_scheme(scheme, msg)
+    }
+
+    /// `TPM2_Sign` with an explicit scheme: the key's own scheme is Null, so the
+    /// TPM takes the one given here (RSASSA, RSAPSS or ECDSA).
+    fn sign_scheme(&self, scheme: TlsScheme, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
+        if !scheme.fits(self.alg) {
+            return Err(scheme.misfit(self.alg));
+        }
+        let digest = Digest::try_from(scheme.hash().digest(msg))
             .map_err(|e| KeyStoreError::backend("prepare the digest", e.to_string()))?;
-        let hash = HashScheme::new(match self.alg {
-            Algorithm::EcdsaP384 => HashingAlgorithm::Sha384,
-            _ => HashingAlgorithm::Sha256,
+        let hash_scheme = HashScheme::new(match scheme.hash() {
+            Hash::Sha384 => HashingAlgorithm::Sha384,
+            Hash::Sha256 => HashingAlgorithm::Sha256,
         });
-        let scheme = if self.alg.is_rsa() {
-            // PKCS#1 v1.5: what the certificate's sha256WithRSAEncryption needs.
-            SignatureScheme::RsaSsa { hash_scheme: hash }
-        } else {
-            SignatureScheme::EcDsa { hash_scheme: hash }
+        let scheme = match scheme {
+            TlsScheme::RsaPkcs1(_) => SignatureScheme::RsaSsa { hash_scheme },
+            TlsScheme::RsaPss(_) => SignatureScheme::RsaPss { hash_scheme },
+            TlsScheme::Ecdsa(_) => SignatureScheme::EcDsa { hash_scheme },
         };
         // A NULL hashcheck ticket: the digest was computed outside the TPM, which an
         // unrestricted key accepts.
@@ -253,7 +268,7 @@ impl TpmKey<'_> {
             }
         })?;
         match signature {
-            Signature::RsaSsa(s) => Ok(s.signature().value().to_vec()),
+            Signature::RsaSsa(s) | Signature::RsaPss(s) => Ok(s.signature().value().to_vec()),
             Signature::EcDsa(s) => {
                 ecdsa_raw_to_der(s.signature_r().value(), s.signature_s().value())
             }
@@ -300,6 +315,9 @@ impl DeviceKey for TpmKey<'_> {
     }
     fn alg(&self) -> Algorithm {
         self.alg
+    }
+    fn sign_with(&self, scheme: TlsScheme, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
+        self.sign_scheme(scheme, msg)
     }
     fn take_sign_error(&self) -> Option<KeyStoreError> {
         self.last_error

@@ -391,10 +391,10 @@ impl KeyStore for TpmKeyStore {
             };
             if foreign {
                 self.close(object);
-                eprintln!(
-                    "warning: TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
+                crate::output::warning(&format!(
+                    "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
                      left in place (evict it yourself if it is not needed)"
-                );
+                ));
             } else {
                 self.evict(object, h)?;
             }
@@ -441,10 +441,10 @@ impl KeyStore for TpmKeyStore {
                 self.remove_slot_blobs(h).map(|()| true)
             }
             Some(_) => {
-                eprintln!(
-                    "warning: TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
+                crate::output::warning(&format!(
+                    "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
                      left in place (evict it yourself if it is not needed)"
-                );
+                ));
                 self.remove_slot_blobs(h)?;
                 Ok(false)
             }
