@@ -6,7 +6,30 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::keystore::{Algorithm, Role};
+use clap::builder::PossibleValue;
+
+use crate::model::{Algorithm, Role};
+
+// The domain types (crate::model) carry no clap; their flag values are their names.
+impl clap::ValueEnum for Role {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Role::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.as_str()))
+    }
+}
+
+impl clap::ValueEnum for Algorithm {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Algorithm::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.as_str()))
+    }
+}
 
 /// Give this Eclipse Leda device its Azure IoT identity.
 ///

@@ -66,8 +66,9 @@ pub fn incompatibilities(u: &Usage<'_>) -> Vec<&'static str> {
     reasons
 }
 
-/// What changed in this run, which decides how hard to restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What changed in this run, which decides how hard to restart (ordered: a later
+/// variant includes the earlier ones' restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Change {
     Nothing,
     /// Certificates or keys changed, the manifest did not: stop and start.

@@ -25,7 +25,7 @@ use crate::keystore::{
 };
 use crate::paths::{self, Layout, STATE_FILE};
 
-pub use crate::txn::JOURNAL_FILE;
+pub use crate::paths::JOURNAL_FILE;
 const VERSION: u32 = 1;
 
 /// The committed identity.
@@ -102,11 +102,11 @@ impl State {
                 uri: uri.clone(),
                 tpm_name: self.tpm_names.get(role).cloned(),
             };
-            let slot = crate::txn::Slot {
+            let slot = crate::model::Slot {
                 role: *role,
                 staged: false,
             };
-            crate::txn::check_key(self.keystore, Some(slot), &key, false)
+            crate::keystore::check_recorded_key(self.keystore, Some(slot), &key, false)
                 .map_err(|e| format!("{role} key: {e}"))?;
             match uri {
                 KeyUri::TpmHandle(h) if *h != live_handle(b, *role) => {

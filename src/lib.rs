@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod inroot;
 pub mod keystore;
 pub mod manifest;
+pub mod model;
 pub mod paths;
 pub mod process;
 

@@ -8,6 +8,7 @@
 //! Kanto's internal form (`mounts`, `CERT_PATH`/`KEY_PATH`) and the
 //! kanto-auto-deployer form (`mount_points`, `/device.crt`, `CERT_FILE`/`KEY_FILE`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
@@ -271,16 +272,38 @@ pub fn connector_config(rendered: &Value, want: &Desired) -> Option<Value> {
     }))
 }
 
+/// Host files the connector needs: (source, destination when no mount names it yet).
+type Needed = Vec<(String, String)>;
+
 /// Apply the tool's owned entries to `base`. Pure: the same input gives the same output.
+///
+/// The steps: the connector config (ours unless the template names its own), the
+/// needed mounts, reconciling the mounts, the env entries, the TPM device node.
 pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String> {
     check_shape(base)?;
-    let foreign_config = foreign_connector_config(base);
-    let config_dest = config_destination(base);
+    let own_config = own_connector_config(base);
     let mut v = base.clone();
     let root = v.as_object_mut().expect("checked");
+    let needed = needed_mounts(want, own_config.as_deref());
+    let dest_of = reconcile_mounts(root, &needed, want);
+    let dest = |p: &Path| dest_of[&*p.to_string_lossy()].clone();
+    let (env_want, only_if_present) = env_entries(want, &dest, own_config.as_deref());
+    merge_env(root, &env_want, &only_if_present, own_config.as_deref());
+    tpm_device(root, want)?;
+    Ok(v)
+}
 
-    // Mounts: which host files the connector needs, and where they appear inside.
-    let mut needed: Vec<(String, String)> = Vec::new(); // (source, default destination)
+/// Where our connector config file appears in the container, or `None` when the
+/// template's `CLOUD_CONNECTOR_CONFIG` names a file of its own.
+fn own_connector_config(base: &Value) -> Option<String> {
+    foreign_connector_config(base)
+        .is_none()
+        .then(|| config_destination(base))
+}
+
+/// Mounts: which host files the connector needs, and where they appear inside.
+fn needed_mounts(want: &Desired, own_config: Option<&str>) -> Needed {
+    let mut needed: Needed = Vec::new();
     let mut need = |source: &Path, dest: Option<&Path>| {
         let src = source.to_string_lossy().into_owned();
         let dest = match dest {
@@ -304,8 +327,8 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
         } => {
             need(pub_blob, None);
             need(priv_blob, None);
-            if foreign_config.is_none() {
-                need(&connector_config_source(), Some(Path::new(&config_dest)));
+            if let Some(config_dest) = own_config {
+                need(&connector_config_source(), Some(Path::new(config_dest)));
             }
         }
         KeyRef::Pkcs11 {
@@ -321,6 +344,16 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
             }
         }
     }
+    needed
+}
+
+/// Our mounts are the needed ones, once each; a needed mount keeps the destination
+/// it has. Returns each needed source's destination.
+fn reconcile_mounts(
+    root: &mut Map<String, Value>,
+    needed: &Needed,
+    want: &Desired,
+) -> HashMap<String, String> {
     let mounts_key = if root.contains_key("mounts") {
         "mounts"
     } else {
@@ -351,8 +384,8 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
         seen.push(src.to_owned());
         keep
     });
-    let mut dest_of = std::collections::HashMap::new();
-    for (src, default_dest) in &needed {
+    let mut dest_of = HashMap::new();
+    for (src, default_dest) in needed {
         let existing = mounts.iter().find_map(|m| {
             (m.get("source").and_then(Value::as_str) == Some(src))
                 .then(|| {
@@ -375,15 +408,25 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
         };
         dest_of.insert(src.clone(), dest);
     }
-    let dest = |p: &Path| dest_of[&*p.to_string_lossy()].clone();
+    dest_of
+}
 
-    // Env: the owned keys this mode needs, by value.
+/// An env key and its value.
+type EnvEntries = Vec<(&'static str, String)>;
+
+/// Env: the owned keys this mode needs, by value; and those written only where the
+/// manifest already has them.
+fn env_entries(
+    want: &Desired,
+    dest: &dyn Fn(&Path) -> String,
+    own_config: Option<&str>,
+) -> (EnvEntries, EnvEntries) {
     let cert_dest = dest(&want.cert);
-    let mut env_want: Vec<(&str, String)> = vec![
+    let mut env_want: EnvEntries = vec![
         (want.cloud.0, want.cloud.1.clone()),
         ("CERT_FILE", cert_dest.clone()),
     ];
-    let mut only_if_present: Vec<(&str, String)> = vec![("CERT_PATH", cert_dest)];
+    let mut only_if_present: EnvEntries = vec![("CERT_PATH", cert_dest)];
     match &want.key {
         KeyRef::File { key_file } => {
             let d = dest(key_file);
@@ -405,7 +448,7 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
             env_want.push(("TPM_KEY", dest(priv_blob)));
             env_want.push(("TPM_KEY_PUB", dest(pub_blob)));
             env_want.push(("TPM2OPENSSL_TCTI", TPM_TCTI.into()));
-            if foreign_config.is_none() {
+            if own_config.is_some() {
                 env_want.push((CONNECTOR_CONFIG_ENV, dest(&connector_config_source())));
             }
         }
@@ -419,6 +462,17 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
             env_want.push(("PKCS11_MODULE_PATH", dest(module)));
         }
     }
+    (env_want, only_if_present)
+}
+
+/// Owned env entries are rewritten in place (duplicates dropped), missing ones
+/// appended; everything else, and a foreign `CLOUD_CONNECTOR_CONFIG`, is kept.
+fn merge_env(
+    root: &mut Map<String, Value>,
+    env_want: &EnvEntries,
+    only_if_present: &EnvEntries,
+    own_config: Option<&str>,
+) {
     let config = root
         .entry("config")
         .or_insert_with(|| Value::Object(Map::new()))
@@ -434,7 +488,7 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
     for e in env.iter() {
         let s = e.as_str().expect("checked");
         let key = s.split_once('=').map_or(s, |(k, _)| k);
-        let foreign = key == CONNECTOR_CONFIG_ENV && foreign_config.is_some();
+        let foreign = key == CONNECTOR_CONFIG_ENV && own_config.is_none();
         let Some(owned) = OWNED_ENV.iter().find(|k| **k == key && !foreign) else {
             out.push(e.clone());
             continue;
@@ -451,14 +505,16 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
             done.push(owned);
         }
     }
-    for (k, val) in &env_want {
+    for (k, val) in env_want {
         if !done.contains(k) {
             out.push(Value::String(format!("{k}={val}")));
         }
     }
     *env = out;
+}
 
-    // The TPM device node.
+/// The TPM device node: added in TPM mode, our entry removed otherwise.
+fn tpm_device(root: &mut Map<String, Value>, want: &Desired) -> std::result::Result<(), String> {
     let tpm = matches!(want.key, KeyRef::Tpm { .. });
     let ours = tpm_device_entry();
     let has_devices = root
@@ -485,7 +541,7 @@ pub fn apply(base: &Value, want: &Desired) -> std::result::Result<Value, String>
             devices.retain(|d| *d != ours);
         }
     }
-    Ok(v)
+    Ok(())
 }
 
 /// The value of an env key in a manifest, for `status`/`verify`.

@@ -209,16 +209,8 @@ fn cert_report(layout: &Layout, r: &RoleView) -> CertReport {
     }
 }
 
-/// The human summary of an identity (what re-running prints, like the original).
-pub fn print_identity(out: &Out, layout: &Layout, id: &Identity) {
-    let name = |r: &RoleView| {
-        if r.role == crate::keystore::Role::Primary {
-            "Primary"
-        } else {
-            "Secondary"
-        }
-    };
-    out.say("Checking device certificates");
+/// The keystore line and, for DPS, the assignment (or that there is none yet).
+fn print_keystore_and_assignment(out: &Out, id: &Identity) {
     if let Some(s) = &id.state {
         out.say(format!("- Keystore: {} ({})", s.keystore, s.algorithm));
     } else if id.legacy {
@@ -234,6 +226,19 @@ pub fn print_identity(out: &Out, layout: &Layout, id: &Identity) {
         }
         _ => {}
     }
+}
+
+/// The human summary of an identity (what re-running prints, like the original).
+pub fn print_identity(out: &Out, layout: &Layout, id: &Identity) {
+    let name = |r: &RoleView| {
+        if r.role == crate::keystore::Role::Primary {
+            "Primary"
+        } else {
+            "Secondary"
+        }
+    };
+    out.say("Checking device certificates");
+    print_keystore_and_assignment(out, id);
     for r in &id.roles {
         out.say(format!(
             "- {} device certificate: {}",

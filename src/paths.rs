@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Error, Result};
-use crate::keystore::Role;
+use crate::model::{Role, Slot};
 
 /// The certificates directory, as the device sees it.
 pub const CERT_DIR: &str = "/data/var/certificates";
@@ -23,6 +23,8 @@ pub const SYS_CLASS_NET: &str = "/sys/class/net";
 pub const MANIFEST_DIR: &str = "/data/var/containers/manifests";
 /// Our state file: keystore, algorithm, key URIs, handles, in-flight work.
 pub const STATE_FILE: &str = "sdv-provision.state.json";
+/// The journal of in-flight work (see `txn`).
+pub const JOURNAL_FILE: &str = "sdv-provision.journal.json";
 pub const ID_SCOPE_FILE: &str = "azure.idscope";
 pub const CONNECTION_STRING_FILE: &str = "azure.connectionstring";
 /// The PIN file the PKCS#11 keystore writes for the connector (0600).
@@ -151,15 +153,10 @@ fn unresolvable(root: &Path, device_path: &Path, reason: String) -> Error {
 /// them, and `device.next` / `device2.next` for an identity being built while the old
 /// one is still in service (rotation, `--force`).
 pub fn stem(role: Role, staged: bool) -> &'static str {
-    match (role, staged) {
-        (Role::Primary, false) => "device",
-        (Role::Secondary, false) => "device2",
-        (Role::Primary, true) => "device.next",
-        (Role::Secondary, true) => "device2.next",
-    }
+    Slot { role, staged }.stem()
 }
 
 /// `device.crt`, `device2.crt`, …
 pub fn cert_name(role: Role, staged: bool) -> String {
-    format!("{}.crt", stem(role, staged))
+    Slot { role, staged }.cert_file()
 }

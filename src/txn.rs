@@ -26,22 +26,10 @@ use crate::identity::State;
 use crate::keystore::{self, Algorithm, KeyStore, KeyUri, KeystoreKind, OwnedKey, Role};
 use crate::paths::{self, Layout};
 
-pub const JOURNAL_FILE: &str = "sdv-provision.journal.json";
+pub use crate::paths::JOURNAL_FILE;
 const VERSION: u32 = 1;
 
-/// One of the four key slots: a role, live or staged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Slot {
-    pub role: Role,
-    pub staged: bool,
-}
-
-impl Slot {
-    pub fn cert_file(self) -> String {
-        paths::cert_name(self.role, self.staged)
-    }
-}
+pub use crate::model::Slot;
 
 /// A key this run made, in the slot it was made in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,7 +150,7 @@ impl Journal {
                     if !p.planned.contains(&m.slot) {
                         return Err(format!("key {} is in no planned slot", m.key.uri));
                     }
-                    check_key(p.keystore, Some(m.slot), &m.key, true)?;
+                    keystore::check_recorded_key(p.keystore, Some(m.slot), &m.key, true)?;
                 }
                 Ok(())
             }
@@ -170,10 +158,10 @@ impl Journal {
                 check_version(c.version)?;
                 let old_kind = c.old_keystore.unwrap_or(c.keystore);
                 for k in &c.old_keys {
-                    check_key(old_kind, None, k, false)?;
+                    keystore::check_recorded_key(old_kind, None, k, false)?;
                 }
                 for (m, _) in &c.moves {
-                    check_key(c.keystore, Some(m.slot), &m.key, false)?;
+                    keystore::check_recorded_key(c.keystore, Some(m.slot), &m.key, false)?;
                 }
                 let own = identity_files();
                 if let Some(f) = c.remove_files.iter().find(|f| !own.contains(f)) {
@@ -376,43 +364,6 @@ fn check_version(v: u32) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!("unknown version {v}"))
-    }
-}
-
-/// A key named in a journal or state: of `kind`'s backend; in `slot` when one is
-/// given (file name, label, handle range); a TPM key made by this version carries
-/// its Name (`need_name`).
-pub(crate) fn check_key(
-    kind: KeystoreKind,
-    slot: Option<Slot>,
-    key: &OwnedKey,
-    need_name: bool,
-) -> std::result::Result<(), String> {
-    let slots: Vec<Slot> = match slot {
-        Some(s) => vec![s],
-        None => all_slots(),
-    };
-    let uri = &key.uri;
-    let fits = match (kind, uri) {
-        (KeystoreKind::File, KeyUri::File(p)) => slots
-            .iter()
-            .any(|s| *p == keystore::file::key_path(s.role, s.staged)),
-        (KeystoreKind::Tpm, KeyUri::TpmHandle(h)) => {
-            (0x8100_0000..=0x817F_FFFF).contains(h) && (key.tpm_name.is_some() || !need_name)
-        }
-        #[cfg(feature = "pkcs11")]
-        (KeystoreKind::Pkcs11, KeyUri::Pkcs11(u)) => slots
-            .iter()
-            .any(|s| u.object == keystore::pkcs11::label(s.role, s.staged)),
-        _ => false,
-    };
-    if key.tpm_name.is_some() && kind != KeystoreKind::Tpm {
-        return Err(format!("{uri}: only a TPM key has a TPM Name"));
-    }
-    if fits {
-        Ok(())
-    } else {
-        Err(format!("{uri} is not a {kind} key sdv-provision makes"))
     }
 }
 

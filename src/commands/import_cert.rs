@@ -8,27 +8,17 @@
 use std::path::Path;
 
 use crate::cert::{key_matches, CertInfo};
+use crate::connector::Change;
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::identity::Identity;
+use crate::identity::{Identity, State};
 use crate::keystore::Role;
 use crate::paths;
 
 use super::{converge, existing_state, recover, report, Ctx};
 
 pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
-    let pem = fsutil::read_optional(file)?.ok_or_else(|| {
-        Error::input(
-            format!("{} does not exist", file.display()),
-            "pass the PEM file of the issued certificate",
-        )
-    })?;
-    let new = CertInfo::from_pem(file, &pem).map_err(|e| {
-        Error::input(
-            e.to_string(),
-            "pass the PEM file of the certificate issued for this device's key",
-        )
-    })?;
+    let (pem, new) = read_certificate(file)?;
     let _lock = ctx.lock()?;
     recover(ctx)?;
     let id = Identity::load(&ctx.layout)?;
@@ -39,25 +29,7 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
             "run `sdv-provision` first",
         ));
     }
-    let refuse = |why: String| {
-        Error::input(
-            format!("refusing {}: {why}", file.display()),
-            "import the certificate issued for this device's key",
-        )
-    };
-    if new.subject_cn.as_deref() != Some(state.device_id.as_str()) {
-        return Err(refuse(format!(
-            "its CN {:?} is not the device id {:?}",
-            new.subject_cn.as_deref().unwrap_or(""),
-            state.device_id
-        )));
-    }
-    if !new.is_current() {
-        return Err(refuse(format!(
-            "it is not valid now (valid until {})",
-            new.not_after_rfc3339()
-        )));
-    }
+    check_subject_and_validity(file, &new, &state)?;
     let uri = state.keys.get(&role).ok_or_else(|| {
         Error::input(
             format!("there is no {role} key"),
@@ -68,9 +40,10 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
     {
         let key = ks.open(uri)?;
         if !key_matches(key.as_ref(), &new.spki)? {
-            return Err(refuse(format!(
-                "its public key is not the {role} key {uri}"
-            )));
+            return Err(refuse(
+                file,
+                format!("its public key is not the {role} key {uri}"),
+            ));
         }
     }
     let path = ctx.layout.host_cert_file(&paths::cert_name(role, false));
@@ -96,14 +69,61 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
         };
         super::compatibility_warnings(ctx, &state, cloud);
         // The connector only presents the primary certificate.
-        converge(
-            ctx,
-            &state,
-            cloud,
-            !installed && role == Role::Primary,
-            false,
-        )?;
+        let change = if !installed && role == Role::Primary {
+            Change::Certificates
+        } else {
+            Change::Nothing
+        };
+        converge(ctx, &state, cloud, change)?;
     }
     report(ctx)?;
     Ok(0)
+}
+
+/// The PEM file and its parsed leaf (with the chain count).
+fn read_certificate(file: &Path) -> Result<(Vec<u8>, CertInfo)> {
+    let pem = fsutil::read_optional(file)?.ok_or_else(|| {
+        Error::input(
+            format!("{} does not exist", file.display()),
+            "pass the PEM file of the issued certificate",
+        )
+    })?;
+    let new = CertInfo::from_pem(file, &pem).map_err(|e| {
+        Error::input(
+            e.to_string(),
+            "pass the PEM file of the certificate issued for this device's key",
+        )
+    })?;
+    Ok((pem, new))
+}
+
+/// The certificate names this device and is valid now.
+fn check_subject_and_validity(file: &Path, new: &CertInfo, state: &State) -> Result<()> {
+    if new.subject_cn.as_deref() != Some(state.device_id.as_str()) {
+        return Err(refuse(
+            file,
+            format!(
+                "its CN {:?} is not the device id {:?}",
+                new.subject_cn.as_deref().unwrap_or(""),
+                state.device_id
+            ),
+        ));
+    }
+    if !new.is_current() {
+        return Err(refuse(
+            file,
+            format!(
+                "it is not valid now (valid until {})",
+                new.not_after_rfc3339()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn refuse(file: &Path, why: String) -> Error {
+    Error::input(
+        format!("refusing {}: {why}", file.display()),
+        "import the certificate issued for this device's key",
+    )
 }

@@ -129,7 +129,7 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
-        self.open_keystore_with(kind, state, false, false)
+        self.open_keystore_with(kind, state, Purpose::Change)
     }
 
     /// [`Ctx::open_keystore`] for `provision`, the one command that may choose the
@@ -139,7 +139,7 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
-        self.open_keystore_with(kind, state, false, true)
+        self.open_keystore_with(kind, state, Purpose::Provision)
     }
 
     /// [`Ctx::open_keystore`] for commands that only read and take no lock (`verify`,
@@ -149,25 +149,46 @@ impl Ctx {
         kind: KeystoreKind,
         state: Option<&State>,
     ) -> Result<Box<dyn KeyStore>> {
-        self.open_keystore_with(kind, state, true, false)
+        self.open_keystore_with(kind, state, Purpose::Read)
     }
 
     fn open_keystore_with(
         &self,
         kind: KeystoreKind,
         state: Option<&State>,
-        read_only: bool,
-        manage_pin_file: bool,
+        purpose: Purpose,
     ) -> Result<Box<dyn KeyStore>> {
         let mut cfg = self.ks_config.clone();
-        cfg.read_only = read_only;
-        cfg.manage_pin_file = manage_pin_file;
+        cfg.read_only = purpose == Purpose::Read;
+        cfg.manage_pin_file = purpose == Purpose::Provision;
         if let Some(s) = state {
             cfg.recorded = s.backend.clone();
         }
         tracing::info!(keystore = %kind, tcti = ?cfg.tcti, module = ?cfg.pkcs11_module, "opening keystore");
         Ok(keystore::open(kind, &cfg, &self.layout)?)
     }
+}
+
+/// What a command opens a keystore for (see [`KeystoreConfig::read_only`] and
+/// [`KeystoreConfig::manage_pin_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A command that changes the identity but not the connector's PIN file.
+    Change,
+    /// `provision`: may choose the connector's PIN file.
+    Provision,
+    /// `verify`, `csr`: nothing is written while opening.
+    Read,
+}
+
+/// Whether a commit records the store's settings in the next state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settings {
+    /// `provision`: the store's settings (it converges the manifest afterwards).
+    Record,
+    /// `rotate`: the recorded ones, so the state never names settings the manifest
+    /// was not converged to.
+    Keep,
 }
 
 /// Run the parsed command line; returns the exit code.
@@ -441,16 +462,9 @@ fn write_connector_config(ctx: &Ctx, content: Option<serde_json::Value>) -> Resu
     }
 }
 
-/// Bring the manifest in line and restart the connector as needed. `certs_changed`
-/// says whether this run changed keys or certificates; `manifest_changed` whether it
-/// already rewrote the manifest earlier.
-pub fn converge(
-    ctx: &Ctx,
-    state: &State,
-    cloud: &Cloud,
-    certs_changed: bool,
-    manifest_changed: bool,
-) -> Result<()> {
+/// Bring the manifest in line and restart the connector as needed. `change` is what
+/// this run changed before (keys or certificates, or the manifest already).
+pub fn converge(ctx: &Ctx, state: &State, cloud: &Cloud, change: Change) -> Result<()> {
     let manifest_changed = match update_manifest(ctx, state, cloud)? {
         None => {
             ctx.out.warn(format!(
@@ -459,14 +473,12 @@ pub fn converge(
             ));
             false
         }
-        Some(wrote) => wrote || manifest_changed,
+        Some(wrote) => wrote,
     };
     let change = if manifest_changed {
         Change::Manifest
-    } else if certs_changed {
-        Change::Certificates
     } else {
-        Change::Nothing
+        change
     };
     if ctx.restart {
         connector::restart(change, &ctx.out);
@@ -531,9 +543,7 @@ pub fn build_keys(
 }
 
 /// [`txn::commit`]; the old identity's keystore is opened here when it is another
-/// one. `provision` records the store's settings in the next state (it converges
-/// the manifest afterwards); `rotate` keeps the recorded ones (`record_backend`
-/// false), so the state never names settings the manifest was not converged to.
+/// one; `settings` says whether the next state records the store's settings.
 pub fn commit(
     ctx: &Ctx,
     ks: &mut dyn KeyStore,
@@ -541,9 +551,9 @@ pub fn commit(
     built: Vec<txn::Built>,
     mut next: State,
     old: Option<&State>,
-    record_backend: bool,
+    settings: Settings,
 ) -> Result<State> {
-    if record_backend {
+    if settings == Settings::Record {
         next.backend = ks.record();
     }
     let old = match old {

@@ -3,9 +3,14 @@
 //! Inputs are validated before anything is touched; keys are made under the journal;
 //! the identity is committed through the state file; the manifest and the connector
 //! follow. Re-running with everything in place changes nothing and restarts nothing.
+//!
+//! [`run`] reads as the six steps of DESIGN §1. Step 3 is one of three named paths,
+//! [`keep`] (the existing identity), [`adopt_script_files`] (the original script's
+//! files) and [`build_new`]; each ends in the one commit of [`crate::txn`].
 
 use crate::cli::ProvisionArgs;
 use crate::cloud::{self, Cloud};
+use crate::connector::Change;
 use crate::device_id::{self, Source};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -17,6 +22,7 @@ use crate::txn::Plan;
 
 use super::{
     build_keys, commit, compatibility_warnings, converge, recover, report, update_manifest, Ctx,
+    Settings,
 };
 
 pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
@@ -26,25 +32,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
 
     // Flags first: a bad value stops the run before anything is read or written.
     let mut warnings = Vec::new();
-    let cs_text = match &args.connection_string_file {
-        Some(f) => Some(cloud::read_secret_text(f)?.ok_or_else(|| {
-            Error::input(
-                format!("{} does not exist", f.display()),
-                "pass an existing --connection-string-file",
-            )
-        })?),
-        None => args.connection_string.clone().map(zeroize::Zeroizing::new),
-    };
-    let flag_cloud = cloud::from_flags(
-        args.id_scope.as_deref(),
-        cs_text.as_deref().map(|s| s.as_str()),
-        &mut warnings,
-    )?;
-    if let Some(id) = &args.device_id {
-        device_id::check_flag(id)?;
-    }
-    // The DPS flags and env too (the state's record was valid when written).
-    super::register::settings(&args.dps, None)?;
+    let flag_cloud = check_flags(args, &mut warnings)?;
 
     device_id::check_file_kind(layout)?;
 
@@ -72,6 +60,76 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     out.say(format!("- Device ID: {device_id}"));
 
     // 2. Cloud backend.
+    let cloud = choose_cloud(ctx, flag_cloud, &id, &device_id)?;
+    for w in warnings.drain(..) {
+        out.warn(w);
+    }
+
+    // 3. Keys and certificates.
+    let keys_step = crate::progress::step("keys and certificates");
+    let mut change = Change::Nothing;
+    let state = match (&id.state, id.legacy, rebuild) {
+        (Some(s), _, false) => keep(ctx, args, s, &id, &device_id, &mut change)?,
+        (None, true, false) => adopt_script_files(ctx, args, &id, &device_id, &mut change)?,
+        (_, _, _) => build_new(ctx, args, &id, &device_id, rebuild, &cloud, &mut change)?,
+    };
+
+    drop(keys_step);
+    // 4. Device id and cloud files.
+    let files_step = crate::progress::step("device id and cloud files");
+    let cloud_changed = write_id_and_cloud(ctx, &id, &device_id, &cloud)?;
+
+    drop(files_step);
+    // DPS registration through the device key (DESIGN §3b).
+    let state = super::register::provision_step(
+        ctx,
+        state,
+        &cloud,
+        &args.dps,
+        args.no_register,
+        cloud_changed,
+    )?;
+    // 5 and 6. Manifest and connector.
+    let _s = crate::progress::step("manifest and connector");
+    compatibility_warnings(ctx, &state, &cloud);
+    converge(ctx, &state, &cloud, change)?;
+    let complete = report(ctx)?.is_empty();
+    Ok(if complete { 0 } else { 1 })
+}
+
+/// The flags that need more than clap: the connection string (or its file), the ID
+/// scope and the device id. Returns the cloud backend the flags choose, if any.
+fn check_flags(args: &ProvisionArgs, warnings: &mut Vec<String>) -> Result<Option<Cloud>> {
+    let cs_text = match &args.connection_string_file {
+        Some(f) => Some(cloud::read_secret_text(f)?.ok_or_else(|| {
+            Error::input(
+                format!("{} does not exist", f.display()),
+                "pass an existing --connection-string-file",
+            )
+        })?),
+        None => args.connection_string.clone().map(zeroize::Zeroizing::new),
+    };
+    let flag_cloud = cloud::from_flags(
+        args.id_scope.as_deref(),
+        cs_text.as_deref().map(|s| s.as_str()),
+        warnings,
+    )?;
+    if let Some(id) = &args.device_id {
+        device_id::check_flag(id)?;
+    }
+    // The DPS flags and env too (the state's record was valid when written).
+    super::register::settings(&args.dps, None)?;
+    Ok(flag_cloud)
+}
+
+/// Step 2: the flags' backend, else the recorded one, else the user's answer.
+fn choose_cloud(
+    ctx: &Ctx,
+    flag_cloud: Option<Cloud>,
+    id: &Identity,
+    device_id: &str,
+) -> Result<Cloud> {
+    let out = &ctx.out;
     out.say("Checking whether either IdScope or ConnectionString is configured");
     let cloud = match (flag_cloud, &id.cloud) {
         (Some(c), _) => c,
@@ -82,7 +140,7 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
             });
             c.clone()
         }
-        (None, None) if ctx.interactive => crate::interactive::ask_cloud(out, &device_id)?,
+        (None, None) if ctx.interactive => crate::interactive::ask_cloud(out, device_id)?,
         (None, None) => {
             return Err(Error::MissingAnswer {
                 what: "the cloud backend (DPS ID scope or IoT Hub connection string)".into(),
@@ -101,187 +159,203 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
             ));
         }
     }
-    for w in warnings.drain(..) {
-        out.warn(w);
-    }
+    Ok(cloud)
+}
 
-    // 3. Keys and certificates.
-    let keys_step = crate::progress::step("keys and certificates");
-    let mut certs_changed = false;
-    let mut manifest_changed = false;
-    let state = match (&id.state, id.legacy, rebuild) {
-        (Some(s), _, false) => {
-            check_unchanged(ctx, args, s.keystore, s.algorithm)?;
-            let mut ks = ctx.open_keystore_to_provision(s.keystore, Some(s))?;
-            certs_changed |= check_certificates(ctx, ks.as_mut(), s, &id, args.days)?;
-            let s = &refresh_pin_file(layout, s, ks.as_ref())?;
-            let missing: Vec<Role> = Role::ALL
-                .into_iter()
-                .filter(|r| !s.keys.contains_key(r))
-                .collect();
-            if missing.is_empty() {
-                s.clone()
-            } else {
-                certs_changed = true;
-                let plan = Plan {
-                    roles: &missing,
-                    staged: false,
-                    alg: s.algorithm,
-                    device_id: &device_id,
-                    days: args.days,
-                };
-                let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
-                commit(ctx, ks.as_mut(), journal, built, s.clone(), None, true)?
-            }
+/// Step 3, keep the existing identity: its keys must still match their certificates
+/// (a missing certificate is re-issued); a missing slot is made and committed.
+fn keep(
+    ctx: &Ctx,
+    args: &ProvisionArgs,
+    s: &State,
+    id: &Identity,
+    device_id: &str,
+    change: &mut Change,
+) -> Result<State> {
+    check_unchanged(ctx, args, s.keystore, s.algorithm)?;
+    let mut ks = ctx.open_keystore_to_provision(s.keystore, Some(s))?;
+    if check_certificates(ctx, ks.as_mut(), s, id, args.days)? {
+        *change = (*change).max(Change::Certificates);
+    }
+    let s = refresh_pin_file(&ctx.layout, s, ks.as_ref())?;
+    complete_slots(ctx, args, ks.as_mut(), s, device_id, change)
+}
+
+/// Step 3, adopt the old script's files: its key/cert pairs become the identity, and
+/// a missing secondary is made and committed.
+fn adopt_script_files(
+    ctx: &Ctx,
+    args: &ProvisionArgs,
+    id: &Identity,
+    device_id: &str,
+    change: &mut Change,
+) -> Result<State> {
+    let (adopted, missing) = adopt(ctx, id, device_id)?;
+    check_unchanged(ctx, args, KeystoreKind::File, adopted.algorithm)?;
+    tighten_key_modes(ctx, &adopted)?;
+    ctx.out
+        .say("- Adopted the keys and certificates left by the original sdv-provision script");
+    if missing.is_empty() {
+        adopted.save(&ctx.layout)?;
+        return Ok(adopted);
+    }
+    let mut ks: Box<dyn KeyStore> = Box::new(FileKeyStore::new(ctx.layout.clone()));
+    complete_slots(ctx, args, ks.as_mut(), adopted, device_id, change)
+}
+
+/// The slots `state` has no key for are built and committed (none missing: `state`).
+fn complete_slots(
+    ctx: &Ctx,
+    args: &ProvisionArgs,
+    ks: &mut dyn KeyStore,
+    state: State,
+    device_id: &str,
+    change: &mut Change,
+) -> Result<State> {
+    let missing: Vec<Role> = Role::ALL
+        .into_iter()
+        .filter(|r| !state.keys.contains_key(r))
+        .collect();
+    if missing.is_empty() {
+        return Ok(state);
+    }
+    *change = (*change).max(Change::Certificates);
+    let plan = Plan {
+        roles: &missing,
+        staged: false,
+        alg: state.algorithm,
+        device_id,
+        days: args.days,
+    };
+    let (journal, built) = build_keys(ctx, ks, &plan)?;
+    commit(ctx, ks, journal, built, state, None, Settings::Record)
+}
+
+/// Step 3, build a new identity (none yet, or `--force`): all slots in the chosen
+/// keystore, staged beside the old identity on a rebuild, then the one commit.
+fn build_new(
+    ctx: &Ctx,
+    args: &ProvisionArgs,
+    id: &Identity,
+    device_id: &str,
+    rebuild: bool,
+    cloud: &Cloud,
+    change: &mut Change,
+) -> Result<State> {
+    let old = id.state.as_ref();
+    *change = (*change).max(Change::Certificates);
+    let kind = ctx
+        .keystore
+        .unwrap_or_else(|| keystore::select_auto(&ctx.ks_config));
+    let alg = args.algorithm.unwrap_or(Algorithm::Rsa2048);
+    if kind == KeystoreKind::File {
+        let why = if ctx.keystore.is_some() {
+            "--keystore file"
+        } else {
+            "no TPM or PKCS#11 token found"
+        };
+        ctx.out.warn(format!("the device keys are plain files ({why}); anyone who can read /data/var/certificates can copy this identity"));
+    }
+    check_same_token(ctx, old, kind)?;
+    let mut ks = ctx.open_keystore_to_provision(kind, old.filter(|s| s.keystore == kind))?;
+    let plan = Plan {
+        roles: &Role::ALL,
+        staged: rebuild,
+        alg,
+        device_id,
+        days: args.days,
+    };
+    let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
+    let mut next = State::new(device_id, kind, alg);
+    // The DPS endpoint and trust carry over; the assignment was the old key's and is
+    // dropped by the registration step.
+    next.dps = old.and_then(|o| o.dps.clone());
+    if !rebuild {
+        // A new identity: the manifest is written before the commit, so a
+        // failure there removes the new keys again (no orphans in a token or
+        // TPM). A rebuild keeps the old identity live until its commit, and
+        // the manifest follows after it.
+        let mut provisional = next.clone();
+        provisional.backend = ks.record();
+        for b in &built {
+            provisional.keys.insert(b.role(), b.uri().clone());
         }
-        (None, true, false) => {
-            let (adopted, missing) = adopt(ctx, &id, &device_id)?;
-            check_unchanged(ctx, args, KeystoreKind::File, adopted.algorithm)?;
-            tighten_key_modes(ctx, &adopted)?;
-            out.say(
-                "- Adopted the keys and certificates left by the original sdv-provision script",
-            );
-            if missing.is_empty() {
-                adopted.save(layout)?;
-                adopted
-            } else {
-                certs_changed = true;
-                let mut ks: Box<dyn KeyStore> = Box::new(FileKeyStore::new(layout.clone()));
-                let plan = Plan {
-                    roles: &missing,
-                    staged: false,
-                    alg: adopted.algorithm,
-                    device_id: &device_id,
-                    days: args.days,
-                };
-                let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
-                commit(ctx, ks.as_mut(), journal, built, adopted, None, true)?
-            }
-        }
-        (old, _, _) => {
-            certs_changed = true;
-            let kind = ctx
-                .keystore
-                .unwrap_or_else(|| keystore::select_auto(&ctx.ks_config));
-            let alg = args.algorithm.unwrap_or(Algorithm::Rsa2048);
-            if kind == KeystoreKind::File {
-                let why = if ctx.keystore.is_some() {
-                    "--keystore file"
-                } else {
-                    "no TPM or PKCS#11 token found"
-                };
-                out.warn(format!("the device keys are plain files ({why}); anyone who can read /data/var/certificates can copy this identity"));
-            }
-            // The old keys are removed through the new store when both are PKCS#11:
-            // it must be the same token (a store only handles its own token's URIs).
-            if let (Some(o), Some(t)) = (
-                old.as_ref()
-                    .filter(|s| s.keystore == kind)
-                    .and_then(|s| s.backend.pkcs11_token.as_deref()),
-                ctx.ks_config.pkcs11_token.as_deref(),
-            ) {
-                if o != t {
-                    return Err(Error::input(
-                        format!("this identity's keys are in PKCS#11 token {o}; --force cannot move it to token {t} in one run"),
-                        format!("run `sdv-provision reset --yes` first (it removes the keys from {o}), then provision with --pkcs11-token {t}"),
+        match update_manifest(ctx, &provisional, cloud) {
+            Ok(Some(true)) => *change = Change::Manifest,
+            Ok(_) => {}
+            Err(e) => {
+                if let Err(cleanup) = journal.roll_back(&ctx.layout, ks.as_mut()) {
+                    ctx.out.warn(format!(
+                        "could not clean up after the failure ({cleanup}); the next run will retry"
                     ));
                 }
+                return Err(e);
             }
-            let mut ks =
-                ctx.open_keystore_to_provision(kind, old.as_ref().filter(|s| s.keystore == kind))?;
-            let plan = Plan {
-                roles: &Role::ALL,
-                staged: rebuild,
-                alg,
-                device_id: &device_id,
-                days: args.days,
-            };
-            let (journal, built) = build_keys(ctx, ks.as_mut(), &plan)?;
-            let mut next = State::new(&device_id, kind, alg);
-            // The DPS endpoint and trust carry over; the assignment was the old key's
-            // and is dropped by the registration step.
-            next.dps = old.as_ref().and_then(|o| o.dps.clone());
-            if !rebuild {
-                // A new identity: the manifest is written before the commit, so a
-                // failure there removes the new keys again (no orphans in a token or
-                // TPM). A rebuild keeps the old identity live until its commit, and
-                // the manifest follows after it.
-                let mut provisional = next.clone();
-                provisional.backend = ks.record();
-                for b in &built {
-                    provisional.keys.insert(b.role(), b.uri().clone());
-                }
-                match update_manifest(ctx, &provisional, &cloud) {
-                    Ok(wrote) => manifest_changed = wrote.unwrap_or(false),
-                    Err(e) => {
-                        if let Err(cleanup) = journal.roll_back(layout, ks.as_mut()) {
-                            out.warn(format!("could not clean up after the failure ({cleanup}); the next run will retry"));
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-            let old_state = match old {
-                Some(s) => Some(s.clone()),
-                None if id.legacy => Some(crate::identity::legacy_state(&device_id)),
-                None => None,
-            };
-            commit(
-                ctx,
-                ks.as_mut(),
-                journal,
-                built,
-                next,
-                old_state.as_ref(),
-                true,
-            )?
         }
+    }
+    let old_state = match old {
+        Some(s) => Some(s.clone()),
+        None if id.legacy => Some(crate::identity::legacy_state(device_id)),
+        None => None,
     };
+    commit(
+        ctx,
+        ks.as_mut(),
+        journal,
+        built,
+        next,
+        old_state.as_ref(),
+        Settings::Record,
+    )
+}
 
-    drop(keys_step);
-    // 4. Device id and cloud files.
-    let files_step = crate::progress::step("device id and cloud files");
-    let id_path = layout.host(DEVICE_ID_FILE);
+/// The old keys are removed through the new store when both are PKCS#11: it must be
+/// the same token (a store only handles its own token's URIs).
+fn check_same_token(ctx: &Ctx, old: Option<&State>, kind: KeystoreKind) -> Result<()> {
+    if let (Some(o), Some(t)) = (
+        old.filter(|s| s.keystore == kind)
+            .and_then(|s| s.backend.pkcs11_token.as_deref()),
+        ctx.ks_config.pkcs11_token.as_deref(),
+    ) {
+        if o != t {
+            return Err(Error::input(
+                format!("this identity's keys are in PKCS#11 token {o}; --force cannot move it to token {t} in one run"),
+                format!("run `sdv-provision reset --yes` first (it removes the keys from {o}), then provision with --pkcs11-token {t}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Step 4: `/etc/deviceid` (a failure is a warning) and the cloud backend's file.
+/// Returns whether the cloud backend changed.
+fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) -> Result<bool> {
+    let id_path = ctx.layout.host(DEVICE_ID_FILE);
     if fsutil::read_optional_string(&id_path)
         .ok()
         .flatten()
         .as_deref()
         .map(str::trim)
-        != Some(device_id.as_str())
+        != Some(device_id)
     {
         if let Err(e) = fsutil::atomic_write(
             &id_path,
             format!("{device_id}\n").as_bytes(),
             fsutil::PUBLIC,
         ) {
-            out.warn(format!("could not store the device id ({e}); continuing"));
+            ctx.out
+                .warn(format!("could not store the device id ({e}); continuing"));
         }
     }
-    let cloud_changed = match (&id.cloud, &cloud) {
+    let cloud_changed = match (&id.cloud, cloud) {
         (Some(Cloud::Dps { id_scope: a }), Cloud::Dps { id_scope: b }) => a != b,
         (Some(Cloud::Hub(a)), Cloud::Hub(b)) => a.expose() != b.expose(),
         _ => true,
     };
     if cloud_changed {
-        cloud::save(layout, &cloud)?;
+        cloud::save(&ctx.layout, cloud)?;
     }
-
-    drop(files_step);
-    // DPS registration through the device key (DESIGN §3b).
-    let state = super::register::provision_step(
-        ctx,
-        state,
-        &cloud,
-        &args.dps,
-        args.no_register,
-        cloud_changed,
-    )?;
-    // 5 and 6. Manifest and connector.
-    let _s = crate::progress::step("manifest and connector");
-    compatibility_warnings(ctx, &state, &cloud);
-    converge(ctx, &state, &cloud, certs_changed, manifest_changed)?;
-    let complete = report(ctx)?.is_empty();
-    Ok(if complete { 0 } else { 1 })
+    Ok(cloud_changed)
 }
 
 /// A re-run's PKCS#11 store may have chosen another connector PIN file than the

@@ -138,7 +138,7 @@ pub fn record(
     assignment: Assignment,
 ) -> Result<State> {
     let next = save_assignment(ctx, state, settings, Some(assignment))?;
-    converge(ctx, &next, cloud, false, false)?;
+    converge(ctx, &next, cloud, crate::connector::Change::Nothing)?;
     Ok(next)
 }
 

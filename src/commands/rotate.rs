@@ -6,12 +6,13 @@
 //! the old primary is removed, so a crash leaves a usable identity and the next run
 //! finishes the move (and `provision` then makes the missing secondary).
 
+use crate::connector::Change;
 use crate::error::{Error, Result};
 use crate::identity::{Identity, State};
 use crate::keystore::Role;
 use crate::txn::{Journal, Plan};
 
-use super::{build_keys, commit, converge, recover, report, Ctx};
+use super::{build_keys, commit, converge, recover, report, Ctx, Settings};
 
 pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     let _lock = ctx.lock()?;
@@ -56,13 +57,21 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     let mut base: State = state.clone();
     base.forget(Role::Primary);
     let old = staged.then_some(&base);
-    state = commit(ctx, ks.as_mut(), journal, built, state.clone(), old, false)?;
+    state = commit(
+        ctx,
+        ks.as_mut(),
+        journal,
+        built,
+        state.clone(),
+        old,
+        Settings::Keep,
+    )?;
     drop(ks);
     if promote {
         // The primary changed: DPS learns it, the manifest follows and the
         // connector restarts.
         state = super::register::refresh(ctx, &state, &cloud)?;
-        converge(ctx, &state, &cloud, true, false)?;
+        converge(ctx, &state, &cloud, Change::Certificates)?;
     }
     let id = Identity::load(&ctx.layout)?;
     if let Ok(c) = &id.role(Role::Secondary).cert {

@@ -14,7 +14,7 @@ use super::{
     TlsScheme,
 };
 use crate::fsutil;
-use crate::paths::{self, Layout};
+use crate::paths::Layout;
 
 pub struct FileKeyStore {
     layout: Layout,
@@ -38,7 +38,7 @@ impl FileKeyStore {
 
 /// Device path of a role's key file: `/data/var/certificates/device.key`, …
 pub fn key_path(role: Role, staged: bool) -> PathBuf {
-    Layout::cert_file(&format!("{}.key", paths::stem(role, staged)))
+    Layout::cert_file(&crate::model::Slot { role, staged }.key_file())
 }
 
 impl KeyStore for FileKeyStore {

@@ -8,7 +8,6 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,135 +20,11 @@ mod uri;
 
 pub use uri::{KeyUri, Pkcs11Uri};
 
-/// The two identities Azure can roll over between.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Primary,
-    Secondary,
-}
+use crate::model::Slot;
+pub use crate::model::{Algorithm, KeystoreKind, Role};
 
-impl Role {
-    pub const ALL: [Role; 2] = [Role::Primary, Role::Secondary];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::Secondary => "secondary",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Which backend holds the keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum KeystoreKind {
-    File,
-    Tpm,
-    Pkcs11,
-}
-
-impl KeystoreKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeystoreKind::File => "file",
-            KeystoreKind::Tpm => "tpm",
-            KeystoreKind::Pkcs11 => "pkcs11",
-        }
-    }
-}
-
-impl fmt::Display for KeystoreKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Key algorithm; also fixes the certificate's signature algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-pub enum Algorithm {
-    #[serde(rename = "rsa-2048")]
-    #[value(name = "rsa-2048")]
-    Rsa2048,
-    #[serde(rename = "rsa-3072")]
-    #[value(name = "rsa-3072")]
-    Rsa3072,
-    #[serde(rename = "ecdsa-p256")]
-    #[value(name = "ecdsa-p256")]
-    EcdsaP256,
-    #[serde(rename = "ecdsa-p384")]
-    #[value(name = "ecdsa-p384")]
-    EcdsaP384,
-}
-
+/// Algorithms by their keys' encodings.
 impl Algorithm {
-    pub const ALL: [Algorithm; 4] = [
-        Algorithm::Rsa2048,
-        Algorithm::Rsa3072,
-        Algorithm::EcdsaP256,
-        Algorithm::EcdsaP384,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Algorithm::Rsa2048 => "rsa-2048",
-            Algorithm::Rsa3072 => "rsa-3072",
-            Algorithm::EcdsaP256 => "ecdsa-p256",
-            Algorithm::EcdsaP384 => "ecdsa-p384",
-        }
-    }
-
-    pub fn is_rsa(self) -> bool {
-        matches!(self, Algorithm::Rsa2048 | Algorithm::Rsa3072)
-    }
-
-    /// RSA modulus size in bits, or the curve's field size.
-    pub fn bits(self) -> usize {
-        match self {
-            Algorithm::Rsa2048 => 2048,
-            Algorithm::Rsa3072 => 3072,
-            Algorithm::EcdsaP256 => 256,
-            Algorithm::EcdsaP384 => 384,
-        }
-    }
-
-    /// The certificate signature algorithm: RSA PKCS#1 v1.5 with SHA-256 (what every
-    /// TLS stack and Azure accept), ECDSA with the curve's matching hash.
-    pub fn rcgen(self) -> &'static rcgen::SignatureAlgorithm {
-        match self {
-            Algorithm::Rsa2048 | Algorithm::Rsa3072 => &rcgen::PKCS_RSA_SHA256,
-            Algorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-            Algorithm::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
-        }
-    }
-
-    /// Hash the to-be-signed data the way [`Algorithm::rcgen`]'s algorithm needs.
-    pub fn digest(self, msg: &[u8]) -> Vec<u8> {
-        use sha2::Digest;
-        match self {
-            Algorithm::EcdsaP384 => sha2::Sha384::digest(msg).to_vec(),
-            _ => sha2::Sha256::digest(msg).to_vec(),
-        }
-    }
-
     /// Recognise the algorithm of a SubjectPublicKeyInfo (DER).
     pub fn from_spki(spki_der: &[u8]) -> Option<Algorithm> {
         use der::Decode;
@@ -180,22 +55,6 @@ impl Algorithm {
         } else {
             None
         }
-    }
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Algorithm {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Algorithm::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| format!("unknown algorithm {s:?}"))
     }
 }
 
@@ -542,45 +401,42 @@ pub struct BackendRecord {
     pub mounts: Vec<PathBuf>,
 }
 
-/// Keystore errors: what failed, and what the user can do about it.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyStoreError {
-    #[error("{what}; {hint}")]
-    Unavailable { what: String, hint: String },
+pub use crate::error::KeyStoreError;
 
-    #[error("{what} is already in use by something sdv-provision did not create; {hint}")]
-    Occupied { what: String, hint: String },
-
-    #[error("key {uri} not found; run `sdv-provision provision --force` to make a new identity")]
-    NotFound { uri: String },
-
-    #[error("{alg} is not supported by this {keystore}; choose another --algorithm")]
-    UnsupportedAlgorithm {
-        alg: Algorithm,
-        keystore: &'static str,
-    },
-
-    #[error("{what}; {hint}")]
-    Rejected { what: String, hint: String },
-
-    #[error("{step} failed: {detail}")]
-    Backend { step: String, detail: String },
-
-    #[error("key URI {0} does not belong to this keystore")]
-    ForeignUri(String),
-
-    /// A secret the keystore needs, in a run that may not prompt (exit 2, a usage
-    /// error, like the tool's other missing answers).
-    #[error("{what} is needed but the run is non-interactive; pass {flag}")]
-    MissingAnswer { what: String, flag: String },
-}
-
-impl KeyStoreError {
-    pub fn backend(step: impl Into<String>, detail: impl Into<String>) -> Self {
-        KeyStoreError::Backend {
-            step: step.into(),
-            detail: detail.into(),
+/// A key named in a journal or state: of `kind`'s backend; in `slot` when one is
+/// given (file name, label, handle range); a TPM key made by this version carries
+/// its Name (`need_name`).
+pub(crate) fn check_recorded_key(
+    kind: KeystoreKind,
+    slot: Option<Slot>,
+    key: &OwnedKey,
+    need_name: bool,
+) -> std::result::Result<(), String> {
+    let slots: Vec<Slot> = match slot {
+        Some(s) => vec![s],
+        None => Slot::ALL.to_vec(),
+    };
+    let uri = &key.uri;
+    let fits = match (kind, uri) {
+        (KeystoreKind::File, KeyUri::File(p)) => {
+            slots.iter().any(|s| *p == file::key_path(s.role, s.staged))
         }
+        (KeystoreKind::Tpm, KeyUri::TpmHandle(h)) => {
+            (0x8100_0000..=0x817F_FFFF).contains(h) && (key.tpm_name.is_some() || !need_name)
+        }
+        #[cfg(feature = "pkcs11")]
+        (KeystoreKind::Pkcs11, KeyUri::Pkcs11(u)) => slots
+            .iter()
+            .any(|s| u.object == pkcs11::label(s.role, s.staged)),
+        _ => false,
+    };
+    if key.tpm_name.is_some() && kind != KeystoreKind::Tpm {
+        return Err(format!("{uri}: only a TPM key has a TPM Name"));
+    }
+    if fits {
+        Ok(())
+    } else {
+        Err(format!("{uri} is not a {kind} key sdv-provision makes"))
     }
 }
 

@@ -37,12 +37,17 @@ use super::{
 };
 use crate::paths::Layout;
 
+mod errors;
 mod key;
 mod pin;
+pub mod pin_file;
 mod token;
 
+pub(crate) use errors::describe;
+use errors::{ck, write_error};
 use key::{ec_params, key_algorithm, public_der, Pkcs11Key};
-use pin::{check_user_pin_state, connector_pin_file, login, user_pin};
+use pin::{check_user_pin_state, login, user_pin};
+use pin_file::connector_pin_file;
 use token::{consumer_mounts, find_token, init_token, load_module, not_found, MODULE_HINT};
 
 /// Token label used when neither a flag nor an earlier run names one.
@@ -70,12 +75,7 @@ pub fn consumer_mounts_of(module: &std::path::Path) -> Result<Vec<PathBuf>, KeyS
 
 /// The live (or staged) object label of a role.
 pub fn label(role: Role, staged: bool) -> &'static str {
-    match (role, staged) {
-        (Role::Primary, false) => "device-primary",
-        (Role::Secondary, false) => "device-secondary",
-        (Role::Primary, true) => "device-primary.next",
-        (Role::Secondary, true) => "device-secondary.next",
-    }
+    crate::model::Slot { role, staged }.pkcs11_label()
 }
 
 /// Keys in a PKCS#11 token.
@@ -564,63 +564,6 @@ fn find(session: &Session, template: &[Attribute]) -> Result<Vec<ObjectHandle>, 
     session
         .find_objects(template)
         .map_err(|e| ck("search the token", e))
-}
-
-/// A failed PKCS#11 call, keeping cryptoki's cause (the function and return value).
-fn ck(step: impl Into<String>, e: CkError) -> KeyStoreError {
-    KeyStoreError::backend(step, describe(&e))
-}
-
-/// Like [`ck`] for calls that write to the token (`step` says what was being done,
-/// e.g. "generate an ecdsa-p256 key pair"): storage errors get a hint.
-fn write_error(step: &str, token: &str, e: CkError) -> KeyStoreError {
-    let cause = describe(&e);
-    match e {
-        CkError::Pkcs11(RvError::DeviceMemory, _) => KeyStoreError::Rejected {
-            what: format!("PKCS#11 token {token} is full: cannot {step} ({cause})"),
-            hint: "remove unused objects from the token, or use another token".into(),
-        },
-        CkError::Pkcs11(RvError::TokenWriteProtected, _) => KeyStoreError::Rejected {
-            what: format!("PKCS#11 token {token} is write-protected: cannot {step} ({cause})"),
-            hint: "make the token writable, or choose another one with --pkcs11-token".into(),
-        },
-        CkError::Pkcs11(
-            RvError::GeneralError | RvError::DeviceError | RvError::FunctionFailed,
-            _,
-        ) => KeyStoreError::Rejected {
-            what: format!(
-                "PKCS#11 token {token} could not store the change: cannot {step} ({cause})"
-            ),
-            hint: "check that the token's storage is writable and not full \
-                   (SoftHSM: directories.tokendir in SOFTHSM2_CONF)"
-                .into(),
-        },
-        e => ck(format!("{step} in PKCS#11 token {token}"), e),
-    }
-}
-
-/// `C_Login: CKR_PIN_INCORRECT` — short, and greppable against the PKCS#11 spec.
-fn describe(e: &CkError) -> String {
-    match e {
-        CkError::Pkcs11(rv, function) => {
-            format!(
-                "C_{function:?}: CKR_{}",
-                screaming_snake(&format!("{rv:?}"))
-            )
-        }
-        other => other.to_string(),
-    }
-}
-
-fn screaming_snake(camel: &str) -> String {
-    let mut out = String::with_capacity(camel.len() + 8);
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }
 
 #[cfg(test)]

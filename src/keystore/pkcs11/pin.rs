@@ -1,6 +1,6 @@
 //! The user and SO PINs: where they come from (file, environment, earlier run,
-//! prompt; never argv), logging in once without retries, and the PIN file the
-//! connector reads.
+//! prompt; never argv), logging in once without retries, and reading a PIN file
+//! (which one the connector gets is `pin_file`'s rule).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use cryptoki::slot::Slot;
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use super::{ck, describe, PIN_ENV, PIN_FILE_NAME, SO_PIN_ENV, SO_PIN_FILE_ENV};
+use super::{ck, describe, PIN_ENV, SO_PIN_ENV, SO_PIN_FILE_ENV};
 use crate::fsutil;
 use crate::keystore::{KeyStoreError, KeystoreConfig};
 use crate::paths::{Layout, CERT_DIR};
@@ -214,7 +214,7 @@ fn read_pin_file(path: &Path, flag: &str) -> Result<SecretString, KeyStoreError>
 
 /// Does the PIN file at device path `file` hold `pin` (one trailing newline allowed)?
 /// Read like the tool's other files: never through a link, never blocking on a FIFO.
-fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -> bool {
+pub(super) fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -> bool {
     let Ok(Some(bytes)) = fsutil::read_optional(&layout.host(file)) else {
         return false;
     };
@@ -226,62 +226,10 @@ fn pin_file_holds(layout: &Layout, file: &Path, pin: &SecretString) -> bool {
     held == pin.expose_secret().as_bytes()
 }
 
-/// Device path of the PIN file the connector reads, and whether it holds `pin` (the
-/// PIN the token just accepted). Writes `<certdir>/pkcs11.pin` (0600, atomically,
-/// only when it differs) unless the connector can read a PIN file of the user's in
-/// the certificates directory:
-/// - the `--pkcs11-pin-file` given, when it lies there (the PIN was read from it);
-/// - else the one an earlier run recorded, while it still holds the PIN (a PIN from
-///   the environment or a prompt may be newer).
-///
-/// Only provisioning chooses ([`KeystoreConfig::manage_pin_file`]); every other
-/// command answers with the file the identity records (the one the manifest names)
-/// and only refreshes the content of the tool's own copy; `verify` and `csr` write
-/// nothing at all.
-pub(super) fn connector_pin_file(
-    config: &KeystoreConfig,
-    layout: &Layout,
-    pin: &SecretString,
-) -> Result<(PathBuf, bool), KeyStoreError> {
-    let ours = Layout::cert_file(PIN_FILE_NAME);
-    let recorded = config.recorded.pkcs11_pin_file.as_ref();
-    let checked = |p: &Path| (p.to_owned(), pin_file_holds(layout, p, pin));
-    if config.read_only {
-        return Ok(checked(recorded.unwrap_or(&ours)));
-    }
-    if config.manage_pin_file {
-        match (&config.pkcs11_pin_file, recorded) {
-            (Some(user), _) => {
-                if let Some(device) = inside_cert_dir(layout, user) {
-                    return Ok((device, true));
-                }
-            }
-            (None, Some(r)) if *r != ours && pin_file_holds(layout, r, pin) => {
-                return Ok((r.clone(), true));
-            }
-            (None, _) => {}
-        }
-    } else if let Some(r) = recorded.filter(|r| **r != ours) {
-        // Not provisioning: the user's file the identity records stays.
-        return Ok(checked(r));
-    }
-    // The tool's own copy holds the PIN the token just accepted: a PIN changed on
-    // the token reaches the connector with the next run of any command that logs in.
-    if !pin_file_holds(layout, &ours, pin) {
-        fsutil::atomic_write(
-            &layout.host(&ours),
-            pin.expose_secret().as_bytes(),
-            fsutil::SECRET,
-        )
-        .map_err(|e| KeyStoreError::backend("write the connector's PIN file", e.to_string()))?;
-    }
-    Ok((ours, true))
-}
-
 /// The device path of `host_path` if it lies inside the certificates directory.
 /// Compared after resolution, never as text: `certificates/../../../etc/x.pin` is not
 /// in it, and neither is a link there (the container's mount would follow it).
-fn inside_cert_dir(layout: &Layout, host_path: &Path) -> Option<PathBuf> {
+pub(super) fn inside_cert_dir(layout: &Layout, host_path: &Path) -> Option<PathBuf> {
     let dir = layout.host_cert_dir();
     let name = host_path.file_name()?;
     if !std::fs::symlink_metadata(host_path).ok()?.is_file() {

@@ -36,26 +36,29 @@ use super::{
     KeystoreKind, OwnedKey, Role, TpmName,
 };
 use crate::fsutil;
-use crate::paths::{self, Layout};
+use crate::model::Slot;
+use crate::paths::Layout;
 
 mod blob;
+mod blob_files;
+mod checks;
 mod da;
+mod handles;
 mod key;
+mod objects;
+mod promote;
 mod tcti;
 
 pub use tcti::{DEFAULT_TCTI, OWNER_AUTH_ENV, OWNER_AUTH_FILE_ENV};
 
+use handles::{check_handles, occupied, persistent, tpm_handle};
 use key::TpmKey;
 
 /// Where the storage root key lives unless the state file recorded another.
 pub const DEFAULT_SRK: u32 = 0x8100_0001;
 pub const DEFAULT_PRIMARY: u32 = 0x8100_0010;
 pub const DEFAULT_SECONDARY: u32 = 0x8100_0011;
-/// A staged key sits at its live handle + this offset.
-pub const STAGED_OFFSET: u32 = 0x100;
-/// Persistent handles the owner hierarchy may use (TPM 2.0 Part 2, 2.3.1).
-const OWNER_PERSISTENT: RangeInclusive<u32> = 0x8100_0000..=0x817F_FFFF;
-const ANY_PERSISTENT: RangeInclusive<u32> = 0x8100_0000..=0x81FF_FFFF;
+pub use crate::model::STAGED_OFFSET;
 
 pub struct TpmKeyStore {
     /// One ESAPI context per keystore. The keys handed out borrow it; see
@@ -118,7 +121,10 @@ pub(crate) fn tss_error(step: &str, e: tss_esapi::Error) -> KeyStoreError {
             _ => {}
         }
     }
-    KeyStoreError::backend(step, e.to_string())
+    KeyStoreError::Tss {
+        step: step.into(),
+        source: e,
+    }
 }
 
 /// TPM answers to `TPM2_TestParms` / `TPM2_Create` that mean "I don't do this algorithm".
@@ -127,43 +133,6 @@ fn means_unsupported(e: &tss_esapi::Error) -> bool {
         rc.kind(),
         Some(Rc::Value | Rc::KeySize | Rc::Curve | Rc::Asymmetric | Rc::Scheme | Rc::Kdf | Rc::Hash)
     ))
-}
-
-fn persistent(h: u32) -> Result<PersistentTpmHandle, KeyStoreError> {
-    PersistentTpmHandle::new(h)
-        .map_err(|e| KeyStoreError::backend(format!("use TPM handle 0x{h:08x}"), e.to_string()))
-}
-
-fn tpm_handle(uri: &KeyUri) -> Result<u32, KeyStoreError> {
-    match uri {
-        KeyUri::TpmHandle(h) => Ok(*h),
-        other => Err(KeyStoreError::ForeignUri(other.to_string())),
-    }
-}
-
-fn handle_flag(role: Role) -> &'static str {
-    match role {
-        Role::Primary => "--tpm-primary-handle",
-        Role::Secondary => "--tpm-secondary-handle",
-    }
-}
-
-fn occupied(h: u32, role: Role, staged: bool) -> KeyStoreError {
-    let what = if staged {
-        format!(
-            "TPM persistent handle 0x{h:08x} (where the new {role} key is staged: the {role} \
-             handle + 0x{STAGED_OFFSET:x})"
-        )
-    } else {
-        format!("TPM persistent handle 0x{h:08x} (for the {role} key)")
-    };
-    KeyStoreError::Occupied {
-        what,
-        hint: format!(
-            "pass {} with a free handle (see `tpm2_getcap handles-persistent`)",
-            handle_flag(role)
-        ),
-    }
 }
 
 /// What a half-done key installation made, so a failure can take it back.
@@ -232,15 +201,7 @@ impl TpmKeyStore {
 
     /// The persistent handle for `role`'s live or staged key.
     pub fn handle_for(&self, role: Role, staged: bool) -> u32 {
-        let live = match role {
-            Role::Primary => self.primary,
-            Role::Secondary => self.secondary,
-        };
-        if staged {
-            live + STAGED_OFFSET
-        } else {
-            live
-        }
+        Slot { role, staged }.tpm_handle(self.primary, self.secondary)
     }
 
     /// Which of our four slots a handle is, if any.
@@ -263,8 +224,7 @@ impl TpmKeyStore {
     }
 
     fn blob_names(role: Role, staged: bool) -> (String, String) {
-        let stem = paths::stem(role, staged);
-        (format!("{stem}.tpm.pub"), format!("{stem}.tpm.priv"))
+        Slot { role, staged }.tpm_blobs()
     }
 
     fn host_blobs(&self, role: Role, staged: bool) -> (PathBuf, PathBuf) {
@@ -273,340 +233,6 @@ impl TpmKeyStore {
             self.layout.host_cert_file(&p),
             self.layout.host_cert_file(&s),
         )
-    }
-
-    fn ctx(&mut self) -> &mut Context {
-        self.ctx.get_mut().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Is persistent handle `h` taken? Asked through GetCapability, which (unlike a
-    /// failed lookup) makes no noise and needs no session.
-    fn persistent_exists(&mut self, h: u32) -> Result<bool, KeyStoreError> {
-        let (data, _) = self
-            .ctx()
-            .execute_without_session(|c| c.get_capability(CapabilityType::Handles, h, 1))
-            .map_err(|e| tss_error("list the TPM's persistent handles", e))?;
-        Ok(match data {
-            CapabilityData::Handles(list) => list
-                .into_inner()
-                .first()
-                .is_some_and(|t| u32::from(*t) == h),
-            _ => false,
-        })
-    }
-
-    /// The ESYS resource and public area of persistent handle `h`, or `None`.
-    ///
-    /// Both calls run without the password session: ESAPI refuses
-    /// `Esys_TR_FromTPMPublic` / `ReadPublic` with one (checked on bookworm's TSS).
-    fn read_persistent(&mut self, h: u32) -> Result<Option<(ObjectHandle, Public)>, KeyStoreError> {
-        if !self.persistent_exists(h)? {
-            return Ok(None);
-        }
-        let ph = persistent(h)?;
-        let step = format!("read TPM handle 0x{h:08x}");
-        let ctx = self.ctx();
-        let mut object = ctx
-            .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(ph)))
-            .map_err(|e| tss_error(&step, e))?;
-        match ctx.execute_without_session(|c| c.read_public(object.into())) {
-            Ok((public, _, _)) => Ok(Some((object, public))),
-            Err(e) => {
-                let _ = ctx.tr_close(&mut object);
-                Err(tss_error(&step, e))
-            }
-        }
-    }
-
-    /// Release an ESYS resource we looked up. ESYS hands out the *same* resource for
-    /// every lookup of one TPM handle, so the cached SRK resource is never closed here.
-    fn close(&mut self, mut object: ObjectHandle) {
-        if Some(object) != self.srk_object {
-            let _ = self.ctx().tr_close(&mut object);
-        }
-    }
-
-    /// The SRK, checked (an existing one must be a storage key) or created and
-    /// persisted.
-    fn srk(&mut self) -> Result<ObjectHandle, KeyStoreError> {
-        if let Some(o) = self.srk_object {
-            return Ok(o);
-        }
-        let srk = self.srk;
-        let object = match self.read_persistent(srk)? {
-            Some((object, public)) => {
-                if !key::is_storage_key(&public) {
-                    self.close(object);
-                    return Err(KeyStoreError::Rejected {
-                        what: format!(
-                            "TPM handle 0x{srk:08x} holds a key that is not a storage key \
-                             (restricted decryption), so device keys cannot be made under it"
-                        ),
-                        hint: "have the TPM owner put a storage root key there, or use \
-                               --keystore file"
-                            .into(),
-                    });
-                }
-                object
-            }
-            None => {
-                let template = key::srk_template()?;
-                let ph = persistent(srk)?;
-                let ctx = self.ctx();
-                let made = ctx
-                    .execute_with_session(Some(AuthSession::Password), |c| {
-                        c.create_primary(Hierarchy::Owner, template, None, None, None, None)
-                    })
-                    .map_err(|e| {
-                        tss_error("create the storage root key (TPM2_CreatePrimary)", e)
-                    })?;
-                let persisted = ctx.execute_with_session(Some(AuthSession::Password), |c| {
-                    c.evict_control(
-                        Provision::Owner,
-                        made.key_handle.into(),
-                        Persistent::Persistent(ph),
-                    )
-                });
-                let _ = ctx.flush_context(made.key_handle.into());
-                persisted.map_err(|e| {
-                    tss_error(&format!("persist the storage root key at 0x{srk:08x}"), e)
-                })?
-            }
-        };
-        self.srk_object = Some(object);
-        Ok(object)
-    }
-
-    /// Fail with [`KeyStoreError::UnsupportedAlgorithm`] if this TPM cannot make `alg`
-    /// keys (RSA-3072 and P-384 are optional in the TPM profile).
-    fn check_supported(&mut self, alg: Algorithm) -> Result<(), KeyStoreError> {
-        let parms = key::device_key_parameters(alg);
-        match self.ctx().execute_without_session(|c| c.test_parms(parms)) {
-            Ok(()) => Ok(()),
-            Err(e) if means_unsupported(&e) => Err(KeyStoreError::UnsupportedAlgorithm {
-                alg,
-                keystore: "TPM",
-            }),
-            // An old TPM without TestParms: let TPM2_Create decide.
-            Err(_) => Ok(()),
-        }
-    }
-
-    fn persist(&mut self, object: ObjectHandle, h: u32) -> Result<ObjectHandle, KeyStoreError> {
-        let ph = persistent(h)?;
-        self.ctx()
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.evict_control(Provision::Owner, object, Persistent::Persistent(ph))
-            })
-            .map_err(|e| tss_error(&format!("persist the key at TPM handle 0x{h:08x}"), e))
-    }
-
-    /// Evict persistent handle `h` (whose ESYS resource is `object`).
-    ///
-    /// ESYS keeps its resource (with the evicted key's name) after `EvictControl` and
-    /// would later refuse a new key at the same handle ("name mismatch"), so the
-    /// resource is closed too. tss-esapi has already forgotten it: the error is moot.
-    fn evict(&mut self, object: ObjectHandle, h: u32) -> Result<(), KeyStoreError> {
-        self.persist(object, h).map_err(|e| match e {
-            KeyStoreError::Backend { detail, .. } => {
-                KeyStoreError::backend(format!("evict TPM handle 0x{h:08x}"), detail)
-            }
-            other => other,
-        })?;
-        let mut stale = object;
-        let _ = self.ctx().tr_close(&mut stale);
-        if Some(object) == self.srk_object {
-            self.srk_object = None;
-        }
-        Ok(())
-    }
-
-    /// Load a key (public + private blob) under the SRK and persist it at `h`. What
-    /// was made so far is recorded in `undo`.
-    fn load_and_persist(
-        &mut self,
-        srk: ObjectHandle,
-        h: u32,
-        public: Public,
-        private: Private,
-        undo: &mut Undo,
-    ) -> Result<ObjectHandle, KeyStoreError> {
-        let transient = self.load(srk, public, private, undo)?;
-        self.persist_loaded(transient, h, undo)
-    }
-
-    /// Load a key under the SRK (a transient object, recorded in `undo`).
-    fn load(
-        &mut self,
-        srk: ObjectHandle,
-        public: Public,
-        private: Private,
-        undo: &mut Undo,
-    ) -> Result<ObjectHandle, KeyStoreError> {
-        let transient = self
-            .ctx()
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.load(srk.into(), private, public)
-            })
-            .map_err(|e| tss_error("load the key under the SRK (TPM2_Load)", e))?;
-        undo.transient = Some(transient.into());
-        Ok(transient.into())
-    }
-
-    /// Persist a loaded key at `h`, then flush the transient copy.
-    fn persist_loaded(
-        &mut self,
-        transient: ObjectHandle,
-        h: u32,
-        undo: &mut Undo,
-    ) -> Result<ObjectHandle, KeyStoreError> {
-        let persisted = self.persist(transient, h)?;
-        undo.persistent = Some((persisted, h));
-        self.ctx()
-            .flush_context(transient)
-            .map_err(|e| tss_error("flush the transient key", e))?;
-        undo.transient = None;
-        Ok(persisted)
-    }
-
-    /// The TPM's Name of a loaded object (read without a session, like `read_public`).
-    fn name_of(&mut self, object: ObjectHandle) -> Result<TpmName, KeyStoreError> {
-        let (_, name, _) = self
-            .ctx()
-            .execute_without_session(|c| c.read_public(object.into()))
-            .map_err(|e| tss_error("read the key's Name", e))?;
-        TpmName::new(name.value().to_vec())
-            .map_err(|e| KeyStoreError::backend("read the key's Name", e))
-    }
-
-    /// The Name of what persistent handle `h` holds now, or `None` when it is empty.
-    fn persistent_name(&mut self, h: u32) -> Result<Option<TpmName>, KeyStoreError> {
-        let Some((object, _)) = self.read_persistent(h)? else {
-            return Ok(None);
-        };
-        let name = self.name_of(object);
-        self.close(object);
-        name.map(Some)
-    }
-
-    /// Remove the blobs of the slot handle `h` is (files of a closed set of names in
-    /// the certificates directory: the tool's own).
-    fn remove_slot_blobs(&self, h: u32) -> Result<(), KeyStoreError> {
-        let Some((role, staged)) = self.slot_of(h) else {
-            return Ok(());
-        };
-        let (p, s) = self.host_blobs(role, staged);
-        for f in [s, p] {
-            fsutil::remove_file(&f)
-                .map_err(|e| KeyStoreError::backend("remove the key blob", e.to_string()))?;
-        }
-        Ok(())
-    }
-
-    /// The Name is recorded (through `record`) while the key is only loaded, before it
-    /// is persisted: a run killed at any instant has either recorded the Name of a key
-    /// that may sit at the handle, or persisted nothing. Only our key has that Name.
-    #[allow(clippy::too_many_arguments)]
-    fn install(
-        &mut self,
-        srk: ObjectHandle,
-        uri: &KeyUri,
-        (role, staged): (Role, bool),
-        created: &tss_esapi::structures::CreateKeyResult,
-        record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
-        undo: &mut Undo,
-    ) -> Result<ObjectHandle, KeyStoreError> {
-        let h = tpm_handle(uri)?;
-        let transient = self.load(
-            srk,
-            created.out_public.clone(),
-            created.out_private.clone(),
-            undo,
-        )?;
-        let name = self.name_of(transient)?;
-        record(&OwnedKey {
-            uri: uri.clone(),
-            tpm_name: Some(name),
-        })?;
-        let object = self.persist_loaded(transient, h, undo)?;
-        self.write_blobs(
-            role,
-            staged,
-            &created.out_public,
-            &created.out_private,
-            undo,
-        )?;
-        Ok(object)
-    }
-
-    /// Take back what a failed installation made: no orphan handles, no stray blobs.
-    fn rollback(&mut self, undo: Undo) {
-        if let Some(t) = undo.transient {
-            if let Err(e) = self.ctx().flush_context(t) {
-                tracing::warn!("cleanup: could not flush a transient TPM object: {e}");
-            }
-        }
-        if let Some((object, h)) = undo.persistent {
-            if let Err(e) = self.evict(object, h) {
-                tracing::warn!("cleanup: could not evict TPM handle 0x{h:08x}: {e}");
-            }
-        }
-        for f in undo.files {
-            if let Err(e) = fsutil::remove_file(&f) {
-                tracing::warn!("cleanup: could not remove {}: {e}", f.display());
-            }
-        }
-    }
-
-    fn write_blobs(
-        &self,
-        role: Role,
-        staged: bool,
-        public: &Public,
-        private: &Private,
-        undo: &mut Undo,
-    ) -> Result<(), KeyStoreError> {
-        let (pub_path, priv_path) = self.host_blobs(role, staged);
-        let encode = |e: String| KeyStoreError::backend("encode the key blobs", e);
-        let pub_blob = blob::encode_public(public).map_err(encode)?;
-        let priv_blob = blob::encode_private(private).map_err(encode)?;
-        let write = |path: &PathBuf, e: crate::Error| {
-            KeyStoreError::backend(format!("write {}", path.display()), e.to_string())
-        };
-        fsutil::atomic_write(&pub_path, &pub_blob, fsutil::PUBLIC)
-            .map_err(|e| write(&pub_path, e))?;
-        undo.files.push(pub_path);
-        fsutil::atomic_write(&priv_path, &priv_blob, fsutil::SECRET)
-            .map_err(|e| write(&priv_path, e))?;
-        undo.files.push(priv_path);
-        Ok(())
-    }
-
-    fn read_public_blob(&self, path: &Path) -> Result<Option<Public>, KeyStoreError> {
-        let Some(bytes) = fsutil::read_optional(path)
-            .map_err(|e| KeyStoreError::backend("read the key blob", e.to_string()))?
-        else {
-            return Ok(None);
-        };
-        blob::decode_public(&bytes)
-            .map(Some)
-            .map_err(|e| KeyStoreError::Rejected {
-                what: format!("{} is not a TPM2B_PUBLIC blob ({e})", path.display()),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
-            })
-    }
-
-    fn read_private_blob(&self, path: &Path) -> Result<Private, KeyStoreError> {
-        let bytes = fsutil::read_optional(path)
-            .map_err(|e| KeyStoreError::backend("read the key blob", e.to_string()))?
-            .ok_or_else(|| KeyStoreError::Rejected {
-                what: format!("{} is missing", path.display()),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
-            })?;
-        blob::decode_private(&bytes).map_err(|e| KeyStoreError::Rejected {
-            what: format!("{} is not a TPM2B_PRIVATE blob ({e})", path.display()),
-            hint: "run `sdv-provision provision --force` to make a new identity".into(),
-        })
     }
 
     /// How the connector reaches the key at `uri`: handle, SRK and blob paths (device
@@ -623,87 +249,6 @@ impl TpmKeyStore {
         })
     }
 
-    /// See [`KeyStore::check_copies`].
-    fn check_blobs(&mut self, uri: &KeyUri) -> Result<String, KeyStoreError> {
-        let h = tpm_handle(uri)?;
-        let (role, staged) = self.configured_slot(h)?;
-        let (pub_path, priv_path) = self.host_blobs(role, staged);
-        let stale = |what: String| KeyStoreError::Rejected {
-            what,
-            hint: "today's connector would load another key than the handle's; run \
-                   `sdv-provision provision --force` to make a new identity"
-                .into(),
-        };
-        let Some((object, handle_public)) = self.read_persistent(h)? else {
-            return Err(KeyStoreError::NotFound {
-                uri: uri.to_string(),
-            });
-        };
-        self.close(object);
-        let blob_public = self
-            .read_public_blob(&pub_path)?
-            .ok_or_else(|| stale(format!("{} is missing", pub_path.display())))?;
-        if blob_public != handle_public {
-            return Err(stale(format!(
-                "{} is not the public area of the key at TPM handle 0x{h:08x}",
-                pub_path.display()
-            )));
-        }
-        let private = self.read_private_blob(&priv_path)?;
-        let srk = self.srk;
-        let Some((srk_object, _)) = self.read_persistent(srk)? else {
-            return Err(stale(format!(
-                "the storage root key 0x{srk:08x} the blobs load under is gone"
-            )));
-        };
-        let ctx = self.ctx();
-        let loaded = ctx.execute_with_session(Some(AuthSession::Password), |c| {
-            c.load(srk_object.into(), private, blob_public)
-        });
-        self.close(srk_object);
-        let transient = loaded.map_err(|e| {
-            stale(format!(
-                "{} does not load under the SRK 0x{srk:08x} ({})",
-                priv_path.display(),
-                tss_error("TPM2_Load", e)
-            ))
-        })?;
-        if let Err(e) = self.ctx().flush_context(transient.into()) {
-            tracing::warn!("could not flush the transient copy of the key: {e}");
-        }
-        Ok(format!(
-            "{} and {} load under SRK 0x{srk:08x} as the key at 0x{h:08x}",
-            pub_path.display(),
-            priv_path.display()
-        ))
-    }
-
-    /// See [`KeyStore::check_key`].
-    fn check_no_da(&mut self, uri: &KeyUri) -> Result<String, KeyStoreError> {
-        let h = tpm_handle(uri)?;
-        let Some((object, public)) = self.read_persistent(h)? else {
-            return Err(KeyStoreError::NotFound {
-                uri: uri.to_string(),
-            });
-        };
-        self.close(object);
-        if public.object_attributes().no_da() {
-            return Ok(format!(
-                "the key at 0x{h:08x} has noDA: a power loss never counts against it"
-            ));
-        }
-        Err(KeyStoreError::Rejected {
-            what: format!(
-                "the key at 0x{h:08x} lacks noDA (made by an older sdv-provision): every \
-                 power loss after it signed counts as a failed authorization, and a few \
-                 lock the identity out"
-            ),
-            hint: "replace both keys: run `sdv-provision rotate --promote`, register the \
-                   new thumbprints with the cloud, then run it again and register again"
-                .into(),
-        })
-    }
-
     fn key(&self, object: ObjectHandle, h: u32, alg: Algorithm, public_der: Vec<u8>) -> TpmKey<'_> {
         TpmKey {
             ctx: &self.ctx,
@@ -714,55 +259,6 @@ impl TpmKeyStore {
             last_error: Mutex::new(None),
         }
     }
-}
-
-/// Handles must be owner persistent handles, distinct, and not the SRK, staging slots
-/// included.
-fn check_handles(srk: u32, primary: u32, secondary: u32) -> Result<(), KeyStoreError> {
-    let bad = |role: Role, what: String| {
-        KeyStoreError::Rejected {
-        what,
-        hint: format!(
-            "choose another with {} (0x81000000-0x817ffeff; staged keys use the handle + 0x{STAGED_OFFSET:x})",
-            handle_flag(role)
-        ),
-    }
-    };
-    if !ANY_PERSISTENT.contains(&srk) {
-        return Err(KeyStoreError::Rejected {
-            what: format!("the recorded SRK handle 0x{srk:08x} is not a persistent handle"),
-            hint: "fix or remove tpm_srk in the state file".into(),
-        });
-    }
-    let slots = [
-        (Role::Primary, primary),
-        (Role::Secondary, secondary),
-        (Role::Primary, primary.wrapping_add(STAGED_OFFSET)),
-        (Role::Secondary, secondary.wrapping_add(STAGED_OFFSET)),
-    ];
-    for (i, &(role, h)) in slots.iter().enumerate() {
-        if !OWNER_PERSISTENT.contains(&h) {
-            return Err(bad(
-                role,
-                format!(
-                    "TPM handle 0x{h:08x} for the {role} key is not an owner persistent handle"
-                ),
-            ));
-        }
-        if h == srk {
-            return Err(bad(
-                role,
-                format!("TPM handle 0x{h:08x} for the {role} key is the SRK's"),
-            ));
-        }
-        if slots[..i].iter().any(|&(_, o)| o == h) {
-            return Err(bad(
-                role,
-                format!("TPM handle 0x{h:08x} for the {role} key is also used by another key"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 impl KeyStore for TpmKeyStore {
@@ -984,107 +480,7 @@ impl KeyStore for TpmKeyStore {
     }
 
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
-        let from_h = tpm_handle(from)?;
-        let to_h = self.handle_for(role, false);
-        let to = KeyUri::TpmHandle(to_h);
-        if from_h == to_h {
-            return Ok(to);
-        }
-        // Usually a staged key; `rotate --promote` also moves the live secondary.
-        let Some((from_role, from_staged)) = self.slot_of(from_h) else {
-            return Err(KeyStoreError::Rejected {
-                what: format!(
-                    "TPM handle 0x{from_h:08x} is not one of the handles configured for device keys"
-                ),
-                hint: "pass the --tpm-primary-handle / --tpm-secondary-handle used when \
-                       provisioning"
-                    .into(),
-            });
-        };
-        let (staged_pub, staged_priv) = self.host_blobs(from_role, from_staged);
-        let (live_pub, live_priv) = self.host_blobs(role, false);
-
-        let staged = self.read_persistent(from_h)?;
-        let live = self.read_persistent(to_h)?;
-        let live_public = match (staged, live) {
-            (Some((s_obj, s_pub)), None) => {
-                // The move proper: reload the staged key's blobs, persist at the live
-                // handle, then drop the staging slot.
-                let blob_pub = self.read_public_blob(&staged_pub)?;
-                if blob_pub.as_ref() != Some(&s_pub) {
-                    self.close(s_obj);
-                    return Err(KeyStoreError::Rejected {
-                        what: format!(
-                            "{} does not hold the key at TPM handle 0x{from_h:08x}",
-                            staged_pub.display()
-                        ),
-                        hint: "run `sdv-provision provision --force` to make a new identity".into(),
-                    });
-                }
-                let private = self.read_private_blob(&staged_priv)?;
-                let srk = self.srk()?;
-                let mut undo = Undo::default();
-                match self.load_and_persist(srk, to_h, s_pub.clone(), private, &mut undo) {
-                    Ok(new_obj) => self.close(new_obj),
-                    Err(e) => {
-                        self.rollback(undo);
-                        self.close(s_obj);
-                        return Err(e);
-                    }
-                }
-                self.evict(s_obj, from_h)?;
-                s_pub
-            }
-            (Some((s_obj, s_pub)), Some((l_obj, l_pub))) if s_pub == l_pub => {
-                // Interrupted after the copy: finish by dropping the staging slot.
-                self.close(l_obj);
-                self.evict(s_obj, from_h)?;
-                l_pub
-            }
-            (Some((s_obj, _)), Some((l_obj, _))) => {
-                self.close(s_obj);
-                self.close(l_obj);
-                return Err(occupied(to_h, role, false));
-            }
-            (None, Some((l_obj, l_pub))) => {
-                self.close(l_obj);
-                l_pub
-            }
-            (None, None) => {
-                return Err(KeyStoreError::NotFound {
-                    uri: from.to_string(),
-                })
-            }
-        };
-
-        // Blobs follow the key. priv before pub, so a staged pub left behind always
-        // means the move is unfinished.
-        if let Some(p) = self.read_public_blob(&staged_pub)? {
-            if p != live_public {
-                return Err(KeyStoreError::Rejected {
-                    what: format!(
-                        "{} does not hold the key at TPM handle 0x{to_h:08x}",
-                        staged_pub.display()
-                    ),
-                    hint: "run `sdv-provision provision --force` to make a new identity".into(),
-                });
-            }
-            let mv = |e: crate::Error| KeyStoreError::backend("move the key blobs", e.to_string());
-            if fsutil::exists_nofollow(&staged_priv) {
-                fsutil::rename(&staged_priv, &live_priv).map_err(mv)?;
-            }
-            fsutil::rename(&staged_pub, &live_pub).map_err(mv)?;
-        }
-        match self.read_public_blob(&live_pub)? {
-            Some(p) if p == live_public => Ok(to),
-            _ => Err(KeyStoreError::Rejected {
-                what: format!(
-                    "the key blobs for TPM handle 0x{to_h:08x} ({}) are missing or stale",
-                    live_pub.display()
-                ),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
-            }),
-        }
+        self.promote_key(from, role)
     }
 
     /// Today's connector loads the key from its blobs (`TPM_KEY` / `TPM_KEY_PUB`

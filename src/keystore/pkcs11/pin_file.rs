@@ -1,0 +1,211 @@
+//! Which PIN file the connector gets: one pure rule ([`choose`]) with a table test,
+//! and [`connector_pin_file`], which gathers its inputs and writes what it decides.
+//!
+//! The connector reads a PIN file of the user's in the certificates directory when
+//! it may (the `--pkcs11-pin-file` given, or the one an earlier run recorded while it
+//! still holds the PIN the token accepted); otherwise the tool's own `pkcs11.pin`
+//! (0600) holds the accepted PIN, so a PIN changed on the token reaches the connector
+//! with the next run of any command that logs in. Only provisioning chooses; every
+//! other command keeps the file the identity records (the one the manifest names),
+//! and `verify` and `csr` write nothing at all.
+
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::pin::{inside_cert_dir, pin_file_holds};
+use super::PIN_FILE_NAME;
+use crate::fsutil;
+use crate::keystore::{KeyStoreError, KeystoreConfig};
+use crate::paths::Layout;
+
+/// The command that opens the token, as far as the PIN file goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `verify`, `csr`: nothing is written.
+    ReadOnly,
+    /// `provision`: may choose another file (and then converges the manifest).
+    Provision,
+    /// Every other command: keeps the recorded file.
+    Other,
+}
+
+impl Command {
+    fn of(config: &KeystoreConfig) -> Command {
+        if config.read_only {
+            Command::ReadOnly
+        } else if config.manage_pin_file {
+            Command::Provision
+        } else {
+            Command::Other
+        }
+    }
+}
+
+/// `--pkcs11-pin-file`, as the rule sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flag<'a> {
+    None,
+    /// Given, but not a regular file inside the certificates directory (after
+    /// resolution): the connector cannot be given it.
+    Elsewhere,
+    /// Given, at this device path in the certificates directory.
+    InCertDir(&'a Path),
+}
+
+/// What the connector gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// A file of the user's, used as it is; `holds_pin`: it holds the accepted PIN.
+    Users { file: PathBuf, holds_pin: bool },
+    /// The tool's own `pkcs11.pin`; `write`: refresh it with the accepted PIN.
+    Ours { write: bool },
+}
+
+/// The rule. `recorded` is the file an earlier run recorded, `recorded_holds_pin`
+/// whether it holds the PIN the token just accepted.
+pub fn choose(
+    flag: Flag<'_>,
+    recorded: Option<&Path>,
+    recorded_holds_pin: bool,
+    command: Command,
+) -> Choice {
+    let ours = Layout::cert_file(PIN_FILE_NAME);
+    let users = recorded.filter(|r| *r != ours).map(Path::to_path_buf);
+    match (command, flag, users) {
+        (Command::ReadOnly, _, Some(file)) | (Command::Other, _, Some(file)) => Choice::Users {
+            file,
+            holds_pin: recorded_holds_pin,
+        },
+        (Command::ReadOnly, _, None) => Choice::Ours { write: false },
+        (Command::Provision, Flag::InCertDir(file), _) => Choice::Users {
+            file: file.to_path_buf(),
+            holds_pin: true,
+        },
+        (Command::Provision, Flag::None, Some(file)) if recorded_holds_pin => Choice::Users {
+            file,
+            holds_pin: true,
+        },
+        (Command::Provision, _, _) | (Command::Other, _, None) => Choice::Ours { write: true },
+    }
+}
+
+/// Device path of the PIN file the connector reads, and whether it holds `pin` (the
+/// PIN the token just accepted): [`choose`], then `<certdir>/pkcs11.pin` written
+/// (atomically, only when it differs) where the rule says so.
+pub(super) fn connector_pin_file(
+    config: &KeystoreConfig,
+    layout: &Layout,
+    pin: &SecretString,
+) -> Result<(PathBuf, bool), KeyStoreError> {
+    let command = Command::of(config);
+    let in_cert_dir = match (&config.pkcs11_pin_file, command) {
+        (Some(user), Command::Provision) => inside_cert_dir(layout, user),
+        _ => None,
+    };
+    let flag = match (&config.pkcs11_pin_file, &in_cert_dir) {
+        (_, Some(device)) => Flag::InCertDir(device),
+        (Some(_), None) => Flag::Elsewhere,
+        (None, None) => Flag::None,
+    };
+    let recorded = config.recorded.pkcs11_pin_file.as_deref();
+    let recorded_holds_pin = recorded.is_some_and(|r| pin_file_holds(layout, r, pin));
+    let ours = Layout::cert_file(PIN_FILE_NAME);
+    match choose(flag, recorded, recorded_holds_pin, command) {
+        Choice::Users { file, holds_pin } => Ok((file, holds_pin)),
+        Choice::Ours { write: false } => {
+            let holds = pin_file_holds(layout, &ours, pin);
+            Ok((ours, holds))
+        }
+        Choice::Ours { write: true } => {
+            if !pin_file_holds(layout, &ours, pin) {
+                fsutil::atomic_write(
+                    &layout.host(&ours),
+                    pin.expose_secret().as_bytes(),
+                    fsutil::SECRET,
+                )
+                .map_err(|e| {
+                    KeyStoreError::backend("write the connector's PIN file", e.to_string())
+                })?;
+            }
+            Ok((ours, true))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule() {
+        let user = Path::new("/data/var/certificates/user.pin");
+        let old = Path::new("/data/var/certificates/old.pin");
+        let ours = Layout::cert_file(PIN_FILE_NAME);
+        let users = |f: &Path, holds_pin| Choice::Users {
+            file: f.to_path_buf(),
+            holds_pin,
+        };
+        let write = Choice::Ours { write: true };
+        use Command::*;
+        // (flag, recorded, recorded holds the PIN, command) -> choice
+        let table: [(Flag, Option<&Path>, bool, Command, Choice); 14] = [
+            // provision: a flag in the certificates directory wins
+            (
+                Flag::InCertDir(user),
+                Some(old),
+                true,
+                Provision,
+                users(user, true),
+            ),
+            (
+                Flag::InCertDir(user),
+                None,
+                false,
+                Provision,
+                users(user, true),
+            ),
+            // ... a flag elsewhere means the tool's copy, never the recorded file
+            (Flag::Elsewhere, Some(old), true, Provision, write.clone()),
+            // ... no flag: the recorded file while it holds the PIN
+            (Flag::None, Some(old), true, Provision, users(old, true)),
+            (Flag::None, Some(old), false, Provision, write.clone()),
+            (Flag::None, Some(&ours), true, Provision, write.clone()),
+            (Flag::None, None, false, Provision, write.clone()),
+            // other mutating commands keep the recorded file of the user's, flag or not
+            (
+                Flag::InCertDir(user),
+                Some(old),
+                false,
+                Other,
+                users(old, false),
+            ),
+            (Flag::None, Some(old), true, Other, users(old, true)),
+            (Flag::None, Some(&ours), true, Other, write.clone()),
+            (Flag::None, None, false, Other, write.clone()),
+            // read-only commands report and write nothing
+            (Flag::None, Some(old), false, ReadOnly, users(old, false)),
+            (
+                Flag::InCertDir(user),
+                Some(&ours),
+                true,
+                ReadOnly,
+                Choice::Ours { write: false },
+            ),
+            (
+                Flag::None,
+                None,
+                false,
+                ReadOnly,
+                Choice::Ours { write: false },
+            ),
+        ];
+        for (flag, recorded, holds, command, want) in table {
+            assert_eq!(
+                choose(flag, recorded, holds, command),
+                want,
+                "{flag:?} {recorded:?} {holds} {command:?}"
+            );
+        }
+    }
+}
