@@ -96,23 +96,39 @@ impl fmt::Display for ConnectionString {
     }
 }
 
+/// The whole connection string's length and character set; none of these errors
+/// shows any part of it.
+fn check_characters(s: &str) -> std::result::Result<(), String> {
+    if s.is_empty() {
+        return Err("the connection string is empty".into());
+    }
+    if s.len() > MAX_VALUE_LEN {
+        return Err(format!(
+            "the connection string is over {MAX_VALUE_LEN} characters long"
+        ));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the connection string contains whitespace or control characters".into());
+    }
+    if !s.is_ascii() {
+        return Err("the connection string contains non-ASCII characters".into());
+    }
+    Ok(())
+}
+
+/// Standard base64: alphabet `A-Za-z0-9+/`, at most two `=` of padding at the end.
+fn is_base64(v: &str) -> bool {
+    let b64 = v.trim_end_matches('=');
+    v.len() - b64.len() <= 2
+        && b64
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/'))
+}
+
 impl ConnectionString {
     /// Parse and validate. Error texts never repeat the SharedAccessKey.
     pub fn parse(s: &str) -> std::result::Result<ConnectionString, String> {
-        if s.is_empty() {
-            return Err("the connection string is empty".into());
-        }
-        if s.len() > MAX_VALUE_LEN {
-            return Err(format!(
-                "the connection string is over {MAX_VALUE_LEN} characters long"
-            ));
-        }
-        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("the connection string contains whitespace or control characters".into());
-        }
-        if !s.is_ascii() {
-            return Err("the connection string contains non-ASCII characters".into());
-        }
+        check_characters(s)?;
         let (mut host, mut dev, mut key, mut x509) = (None, None, false, false);
         for (i, part) in s.split(';').enumerate() {
             // An empty segment (`;;`, a trailing `;`) is stored verbatim in the
@@ -153,12 +169,7 @@ impl ConnectionString {
                 }
                 "SharedAccessKey" => {
                     dup(key)?;
-                    let b64 = v.trim_end_matches('=');
-                    let ok = v.len() - b64.len() <= 2
-                        && b64
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/'));
-                    if !ok {
+                    if !is_base64(v) {
                         return Err("SharedAccessKey is not base64".into());
                     }
                     key = true;
