@@ -13,7 +13,7 @@ use crate::identity::{self, State};
 use crate::keystore::{self, KeyStore, KeystoreConfig, KeystoreKind, Role};
 use crate::manifest::{Desired, Manifest};
 use crate::output::Out;
-use crate::paths::Layout;
+use crate::paths::{self, Layout};
 use crate::txn::{self, Journal};
 
 pub mod csr;
@@ -248,7 +248,11 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
 /// the configured slots before anything is opened or touched.
 pub fn recover(ctx: &Ctx) -> Result<()> {
     refuse_planted_links(&ctx.layout)?;
-    fsutil::remove_stale_temps(&ctx.layout.host_cert_dir());
+    // A write whose own clean-up failed too (a failing disk fails the unlink as
+    // well) leaves its temp file beside the target, in any directory we write.
+    for dir in [paths::CERT_DIR, paths::MANIFEST_DIR, "/etc"] {
+        fsutil::remove_stale_temps(&ctx.layout.host(dir));
+    }
     let Some(journal) = Journal::load(&ctx.layout)? else {
         return upgrade_proofs(ctx);
     };

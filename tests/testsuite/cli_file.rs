@@ -1652,3 +1652,36 @@ fn status_incomplete_then_complete_and_read_only() {
     assert_eq!(fr.run(&["status"]).code, Some(1));
     assert_same_tree(&snap, &fr.snapshot(), "status on a broken root");
 }
+
+/// A failed atomic write whose own clean-up also failed (a failing disk fails the
+/// unlink too) leaves a temp file beside its target; the next run removes ours in
+/// every directory the tool writes: certificates, manifests and /etc (the storage
+/// fault storm found one left in the manifests directory after `reset`).
+#[test]
+fn a_run_removes_temp_files_left_in_every_directory_it_writes() {
+    let fr = FakeRoot::with_template();
+    let dirs = [
+        "data/var/certificates",
+        "data/var/containers/manifests",
+        "etc",
+    ];
+    for d in dirs {
+        fs::create_dir_all(fr.root().join(d)).unwrap();
+        fs::write(fr.root().join(d).join(".sdv-provision.tmpAbC123"), b"half").unwrap();
+    }
+    // Someone else's file that merely looks alike is not ours.
+    fs::write(fr.root().join("etc/sdv-provision.tmp.keep"), b"theirs").unwrap();
+    fr.run(&[
+        "--id-scope",
+        GOOD_SCOPE,
+        "--algorithm",
+        "ecdsa-p256",
+        "--no-restart",
+    ])
+    .ok();
+    for d in dirs {
+        let left = fr.root().join(d).join(".sdv-provision.tmpAbC123");
+        assert!(!left.exists(), "{} is still there", left.display());
+    }
+    assert!(fr.root().join("etc/sdv-provision.tmp.keep").exists());
+}
