@@ -137,7 +137,9 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::write(dir, e))
 }
 
-/// Remove temp files a killed run left behind in `dir`.
+/// Remove temp files a killed run left behind in `dir`. Recovery sweeps every
+/// directory the tool writes: a write whose own clean-up failed too (a failing disk
+/// fails the unlink as well) leaves its temp file beside the target.
 pub fn remove_stale_temps(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;

@@ -243,15 +243,12 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// Finish or undo what a killed run left behind (see the `txn` module docs).
-/// Call with the lock held. The journal and state are parsed and checked against
-/// the configured slots before anything is opened or touched.
+/// Finish or undo what a killed run left behind (`txn` module docs), lock held. The
+/// journal and state are checked against the configured slots before anything else.
 pub fn recover(ctx: &Ctx) -> Result<()> {
     refuse_planted_links(&ctx.layout)?;
-    // A write whose own clean-up failed too (a failing disk fails the unlink as
-    // well) leaves its temp file beside the target, in any directory we write.
-    for dir in [paths::CERT_DIR, paths::MANIFEST_DIR, "/etc"] {
-        fsutil::remove_stale_temps(&ctx.layout.host(dir));
+    for d in [paths::CERT_DIR, paths::MANIFEST_DIR, "/etc"] {
+        fsutil::remove_stale_temps(&ctx.layout.host(d));
     }
     let Some(journal) = Journal::load(&ctx.layout)? else {
         return upgrade_proofs(ctx);
