@@ -106,18 +106,6 @@ impl Cli {
             }
             Some(_) => return Ok(top.clone()),
         };
-        fn pick<T: Clone + PartialEq>(
-            name: &str,
-            a: &Option<T>,
-            b: &Option<T>,
-        ) -> Result<Option<T>, String> {
-            match (a, b) {
-                (Some(x), Some(y)) if x != y => {
-                    Err(format!("{name} is given twice with different values"))
-                }
-                _ => Ok(a.clone().or_else(|| b.clone())),
-            }
-        }
         Ok(ProvisionArgs {
             id_scope: pick("--id-scope", &sub.id_scope, &top.id_scope)?,
             connection_string: pick(
@@ -168,20 +156,21 @@ pub struct DpsArgs {
     pub dps_ca_file: Option<PathBuf>,
 }
 
+/// A flag given on both sides of the `provision` word: the same value twice is fine,
+/// two different values are a usage error.
+fn pick<T: Clone + PartialEq>(
+    name: &str,
+    a: &Option<T>,
+    b: &Option<T>,
+) -> Result<Option<T>, String> {
+    match (a, b) {
+        (Some(x), Some(y)) if x != y => Err(format!("{name} is given twice with different values")),
+        _ => Ok(a.clone().or_else(|| b.clone())),
+    }
+}
+
 impl DpsArgs {
     fn merge(&self, other: &DpsArgs) -> Result<DpsArgs, String> {
-        fn pick<T: Clone + PartialEq>(
-            name: &str,
-            a: &Option<T>,
-            b: &Option<T>,
-        ) -> Result<Option<T>, String> {
-            match (a, b) {
-                (Some(x), Some(y)) if x != y => {
-                    Err(format!("{name} is given twice with different values"))
-                }
-                _ => Ok(a.clone().or_else(|| b.clone())),
-            }
-        }
         Ok(DpsArgs {
             dps_endpoint: pick("--dps-endpoint", &self.dps_endpoint, &other.dps_endpoint)?,
             dps_ca_file: pick("--dps-ca-file", &self.dps_ca_file, &other.dps_ca_file)?,
