@@ -117,9 +117,11 @@ fn interactive_hub_hidden_connection_string() {
     p.flush().unwrap();
     expect(&mut p, "Connection String of the device", &mut seen);
     // Another device's string is refused, and asked again.
+    common::pty::wait_for_hidden_input(&p);
     p.send_line(&hub_cs("another-device")).unwrap();
     expect(&mut p, "is not this device's id", &mut seen);
     expect(&mut p, "Connection String of the device", &mut seen);
+    common::pty::wait_for_hidden_input(&p);
     p.send_line(&hub_cs(ETH0_ID)).unwrap();
     expect(&mut p, "Primary thumbprint: ", &mut seen);
     let status = finish(&mut p, &mut seen);
@@ -250,10 +252,12 @@ fn interactive_retry_message_never_echoes_the_key() {
     );
     for b in &bad {
         expect(&mut p, "Connection String of the device", &mut seen);
+        common::pty::wait_for_hidden_input(&p);
         p.send_line(b).unwrap();
         expect(&mut p, "error: ", &mut seen);
     }
     expect(&mut p, "Connection String of the device", &mut seen);
+    common::pty::wait_for_hidden_input(&p);
     p.send_line(&hub_cs(ETH0_ID)).unwrap();
     expect(&mut p, "Primary thumbprint: ", &mut seen);
     let status = finish(&mut p, &mut seen);

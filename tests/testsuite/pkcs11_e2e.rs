@@ -717,6 +717,7 @@ fn interactive_pin_prompt_is_hidden() {
         .args(["--device-id", "dev-pty", "--algorithm", "ecdsa-p256"]);
     let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).unwrap();
     p.exp_string("User PIN of PKCS#11 token leda").unwrap();
+    crate::common::pty::wait_for_hidden_input(&p);
     p.send_line(USER_PIN).unwrap();
     let rest = p.exp_eof().unwrap();
     assert!(rest.contains("thumbprint"), "{rest}");

@@ -26,6 +26,7 @@ pub mod crash;
 pub mod device;
 pub mod dps;
 pub mod fake_root;
+pub mod pty;
 pub mod softhsm;
 pub mod swtpm;
 
