@@ -621,26 +621,9 @@ fn read_only_token_storage_fails_cleanly_without_orphans() {
     let uri = ks.plan(Role::Primary, false).unwrap();
     let token_dir = hsm.token_dir();
 
-    struct Mutable<'a>(&'a Path);
-    impl Drop for Mutable<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("chattr").arg("-i").arg(self.0).status();
-        }
-    }
-    let set = Command::new("chattr")
-        .arg("+i")
-        .arg(&token_dir)
-        .output()
-        .unwrap();
-    if !set.status.success() {
-        eprintln!(
-            "SKIPPED: cannot make {} immutable ({}); read-only storage not simulated",
-            token_dir.display(),
-            String::from_utf8_lossy(&set.stderr).trim()
-        );
+    let Some(guard) = common::tools::immutable(&token_dir) else {
         return;
-    }
-    let guard = Mutable(&token_dir);
+    };
     // Root ignores a 0500 mode, but not the immutable flag: check it bites.
     assert!(std::fs::write(token_dir.join("probe"), b"x").is_err());
 

@@ -169,9 +169,7 @@ fn dps_flow_default_algorithm() {
 #[test]
 fn auto_falls_back_to_files_with_a_warning() {
     require_tools!(Openssl);
-    if std::path::Path::new("/dev/tpmrm0").exists() {
-        return; // a machine with a TPM takes the TPM path
-    }
+    require_tools!(where common::tools::no_host_tpm());
     let fr = FakeRoot::with_template();
     let run = fr
         .run(&[
@@ -267,29 +265,9 @@ fn unwritable_etc_deviceid_is_a_warning() {
     let fr = FakeRoot::with_template();
     let etc = fr.root().join("etc");
     fs::create_dir_all(&etc).unwrap();
-    struct Mutable(PathBuf);
-    impl Drop for Mutable {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("chattr")
-                .arg("-i")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let set = std::process::Command::new("chattr")
-        .arg("+i")
-        .arg(&etc)
-        .output()
-        .unwrap();
-    if !set.status.success() {
-        eprintln!(
-            "SKIPPED: cannot make {} immutable ({})",
-            etc.display(),
-            String::from_utf8_lossy(&set.stderr).trim()
-        );
+    let Some(_mutable) = common::tools::immutable(&etc) else {
         return;
-    }
-    let _mutable = Mutable(etc.clone());
+    };
     let run = fr.provision_dps("ecdsa-p256", &[]);
     assert!(!etc.join("deviceid").exists());
     let warnings: Vec<_> = run

@@ -304,10 +304,7 @@ fn failure_after_keygen_leaves_no_token_objects() {
 #[test]
 fn auto_picks_pkcs11_when_a_module_is_configured() {
     require_tools!(SoftHsm);
-    if Path::new("/dev/tpmrm0").exists() {
-        eprintln!("SKIPPED: this machine has a TPM, so --keystore auto picks it");
-        return;
-    }
+    require_tools!(where common::tools::no_host_tpm());
     let store = PrivateStore::new("leda");
     let root = root_with_template(&store);
     let mut args = provision_args(&store, "ecdsa-p256");
@@ -787,22 +784,9 @@ fn manifest_write_failure_leaves_no_orphans() {
     let store = PrivateStore::new("leda");
     let root = root_with_template(&store);
     let manifests = root.join("data/var/containers/manifests");
-    struct Mutable(PathBuf);
-    impl Drop for Mutable {
-        fn drop(&mut self) {
-            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-        }
-    }
-    let set = Command::new("chattr")
-        .arg("+i")
-        .arg(&manifests)
-        .output()
-        .unwrap();
-    if !set.status.success() {
-        eprintln!("SKIPPED: cannot make {} immutable", manifests.display());
+    let Some(guard) = common::tools::immutable(&manifests) else {
         return;
-    }
-    let guard = Mutable(manifests.clone());
+    };
     run(
         tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
         1,

@@ -116,7 +116,14 @@ pub fn in_ci() -> bool {
 /// Are all `tools` here? The first missing one panics under CI; locally it prints one
 /// `SKIPPED` line and the answer is `false`. Use it through [`require_tools!`].
 pub fn have(tools: &[Tool]) -> bool {
-    let Some(missing) = tools.iter().find_map(|t| t.check().err()) else {
+    satisfied(tools.iter().try_for_each(|t| t.check()))
+}
+
+/// A condition of the machine rather than a program (no host TPM, an immutable flag
+/// that takes): `Err(what is missing)` goes the same way as a missing tool. Use it
+/// through `require_tools!(where CHECK)`.
+pub fn satisfied(check: Result<(), String>) -> bool {
+    let Err(missing) = check else {
         return true;
     };
     let thread = std::thread::current();
@@ -129,11 +136,61 @@ pub fn have(tools: &[Tool]) -> bool {
 }
 
 /// `require_tools!(Swtpm, Openssl);` returns from the test when a tool is missing (see
-/// [`have`]); `require_tools!(Swtpm => None);` returns `None` instead.
+/// [`have`]); `require_tools!(Swtpm => None);` returns `None` instead;
+/// `require_tools!(where no_host_tpm());` gates on a condition (see [`satisfied`]).
 macro_rules! require_tools {
+    (where $check:expr $(=> $ret:expr)?) => {
+        if !$crate::common::tools::satisfied($check) {
+            return $($ret)?;
+        }
+    };
     ($($tool:ident),+ $(,)? $(=> $ret:expr)?) => {
         if !$crate::common::tools::have(&[$($crate::common::tools::Tool::$tool),+]) {
             return $($ret)?;
         }
     };
+}
+
+/// `--keystore auto` takes a host TPM before anything else: tests of what it picks
+/// on a machine without one need this machine to have none.
+pub fn no_host_tpm() -> Result<(), String> {
+    match Path::new("/dev/tpmrm0").exists() {
+        true => Err("this machine has a TPM (/dev/tpmrm0), so --keystore auto picks it".into()),
+        false => Ok(()),
+    }
+}
+
+/// `chattr +i` on `path` (root ignores modes, not the immutable flag; it needs
+/// CAP_LINUX_IMMUTABLE and a file system that has the flag); cleared again on drop.
+/// Use it as `let Some(_guard) = immutable(&p) else { return };`: without the flag the
+/// gate fails the test under CI and skips it loudly locally.
+pub fn immutable(path: &Path) -> Option<Immutable> {
+    require_tools!(Chattr => None);
+    let set = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(path)
+        .output()
+        .unwrap();
+    let check = match set.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "cannot make {} immutable ({})",
+            path.display(),
+            String::from_utf8_lossy(&set.stderr).trim()
+        )),
+    };
+    require_tools!(where check => None);
+    Some(Immutable(path.to_owned()))
+}
+
+/// The immutable flag on a path, cleared on drop (see [`immutable`]).
+pub struct Immutable(PathBuf);
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
 }
