@@ -88,6 +88,14 @@ fn second_run_fails_clearly_when_it_may_not_wait() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another sdv-provision is running"), "{err}");
+    common::pin(
+        &err,
+        &[("[ROOT]", d.path().display().to_string())],
+        snapbox::str![[r#"
+error: another sdv-provision is running on root [ROOT]; wait for it to finish and try again
+
+"#]],
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
     let certs: Vec<_> = fs::read_dir(d.path().join("data/var/certificates"))
         .unwrap()

@@ -138,7 +138,29 @@ fn malformed_tcti_then_the_right_one() {
     require_tools!(Swtpm, Tpm2Tools, Openssl);
     let tpm = Swtpm::start();
     let fr = FakeRoot::with_template();
-    for bad in ["swtpm:port=banana", "tpm:/dev/tpm0", "nonsense"] {
+    for (bad, pinned) in [
+        (
+            "swtpm:port=banana",
+            snapbox::str![[r#"
+error: malformed TCTI "swtpm:port=banana": port must be a number 0-65535; pass --tcti device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd:bus_type=session, or use --keystore file
+
+"#]],
+        ),
+        (
+            "tpm:/dev/tpm0",
+            snapbox::str![[r#"
+error: malformed TCTI "tpm:/dev/tpm0": unknown TCTI "tpm"; supported: device, swtpm, mssim, tabrmd; pass --tcti device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd:bus_type=session, or use --keystore file
+
+"#]],
+        ),
+        (
+            "nonsense",
+            snapbox::str![[r#"
+error: malformed TCTI "nonsense": unknown TCTI "nonsense"; supported: device, swtpm, mssim, tabrmd; pass --tcti device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd:bus_type=session, or use --keystore file
+
+"#]],
+        ),
+    ] {
         let before = fr.snapshot();
         let run = fr.run(&[
             "--keystore",
@@ -152,6 +174,7 @@ fn malformed_tcti_then_the_right_one() {
         ]);
         let err = run.one_error(1);
         assert!(err.contains("--tcti") && err.contains(bad), "{run}");
+        common::pin(&run.stderr, &[], pinned);
         assert_same_tree(&before, &fr.snapshot(), bad);
     }
     assert!(tpm.persistent_handles().is_empty());

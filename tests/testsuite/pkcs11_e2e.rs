@@ -274,6 +274,15 @@ fn wrong_pin_fails_once_and_writes_nothing() {
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(errors[0].contains("PIN was rejected"), "{stderr}");
+    common::pin(
+        &stderr,
+        &[],
+        snapbox::str![[r#"
+warning: PIN file [..]/user.pin can be read by group or others; chmod 600 it
+error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); check --pkcs11-pin-file / SDV_PROVISION_PKCS11_PIN; sdv-provision does not retry, because tokens lock after a few wrong PINs
+
+"#]],
+    );
     assert!(!stderr.contains("0000-wrong"), "{stderr}");
     assert!(out.stdout.is_empty() || serde_json::from_slice::<Value>(&out.stdout).is_ok());
     assert_same_tree(&before, &snapshot(&root), "a wrong PIN");
@@ -480,6 +489,15 @@ fn reset_with_a_wrong_pin_changes_nothing() {
         "{stderr}"
     );
     assert!(stderr.contains("PIN was rejected"), "{stderr}");
+    common::pin(
+        &stderr,
+        &[],
+        snapbox::str![[r#"
+warning: PIN file [..]/wrong.pin can be read by group or others; chmod 600 it
+error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); check --pkcs11-pin-file / SDV_PROVISION_PKCS11_PIN; sdv-provision does not retry, because tokens lock after a few wrong PINs
+
+"#]],
+    );
     assert_same_tree(&before, &snapshot(&root), "a reset with a wrong PIN");
     assert_eq!(store.object_labels().len(), 6);
     // The identity is intact for the next runs.
@@ -676,6 +694,14 @@ fn force_to_another_token_is_refused_before_anything_changes() {
         stderr.contains("token leda") && stderr.contains("reset --yes"),
         "{stderr}"
     );
+    common::pin(
+        &stderr,
+        &[],
+        snapbox::str![[r#"
+error: this identity's keys are in PKCS#11 token leda; --force cannot move it to token other in one run; run `sdv-provision reset --yes` first (it removes the keys from leda), then provision with --pkcs11-token other
+
+"#]],
+    );
     assert_same_tree(&before, &snapshot(&root), "a refused --force");
     assert_eq!(store.object_labels().len(), 6);
 }
@@ -696,6 +722,14 @@ fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
     assert!(
         errors[0].contains("--pkcs11-pin-file") && errors[0].contains("SDV_PROVISION_PKCS11_PIN"),
         "{stderr}"
+    );
+    common::pin(
+        &stderr,
+        &[],
+        snapbox::str![[r#"
+error: the user PIN of PKCS#11 token leda is needed but the run is non-interactive; pass --pkcs11-pin-file FILE or set SDV_PROVISION_PKCS11_PIN
+
+"#]],
     );
     assert_same_tree(&before, &snapshot(&root), "a run without a PIN");
     assert!(store.object_labels().is_empty());
@@ -971,6 +1005,14 @@ fn mounts_come_from_the_configuration_never_from_the_state() {
         err.contains("sdv-provision.state.json") && err.contains("edited or corrupt"),
         "{err}"
     );
+    common::pin(
+        &err,
+        &[("[ROOT]", root.display().to_string())],
+        snapbox::str![[r#"
+error: [ROOT]/data/var/certificates/sdv-provision.state.json is edited or corrupt: / is not an absolute device path without `..`; restore it, or remove it and run `sdv-provision reset --yes`
+
+"#]],
+    );
     assert_same_tree(&tree, &snapshot(&root), "an edited state");
 
     state["backend"]["mounts"] = serde_json::json!(["/etc"]);
@@ -993,9 +1035,21 @@ fn an_edited_journal_naming_foreign_objects_touches_nothing() {
     store.foreign_keypair("device-primary", "0102");
     let foreign = objects_with_id(&store, "0102");
     let base: Vec<String> = provision_args(&store, "ecdsa-p256")[..6].to_vec();
-    for uri in [
-        "pkcs11:token=leda;object=device-primary;id=%01%02;type=private",
-        "pkcs11:token=leda;object=someone-else;id=%01%02;type=private",
+    for (uri, pinned) in [
+        (
+            "pkcs11:token=leda;object=device-primary;id=%01%02;type=private",
+            snapbox::str![[r#"
+error: [ROOT]/data/var/certificates/sdv-provision.journal.json is edited or corrupt: old key pkcs11:token=leda;object=device-primary;id=%01%02;type=private is not one the state records; restore it, or remove it and run `sdv-provision reset --yes`
+
+"#]],
+        ),
+        (
+            "pkcs11:token=leda;object=someone-else;id=%01%02;type=private",
+            snapbox::str![[r#"
+error: [ROOT]/data/var/certificates/sdv-provision.journal.json is edited or corrupt: pkcs11:token=leda;object=someone-else;id=%01%02;type=private is not a pkcs11 key sdv-provision makes; restore it, or remove it and run `sdv-provision reset --yes`
+
+"#]],
+        ),
     ] {
         let journal = serde_json::json!({
             "phase": "committed", "version": 1, "keystore": "pkcs11",
@@ -1018,6 +1072,8 @@ fn an_edited_journal_naming_foreign_objects_touches_nothing() {
                 err.contains("sdv-provision.journal.json") && err.contains("edited or corrupt"),
                 "{uri} {cmd:?}: {err}"
             );
+            let at = ("[ROOT]", root.display().to_string());
+            common::pin(&err, &[at], pinned.clone());
             assert_same_tree(&tree, &snapshot(&root), "an edited journal");
             assert_eq!(objects_with_id(&store, "0102"), foreign, "{uri} {cmd:?}");
         }

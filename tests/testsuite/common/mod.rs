@@ -49,6 +49,31 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sdv-provision"))
 }
 
+/// Pin a user-facing message exactly (snapbox): `expected` is a `snapbox::str![..]`,
+/// with `[..]` for what varies within a line and the placeholders of `redact` (e.g.
+/// `("[ROOT]", root)`, `("[TCTI]", tcti)`) for temp paths and ports.
+/// `SNAPSHOTS=overwrite cargo test ...` rewrites the expected text in place.
+pub fn pin(actual: &str, redact: &[(&'static str, String)], expected: impl snapbox::IntoData) {
+    let mut r = snapbox::Redactions::new();
+    for (placeholder, value) in redact {
+        r.insert(placeholder, value.clone())
+            .expect("a [PLACEHOLDER] name");
+    }
+    snapbox::Assert::new()
+        .action_env(snapbox::assert::DEFAULT_ACTION_ENV)
+        .redact_with(r)
+        .eq(actual, expected);
+}
+
+/// The lines of `text` that contain `needle`, each with its newline: the part of a
+/// run's output a [`pin`] is about, where the rest differs by keystore.
+pub fn lines_with(text: &str, needle: &str) -> String {
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Run a command, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
