@@ -361,7 +361,7 @@ fn missing_or_bogus_module_is_named() {
         ],
     );
     let dir = ("[DIR]", hsm.dir.path().display().to_string());
-    common::pin(&e.to_string(), &[dir.clone()], snapbox::str!["PKCS#11 module [DIR]/libmissing.so does not exist; pass --pkcs11-module (or set PKCS11_MODULE_PATH) to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so"]);
+    common::pin(&e.to_string(), std::slice::from_ref(&dir), snapbox::str!["PKCS#11 module [DIR]/libmissing.so does not exist; pass --pkcs11-module (or set PKCS11_MODULE_PATH) to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so"]);
 
     let text = hsm.dir.path().join("not-a-module.so");
     std::fs::write(&text, "this is not a shared library\n").unwrap();
