@@ -8,7 +8,8 @@
 //! lives in tpm_crash.rs).
 use crate::common;
 
-use common::crash::{hammer, Device};
+use common::crash::hammer;
+use common::device::{Device, Kind};
 
 /// What the certificates directory may hold once a file-keystore identity recovered.
 const FILE_IDENTITY: [&str; 6] = [
@@ -31,14 +32,20 @@ fn kills(var: &str, default: u32) -> u32 {
 #[test]
 fn file_keystore_survives_random_kills() {
     let n = kills("SDV_CRASH_KILLS", 120);
-    let dev = Device::new(&["--keystore", "file"], &["--algorithm", "ecdsa-p256"]);
-    assert_eq!(hammer(&dev, n, &FILE_IDENTITY, &|| {}).recovered, n);
+    let Some(dev) = Device::start(Kind::File) else {
+        return;
+    };
+    let t = hammer(&dev, "ecdsa-p256", n, &FILE_IDENTITY, &|| {});
+    assert_eq!(t.recovered, n);
 }
 
 /// RSA puts kills inside a longer key generation.
 #[test]
 fn file_keystore_rsa_survives_random_kills() {
     let n = kills("SDV_CRASH_KILLS_RSA", 30);
-    let dev = Device::new(&["--keystore", "file"], &["--algorithm", "rsa-2048"]);
-    assert_eq!(hammer(&dev, n, &FILE_IDENTITY, &|| {}).recovered, n);
+    let Some(dev) = Device::start(Kind::File) else {
+        return;
+    };
+    let t = hammer(&dev, "rsa-2048", n, &FILE_IDENTITY, &|| {});
+    assert_eq!(t.recovered, n);
 }

@@ -25,70 +25,34 @@
 use crate::common;
 
 use std::cell::Cell;
-use std::process::Command;
 
-use common::crash::{hammer_guarding, Device};
+use common::crash::hammer_guarding;
+use common::device::{Device, Kind};
+use common::fake_root::read_json;
 use common::softhsm::PrivateStore;
-use serde_json::Value;
 
-/// A scratch device whose keys live in a private SoftHSM store.
+/// A scratch device whose keys live in a private SoftHSM store, with the checks of
+/// its token.
 struct TokenDevice {
-    store: PrivateStore,
     dev: Device,
 }
 
 impl TokenDevice {
-    fn new() -> TokenDevice {
-        let store = PrivateStore::new("leda");
-        let module = store.module.to_string_lossy().into_owned();
-        let pin_file = store.pin_file.to_string_lossy().into_owned();
-        let mut dev = Device::new(
-            &[
-                "--keystore",
-                "pkcs11",
-                "--pkcs11-module",
-                &module,
-                "--pkcs11-pin-file",
-                &pin_file,
-            ],
-            &["--algorithm", "ecdsa-p256"],
-        );
-        dev.env_remove = [
-            "SDV_PROVISION_PKCS11_PIN",
-            "PKCS11_MODULE_PATH",
-            "TPM2TOOLS_TCTI",
-            "TCTI",
-        ]
-        .map(String::from)
-        .to_vec();
-        dev.envs = store
-            .env()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        TokenDevice { store, dev }
+    fn store(&self) -> &PrivateStore {
+        self.dev.token()
     }
 
     /// State, journal and token objects, for a failure message.
     fn dump(&self) -> String {
-        let certs = self.dev.root.join("data/var/certificates");
         let mut s = String::new();
         for f in ["sdv-provision.state.json", "sdv-provision.journal.json"] {
-            let text = std::fs::read_to_string(certs.join(f)).unwrap_or_default();
+            let text = std::fs::read_to_string(self.dev.fr.cert_file(f)).unwrap_or_default();
             s.push_str(&format!("--- {f}:\n{text}\n"));
         }
-        let objects = Command::new("pkcs11-tool")
-            .arg("--module")
-            .arg(&self.store.module)
-            .args([
-                "--token-label",
-                "leda",
-                "--login",
-                "--list-objects",
-                "--pin",
-            ])
-            .arg(common::softhsm::USER_PIN)
-            .env("SOFTHSM2_CONF", &self.store.conf)
+        let objects = self
+            .store()
+            .pkcs11_tool()
+            .arg("--list-objects")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
@@ -155,15 +119,7 @@ impl TokenDevice {
     /// tolerated, and only those: no certificate object, no object of a recorded id
     /// beyond the identity's three.
     fn check_token(&self, what: &str) -> (usize, usize) {
-        let state: Value = serde_json::from_slice(
-            &std::fs::read(
-                self.dev
-                    .root
-                    .join("data/var/certificates/sdv-provision.state.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let state = read_json(&self.dev.fr.cert_file("sdv-provision.state.json"));
         let dump = self.dump();
         let mut ours = Vec::new();
         for role in ["primary", "secondary"] {
@@ -220,17 +176,19 @@ const FOREIGN_ID: &str = "0102";
 
 #[test]
 fn pkcs11_keystore_survives_random_kills() {
-    require_tools!(SoftHsm);
     let kills: u32 = std::env::var("SDV_CRASH_KILLS_PKCS11")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(25);
-    let t = TokenDevice::new();
-    t.dev.ok(&["provision", "--id-scope", "0ne0012345A"]);
+    let Some(dev) = Device::start(Kind::SoftHsm) else {
+        return;
+    };
+    let t = TokenDevice { dev };
+    t.dev.provision("ecdsa-p256");
     // Another application's objects, one pair under our live label.
-    t.store.foreign_keypair("device-primary", FOREIGN_ID);
-    t.store.foreign_keypair("someone-else", "0a0b");
-    let token_file = std::fs::read_dir(t.store.tokendir())
+    t.store().foreign_keypair("device-primary", FOREIGN_ID);
+    t.store().foreign_keypair("someone-else", "0a0b");
+    let token_file = std::fs::read_dir(t.store().tokendir())
         .unwrap()
         .flatten()
         .map(|e| e.path().join("token.object"))
@@ -249,6 +207,7 @@ fn pkcs11_keystore_survives_random_kills() {
     ];
     let tally = hammer_guarding(
         &t.dev,
+        "ecdsa-p256",
         kills,
         &allowed,
         &|what| {

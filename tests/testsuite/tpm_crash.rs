@@ -7,6 +7,7 @@
 
 use crate::common;
 use common::crash;
+use common::device::{Device, Kind};
 
 const SRK: u32 = 0x8100_0001;
 const PRIMARY: u32 = 0x8100_0010;
@@ -16,20 +17,17 @@ const FOREIGN: u32 = 0x8100_0020;
 
 #[test]
 fn tpm_keystore_survives_random_kills() {
-    require_tools!(Swtpm, Tpm2Tools);
     let kills = std::env::var("SDV_CRASH_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let tpm = common::swtpm::Swtpm::start();
-    let tcti = tpm.tcti();
+    let Some(dev) = Device::start(Kind::Swtpm) else {
+        return;
+    };
+    let tpm = dev.tpm();
     // ECDSA keeps runs short; `SDV_CRASH_ALG=rsa-2048` puts more kills inside
     // TPM2_Create.
     let alg = std::env::var("SDV_CRASH_ALG").unwrap_or_else(|_| "ecdsa-p256".into());
-    let dev = crash::Device::new(
-        &["--keystore", "tpm", "--tcti", &tcti],
-        &["--algorithm", &alg],
-    );
     let allowed = [
         "device.crt",
         "device2.crt",
@@ -43,19 +41,10 @@ fn tpm_keystore_survives_random_kills() {
         "sdv-provision.state.json",
     ];
     tpm.foreign_key_at(FOREIGN, true);
-    let name = || {
-        let out = tpm.dir().join("foreign.name");
-        common::run_ok(
-            tpm.tool("tpm2_readpublic")
-                .arg("-c")
-                .arg(format!("0x{FOREIGN:08x}"))
-                .arg("-n")
-                .arg(&out),
-        );
-        hex_of(&std::fs::read(out).unwrap())
-    };
+    let name = || tpm.name_hex(FOREIGN);
     let t = crash::hammer_guarding(
         &dev,
+        &alg,
         kills,
         &allowed,
         &|_| {},
@@ -75,8 +64,4 @@ fn tpm_keystore_survives_random_kills() {
         &name,
     );
     assert_eq!(t.recovered, kills);
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
+
+use super::device::Device;
+use super::fake_root::{CERTS, MANIFEST};
 use std::time::{Duration, Instant};
 
 struct Rng(u64);
@@ -20,77 +22,38 @@ impl Rng {
     }
 }
 
-pub struct Device {
-    _dir: tempfile::TempDir,
-    pub root: PathBuf,
-    /// Global flags for every command (keystore, TCTI, …).
-    pub extra: Vec<String>,
-    /// Flags for `provision` only (algorithm).
-    pub provision_extra: Vec<String>,
-    /// Environment for every command (e.g. a private SOFTHSM2_CONF).
-    pub envs: Vec<(String, String)>,
-    /// Variables removed from every command's environment.
-    pub env_remove: Vec<String>,
+/// The device under the kill loop and the algorithm every `provision` of it uses.
+struct Target<'a> {
+    dev: &'a Device,
+    alg: &'a str,
 }
 
-impl Device {
-    pub fn new(extra: &[&str], provision_extra: &[&str]) -> Device {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        let net = root.join("sys/class/net/eth0");
-        fs::create_dir_all(&net).unwrap();
-        fs::write(net.join("address"), "52:54:21:4c:f9:5a\n").unwrap();
-        fs::write(net.join("type"), "1\n").unwrap();
-        super::fake_root::put_fixture(
-            &root,
-            "cloudconnector.kanto.json.template",
-            super::fake_root::TEMPLATE,
-        );
-        Device {
-            _dir: dir,
-            root,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            provision_extra: provision_extra.iter().map(|s| s.to_string()).collect(),
-            envs: Vec::new(),
-            env_remove: Vec::new(),
-        }
-    }
-
-    pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(super::bin());
-        c.arg("--root")
-            .arg(&self.root)
-            .args(["--no-restart", "--non-interactive"])
-            .args(&self.extra)
-            .args(args);
+impl Target<'_> {
+    /// The device's command (keystore flags and environment from [`Device`]),
+    /// `--no-restart`, with `--algorithm` on `provision`; only stderr is kept.
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.dev.base_cmd();
+        c.arg("--no-restart").args(args);
         if args.first() == Some(&"provision") {
-            c.args(&self.provision_extra);
+            c.args(["--algorithm", self.alg]);
         }
-        for k in &self.env_remove {
-            c.env_remove(k);
-        }
-        c.envs(self.envs.iter().map(|(k, v)| (k, v)));
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         c
     }
 
-    pub fn ok(&self, args: &[&str]) {
+    fn ok(&self, args: &[&str]) {
         self.ok_after(args, "setup")
     }
 
-    pub fn ok_after(&self, args: &[&str], what: &str) {
+    fn ok_after(&self, args: &[&str], what: &str) {
         let out = self.cmd(args).output().unwrap();
         assert!(
             out.status.success(),
             "sdv-provision {args:?} failed ({what}): {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-
-    pub fn cert_dir(&self) -> PathBuf {
-        self.root.join("data/var/certificates")
     }
 }
 
@@ -102,10 +65,25 @@ pub struct Tally {
 }
 
 /// The harness: `kills` rounds of (random op, SIGKILL at a random moment, checks,
-/// recovery). `allowed` lists the files the certificates directory may hold after
-/// recovery; `extra_check` inspects backend state (e.g. TPM handles).
-pub fn hammer(dev: &Device, kills: u32, allowed: &[&str], extra_check: &dyn Fn()) -> Tally {
-    hammer_with(dev, kills, allowed, &|_| {}, &|_| extra_check())
+/// recovery) on `dev`, provisioning with `alg`. `allowed` lists the files the
+/// certificates directory may hold after recovery; `extra_check` inspects backend
+/// state (e.g. TPM handles).
+pub fn hammer(
+    dev: &Device,
+    alg: &str,
+    kills: u32,
+    allowed: &[&str],
+    extra_check: &dyn Fn(),
+) -> Tally {
+    hammer_guarding(
+        dev,
+        alg,
+        kills,
+        allowed,
+        &|_| {},
+        &|_| extra_check(),
+        &String::new,
+    )
 }
 
 /// Files that are not the tool's, planted before the first run: one in the
@@ -119,41 +97,24 @@ const FOREIGN_FILES: [(&str, &[u8]); 2] = [
 ];
 
 /// [`hammer`] with a hook before recovery (repairing what a stand-in backend itself
-/// breaks when killed, e.g. SoftHSM's token file) and one after it; both get a
-/// description of the round for their messages.
-pub fn hammer_with(
-    dev: &Device,
-    kills: u32,
-    allowed: &[&str],
-    before_recovery: &dyn Fn(&str),
-    extra_check: &dyn Fn(&str),
-) -> Tally {
-    hammer_guarding(
-        dev,
-        kills,
-        allowed,
-        before_recovery,
-        extra_check,
-        &String::new,
-    )
-}
-
-/// [`hammer_with`], also proving that nothing which existed before the first run and
-/// was not the tool's is touched: `foreign` describes the backend's foreign objects
+/// breaks when killed, e.g. SoftHSM's token file), both hooks getting a description
+/// of the round for their messages, also proving that nothing which existed before
+/// the first run and was not the tool's is touched: `foreign` describes the backend's foreign objects
 /// byte for byte (TPM Names, PKCS#11 attributes) and must describe them the same after
 /// every recovery; the planted [`FOREIGN_FILES`] must keep their content.
 pub fn hammer_guarding(
     dev: &Device,
+    alg: &str,
     kills: u32,
     allowed: &[&str],
     before_recovery: &dyn Fn(&str),
     extra_check: &dyn Fn(&str),
     foreign: &dyn Fn() -> String,
 ) -> Tally {
+    let root = dev.fr.root();
+    let dev = Target { dev, alg };
     for (rel, bytes) in FOREIGN_FILES {
-        let p = dev.root.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, bytes).unwrap();
+        dev.dev.fr.write(rel, bytes);
     }
     let foreign_before = foreign();
     let mut allowed = allowed.to_vec();
@@ -212,9 +173,7 @@ pub fn hammer_guarding(
             durations[i] = (durations[i] * 21 / 20).min(ceiling[i]);
         }
         // The manifest is always valid JSON: old or new content, never a mix.
-        let manifest = dev
-            .root
-            .join("data/var/containers/manifests/cloudconnector.json");
+        let manifest = dev.dev.fr.p(MANIFEST);
         if let Ok(bytes) = fs::read(&manifest) {
             assert!(
                 serde_json::from_slice::<serde_json::Value>(&bytes).is_ok(),
@@ -227,7 +186,7 @@ pub fn hammer_guarding(
         before_recovery(&what);
         dev.ok_after(&["provision", "--id-scope", "0ne0012345A"], &what);
         dev.ok_after(&["verify"], &what);
-        let leftovers: Vec<String> = fs::read_dir(dev.cert_dir())
+        let leftovers: Vec<String> = fs::read_dir(dev.dev.fr.p(CERTS))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| !allowed.contains(&n.as_str()))
@@ -239,7 +198,7 @@ pub fn hammer_guarding(
         extra_check(&what);
         for (rel, bytes) in FOREIGN_FILES {
             assert_eq!(
-                fs::read(dev.root.join(rel)).ok().as_deref(),
+                fs::read(root.join(rel)).ok().as_deref(),
                 Some(bytes),
                 "{what}: {rel} is not the tool's and must stay as it was"
             );

@@ -73,6 +73,24 @@ impl Device {
         }
     }
 
+    /// The swtpm of a [`Kind::Swtpm`] device.
+    #[cfg(feature = "tpm")]
+    pub fn tpm(&self) -> &Swtpm {
+        match &self.backend {
+            Backend::Swtpm(t) => t,
+            _ => panic!("not a swtpm device"),
+        }
+    }
+
+    /// The SoftHSM store of a [`Kind::SoftHsm`] device.
+    #[cfg(feature = "pkcs11")]
+    pub fn token(&self) -> &PrivateStore {
+        match &self.backend {
+            Backend::SoftHsm(s) => s,
+            _ => panic!("not a SoftHSM device"),
+        }
+    }
+
     /// The binary with `--root`, the keystore flags and environment, non-interactive.
     pub fn base_cmd(&self) -> Command {
         let mut c = self.fr.cmd();

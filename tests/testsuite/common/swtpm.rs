@@ -162,14 +162,27 @@ impl Swtpm {
     /// `tpm2_readpublic -f pem` of a persistent handle.
     pub fn public_pem(&self, handle: u32) -> String {
         let out = self.dir().join(format!("{handle:08x}.pub.pem"));
+        self.read_public(handle, &["-f", "pem", "-o"], &out);
+        std::fs::read_to_string(out).unwrap()
+    }
+
+    /// The Name of a persistent handle (`tpm2_readpublic -n`), in hex: the same Name,
+    /// the same object.
+    pub fn name_hex(&self, handle: u32) -> String {
+        let out = self.dir().join(format!("{handle:08x}.name"));
+        self.read_public(handle, &["-n"], &out);
+        let bytes = std::fs::read(out).unwrap();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn read_public(&self, handle: u32, args: &[&str], out: &Path) {
         super::run_ok(
             self.tool("tpm2_readpublic")
                 .arg("-c")
                 .arg(format!("0x{handle:08x}"))
-                .args(["-f", "pem", "-o"])
-                .arg(&out),
+                .args(args)
+                .arg(out),
         );
-        std::fs::read_to_string(out).unwrap()
     }
 
     /// `tpm2_load` key blobs under `parent`, then flush: without a resource manager a
