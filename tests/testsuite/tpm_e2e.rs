@@ -8,46 +8,40 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::fake_root::{assert_same_tree, put_fixture, snapshot, MANIFEST, TEMPLATE};
+use common::device::{Device, Kind};
+use common::fake_root::{assert_same_tree, snapshot, FakeRoot, MANIFEST};
 use common::swtpm::{cert_file, Abrmd, Swtpm};
 
 const SRK: u32 = 0x8100_0001;
 const PRIMARY: u32 = 0x8100_0010;
 const SECONDARY: u32 = 0x8100_0011;
 
-/// A device root with the Kanto connector template in place.
-fn device_root() -> tempfile::TempDir {
-    let root = tempfile::tempdir().unwrap();
-    put_fixture(root.path(), "cloudconnector.kanto.json.template", TEMPLATE);
-    root
+/// The device every test here starts: a [`FakeRoot`] with the Kanto template and a
+/// swtpm of its own (`None` when a tool is missing on a developer machine).
+fn device() -> Option<Device> {
+    Device::start(Kind::Swtpm)
 }
 
 fn manifest_path(root: &Path) -> PathBuf {
     root.join(MANIFEST)
 }
 
-fn sdv_cmd(tpm: &Swtpm, root: &Path, args: &[&str]) -> Command {
-    let mut c = common::tool();
-    c.args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
-        .arg(root)
-        .args(["--no-restart", "--non-interactive"])
-        .args(args)
-        .env_remove("TPM2TOOLS_TCTI")
-        .env_remove("TCTI");
+/// The binary on `d` with `--no-restart`.
+fn sdv_cmd(d: &Device, args: &[&str]) -> Command {
+    let mut c = d.base_cmd();
+    c.arg("--no-restart").args(args);
     c
 }
 
-fn sdv(tpm: &Swtpm, root: &Path, args: &[&str]) -> Output {
-    sdv_cmd(tpm, root, args)
-        .output()
-        .expect("run sdv-provision")
+fn sdv(d: &Device, args: &[&str]) -> Output {
+    sdv_cmd(d, args).output().expect("run sdv-provision")
 }
 
-fn sdv_ok(tpm: &Swtpm, root: &Path, args: &[&str]) -> Output {
-    common::run_ok(&mut sdv_cmd(tpm, root, args))
+fn sdv_ok(d: &Device, args: &[&str]) -> Output {
+    common::run_ok(&mut sdv_cmd(d, args))
 }
 
-fn provision_json(tpm: &Swtpm, root: &Path, extra: &[&str]) -> serde_json::Value {
+fn provision_json(d: &Device, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "--id-scope",
         "0ne0012345A",
@@ -56,7 +50,7 @@ fn provision_json(tpm: &Swtpm, root: &Path, extra: &[&str]) -> serde_json::Value
         "--json",
     ];
     args.extend_from_slice(extra);
-    let out = sdv_ok(tpm, root, &args);
+    let out = sdv_ok(d, &args);
     serde_json::from_slice(&out.stdout).expect("--json prints one JSON document")
 }
 
@@ -221,12 +215,12 @@ fn tls_with_manifest_key(tpm: &Swtpm, root: &Path) {
 
 #[test]
 fn provision_manifest_tls_rerun_rotate_verify_reset() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl, Abrmd);
-    let tpm = Swtpm::start();
-    let root = device_root();
-    let root = root.path();
+    require_tools!(Abrmd);
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr.root();
 
-    let json = provision_json(&tpm, root, &[]);
+    let json = provision_json(&d, &[]);
     assert_eq!(json["keystore"], "tpm");
     assert_eq!(json["certificates"][0]["key_uri"], "handle:0x81000010");
     assert_eq!(json["certificates"][1]["key_uri"], "handle:0x81000011");
@@ -279,14 +273,14 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
         );
     }
 
-    assert_noda_and_key_ids(&tpm, root);
+    assert_noda_and_key_ids(tpm, root);
     // A consumer loads the key by the manifest's KEY_URI: mutual TLS 1.3; and a
     // server trusting both certificates in one CA file accepts each identity.
-    tls_with_manifest_key(&tpm, root);
-    tls_with_both_identities(&tpm, root);
+    tls_with_manifest_key(tpm, root);
+    tls_with_both_identities(tpm, root);
 
     // Re-running changes nothing.
-    let again = provision_json(&tpm, root, &[]);
+    let again = provision_json(&d, &[]);
     assert_eq!(again["certificates"], json["certificates"]);
     assert_eq!(
         std::fs::read_to_string(manifest_path(root)).unwrap(),
@@ -299,7 +293,7 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
 
     // Rotation: a new secondary (staged, then promoted into 0x81000011), then the
     // secondary becomes the primary. No staging handle is left behind.
-    sdv_ok(&tpm, root, &["rotate"]);
+    sdv_ok(&d, &["rotate"]);
     assert_eq!(
         sorted(tpm.persistent_handles()),
         vec![SRK, PRIMARY, SECONDARY]
@@ -307,7 +301,7 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
     let new_secondary = common::openssl_sha1(&cert_file(root, "device2.crt"));
     assert_ne!(new_secondary, json["certificates"][1]["sha1_thumbprint"]);
     let secondary_key = tpm.public_pem(SECONDARY);
-    sdv_ok(&tpm, root, &["rotate", "--promote"]);
+    sdv_ok(&d, &["rotate", "--promote"]);
     assert_eq!(
         common::openssl_sha1(&cert_file(root, "device.crt")),
         new_secondary
@@ -317,7 +311,7 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
         sorted(tpm.persistent_handles()),
         vec![SRK, PRIMARY, SECONDARY]
     );
-    sdv_ok(&tpm, root, &["verify"]);
+    sdv_ok(&d, &["verify"]);
 
     // verify covers the config file's content.
     let config = cert_file(root, "cloudconnector.config.json");
@@ -327,7 +321,7 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
         br#"{"tpmDevice":"/dev/tpmrm0","tpmHandle":"0x81000001"}"#,
     )
     .unwrap();
-    let out = sdv(&tpm, root, &["verify"]);
+    let out = sdv(&d, &["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
@@ -337,16 +331,15 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
     );
     // A re-run repairs it; the manifest stays as it was.
     sdv_ok(
-        &tpm,
-        root,
+        &d,
         &["--id-scope", "0ne0012345A", "--device-id", "dev-e2e-1"],
     );
     assert_eq!(std::fs::read(&config).unwrap(), good);
-    sdv_ok(&tpm, root, &["verify"]);
+    sdv_ok(&d, &["verify"]);
 
     // Reset removes our handles and blobs, and only those, and the config file with
     // its manifest entries.
-    sdv_ok(&tpm, root, &["reset", "--yes"]);
+    sdv_ok(&d, &["reset", "--yes"]);
     assert_eq!(tpm.persistent_handles(), vec![SRK]);
     assert!(!config.exists());
     let env = manifest_env(root);
@@ -368,12 +361,12 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
 
 #[test]
 fn ecdsa_p256_provision_warns_and_serves_tls13() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl, Abrmd);
-    let tpm = Swtpm::start();
-    let root = device_root();
+    require_tools!(Abrmd);
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr.root();
     let out = sdv_ok(
-        &tpm,
-        root.path(),
+        &d,
         &[
             "--id-scope",
             "0ne0012345A",
@@ -397,22 +390,21 @@ fn ecdsa_p256_provision_warns_and_serves_tls13() {
         "warns that today's connector needs RSA and a key file for DPS: {stderr}"
     );
     assert_eq!(
-        common::openssl_cert_pubkey(&cert_file(root.path(), "device.crt")),
+        common::openssl_cert_pubkey(&cert_file(root, "device.crt")),
         tpm.public_pem(PRIMARY)
     );
-    tls_with_manifest_key(&tpm, root.path());
+    tls_with_manifest_key(tpm, root);
 }
 
 #[test]
 fn occupied_handle_is_refused_and_nothing_is_left_half_made() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
     tpm.foreign_key_at(SECONDARY, true);
     let foreign = tpm.public_pem(SECONDARY);
-    let root = device_root();
+    let root = &d.fr.root();
     let out = sdv(
-        &tpm,
-        root.path(),
+        &d,
         &["--id-scope", "0ne0012345A", "--device-id", "dev-e2e-3"],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -433,31 +425,31 @@ error: TPM persistent handle 0x81000011 (for the secondary key) is already in us
     assert_eq!(tpm.public_pem(SECONDARY), foreign);
     assert!(!tpm.persistent_handles().contains(&PRIMARY));
 
-    let json = provision_json(&tpm, root.path(), &["--tpm-secondary-handle", "0x81000021"]);
+    let json = provision_json(&d, &["--tpm-secondary-handle", "0x81000021"]);
     assert_eq!(json["certificates"][1]["key_uri"], "handle:0x81000021");
     assert_eq!(tpm.public_pem(SECONDARY), foreign);
 
     // Later runs remember the chosen handle without the flag: rotation stages at
     // 0x81000121 and lands back on 0x81000021; the foreign key is never touched.
-    sdv_ok(&tpm, root.path(), &["rotate"]);
+    sdv_ok(&d, &["rotate"]);
     assert_eq!(
         sorted(tpm.persistent_handles()),
         vec![SRK, PRIMARY, SECONDARY, 0x8100_0021]
     );
-    sdv_ok(&tpm, root.path(), &["verify"]);
-    sdv_ok(&tpm, root.path(), &["reset", "--yes"]);
+    sdv_ok(&d, &["verify"]);
+    sdv_ok(&d, &["reset", "--yes"]);
     assert_eq!(sorted(tpm.persistent_handles()), vec![SRK, SECONDARY]);
     assert_eq!(tpm.public_pem(SECONDARY), foreign);
-    assert!(!cert_file(root.path(), "device2.tpm.pub").exists());
+    assert!(!cert_file(root, "device2.tpm.pub").exists());
 }
 
 #[test]
 fn unreachable_tpm_is_one_clear_error() {
-    let root = device_root();
+    let fr = FakeRoot::with_template();
     let tcti = format!("swtpm:host=127.0.0.1,port={}", common::free_port());
-    let out = common::tool()
-        .args(["--keystore", "tpm", "--tcti", &tcti, "--root"])
-        .arg(root.path())
+    let out = fr
+        .cmd()
+        .args(["--keystore", "tpm", "--tcti", &tcti])
         .args([
             "--no-restart",
             "--non-interactive",
@@ -483,7 +475,7 @@ error: cannot reach the TPM at [TCTI]: nothing answers at 127.0.0.1:[..] (Connec
         errors[0].contains("--tcti") && errors[0].contains("--keystore file"),
         "{stderr}"
     );
-    assert!(!manifest_path(root.path()).exists(), "nothing written");
+    assert!(!fr.p(MANIFEST).exists(), "nothing written");
 }
 
 /// The kanto-auto-deployer manifest shape (`mount_points`, `/device.crt`, a
@@ -492,12 +484,11 @@ error: cannot reach the TPM at [TCTI]: nothing answers at 127.0.0.1:[..] (Connec
 /// is added, and foreign mounts stay (DESIGN §3).
 #[test]
 fn tpm_entries_in_the_auto_deployer_shape() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    let root = tempfile::tempdir().unwrap();
-    let root = root.path();
-    put_fixture(root, "cloudconnector.auto-deployer.json", MANIFEST);
-    provision_json(&tpm, root, &[]);
+    let Some(d) = Device::on(Kind::Swtpm, FakeRoot::with_manifest) else {
+        return;
+    };
+    let root = &d.fr.root();
+    provision_json(&d, &[]);
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(manifest_path(root)).unwrap()).unwrap();
     assert!(m.get("mounts").is_none(), "shape converted");
@@ -554,12 +545,11 @@ fn tpm_entries_in_the_auto_deployer_shape() {
     // Idempotent: a re-run rewrites neither the manifest nor the config file.
     let before = snapshot(root);
     sdv_ok(
-        &tpm,
-        root,
+        &d,
         &["--id-scope", "0ne0012345A", "--device-id", "dev-e2e-1"],
     );
     assert_same_tree(&before, &snapshot(root), "a re-run");
-    sdv_ok(&tpm, root, &["verify"]);
+    sdv_ok(&d, &["verify"]);
     for k in ["KEY_PATH", "CERT_PATH"] {
         assert_eq!(env_value(&env, k), None, "{k} in {env:?}");
     }
@@ -585,14 +575,10 @@ fn auto_picks_the_tpm_a_tcti_names() {
     require_tools!(Swtpm, Tpm2Tools, Openssl);
     let tpm = Swtpm::start();
     for how in ["--tcti", "TPM2TOOLS_TCTI", "TCTI"] {
-        let root = device_root();
-        let mut cmd = common::tool();
-        cmd.arg("--root")
-            .arg(root.path())
-            .args(["--no-restart", "--non-interactive", "--json"])
-            .args(["--id-scope", "0ne0012345A", "--device-id", "dev-auto"])
-            .env_remove("TPM2TOOLS_TCTI")
-            .env_remove("TCTI");
+        let fr = FakeRoot::with_template();
+        let mut cmd = fr.cmd();
+        cmd.args(["--no-restart", "--non-interactive", "--json"])
+            .args(["--id-scope", "0ne0012345A", "--device-id", "dev-auto"]);
         match how {
             "--tcti" => cmd.args(["--tcti", &tpm.tcti()]),
             var => cmd.env(var, tpm.tcti()),
@@ -617,7 +603,11 @@ fn auto_picks_the_tpm_a_tcti_names() {
             "{how}: {stderr}"
         );
         // The next identity on the same TPM needs the handles free again.
-        sdv_ok(&tpm, root.path(), &["reset", "--yes"]);
+        common::run_ok(
+            fr.cmd()
+                .args(["--keystore", "tpm", "--tcti", &tpm.tcti()])
+                .args(["--no-restart", "--non-interactive", "reset", "--yes"]),
+        );
     }
 }
 
@@ -625,14 +615,12 @@ fn auto_picks_the_tpm_a_tcti_names() {
 /// back the identity is intact (no journal left for a later run to finish).
 #[test]
 fn reset_with_the_tpm_gone_changes_nothing() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let mut tpm = Swtpm::start();
-    let root = device_root();
-    let root = root.path();
-    provision_json(&tpm, root, &["--algorithm", "ecdsa-p256"]);
+    let Some(mut d) = device() else { return };
+    let root = &d.fr.root();
+    provision_json(&d, &["--algorithm", "ecdsa-p256"]);
     let before = snapshot(root);
-    tpm.kill();
-    let out = sdv(&tpm, root, &["reset", "--yes"]);
+    d.tpm_mut().kill();
+    let out = sdv(&d, &["reset", "--yes"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -641,9 +629,12 @@ fn reset_with_the_tpm_gone_changes_nothing() {
         "{stderr}"
     );
     assert_same_tree(&before, &snapshot(root), "a reset with the TPM gone");
-    tpm.restart();
-    sdv_ok(&tpm, root, &["verify"]);
-    assert_eq!(sorted(tpm.persistent_handles()), [SRK, PRIMARY, SECONDARY]);
+    d.tpm_mut().restart();
+    sdv_ok(&d, &["verify"]);
+    assert_eq!(
+        sorted(d.tpm().persistent_handles()),
+        [SRK, PRIMARY, SECONDARY]
+    );
 }
 
 /// A TPM whose owner hierarchy has a password: without it (or with a wrong one) the
@@ -651,19 +642,15 @@ fn reset_with_the_tpm_gone_changes_nothing() {
 /// or files.
 #[test]
 fn owner_hierarchy_password_from_env_or_file() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
     const PASSWORD: &str = "s3cret-owner-pw";
-    let tpm = Swtpm::start();
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
     common::run_ok(tpm.tool("tpm2_changeauth").args(["-c", "owner", PASSWORD]));
-    let root = device_root();
+    let root = &d.fr.root();
     let args = ["--id-scope", "0ne0012345A", "--device-id", "dev-e2e-5"];
     let run = |env: &[(&str, &str)]| {
-        let mut c = common::tool();
-        c.args(["--keystore", "tpm", "--tcti", &tpm.tcti(), "--root"])
-            .arg(root.path())
-            .args(["--no-restart", "--non-interactive"])
-            .args(args)
-            .env_remove("SDV_PROVISION_TPM_OWNER_AUTH")
+        let mut c = sdv_cmd(&d, &args);
+        c.env_remove("SDV_PROVISION_TPM_OWNER_AUTH")
             .env_remove("SDV_PROVISION_TPM_OWNER_AUTH_FILE");
         for (k, v) in env {
             c.env(k, v);
@@ -701,7 +688,7 @@ fn owner_hierarchy_password_from_env_or_file() {
         vec![SRK, PRIMARY, SECONDARY]
     );
     assert!(!seen.contains(PASSWORD), "the password was printed");
-    for entry in walk(root.path()) {
+    for entry in walk(root) {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(
             !String::from_utf8_lossy(&bytes).contains(PASSWORD),
@@ -741,17 +728,14 @@ fn tpm_property(tpm: &Swtpm, name: &str) -> u32 {
 /// identity keeps signing.
 #[test]
 fn power_loss_never_locks_the_identity_out() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let mut tpm = Swtpm::start();
-    let root = device_root();
-    let root = root.path();
-    provision_json(&tpm, root, &[]);
-    let max = tpm_property(&tpm, "TPM2_PT_MAX_AUTH_FAIL");
+    let Some(mut d) = device() else { return };
+    provision_json(&d, &[]);
+    let max = tpm_property(d.tpm(), "TPM2_PT_MAX_AUTH_FAIL");
     assert!(max > 0);
     for round in 0..=max + 1 {
         // Both keys sign in every round (checked line by line, so a lockout shows
         // as the key's own failure).
-        let out = sdv(&tpm, root, &["verify"]);
+        let out = sdv(&d, &["verify"]);
         let text = String::from_utf8_lossy(&out.stdout);
         for role in ["primary", "secondary"] {
             assert!(
@@ -759,10 +743,10 @@ fn power_loss_never_locks_the_identity_out() {
                 "round {round}: {text}"
             );
         }
-        tpm.restart(); // SIGKILL, then the same state directory
+        d.tpm_mut().restart(); // SIGKILL, then the same state directory
     }
-    sdv_ok(&tpm, root, &["verify"]);
-    assert_eq!(tpm_property(&tpm, "TPM2_PT_LOCKOUT_COUNTER"), 0);
+    sdv_ok(&d, &["verify"]);
+    assert_eq!(tpm_property(d.tpm(), "TPM2_PT_LOCKOUT_COUNTER"), 0);
 }
 
 /// A key from an older run without noDA: `verify` names it and the fix. With the
@@ -770,17 +754,17 @@ fn power_loss_never_locks_the_identity_out() {
 /// (not rcgen's bare "Remote key error"), while the noDA secondary still signs.
 #[test]
 fn old_key_without_noda_and_a_tpm_in_lockout() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl, Abrmd);
-    let tpm = Swtpm::start();
-    let root = device_root();
-    let root = root.path();
-    provision_json(&tpm, root, &[]);
+    require_tools!(Abrmd);
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr.root();
+    provision_json(&d, &[]);
     // Replace the primary with a key made the old way (no noDA), as tpm2-tools makes it.
-    let d = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
     let (public, private, ctx) = (
-        d.path().join("k.pub"),
-        d.path().join("k.priv"),
-        d.path().join("k.ctx"),
+        tmp.path().join("k.pub"),
+        tmp.path().join("k.priv"),
+        tmp.path().join("k.ctx"),
     );
     let p = format!("0x{PRIMARY:08x}");
     common::run_ok(tpm.tool("tpm2_evictcontrol").args(["-C", "o", "-c", &p]));
@@ -818,7 +802,7 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
     let secret = std::os::unix::fs::PermissionsExt::from_mode(0o600);
     std::fs::set_permissions(cert_file(root, "device.tpm.priv"), secret).unwrap();
     {
-        let abrmd = Abrmd::start(&tpm);
+        let abrmd = Abrmd::start(tpm);
         let mut req = Command::new("openssl");
         req.args([
             "req",
@@ -845,7 +829,7 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
         common::run_ok(&mut req);
     }
 
-    let out = sdv(&tpm, root, &["verify"]);
+    let out = sdv(&d, &["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     let failing: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL")).collect();
@@ -870,19 +854,19 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
         tpm.tool("tpm2_dictionarylockout")
             .args(["-s", "-n", "1", "-t", "600", "-l", "900"]),
     );
-    let msg = d.path().join("msg");
+    let msg = tmp.path().join("msg");
     std::fs::write(&msg, b"x").unwrap();
     let wrong = tpm
         .tool("tpm2_sign")
         .args(["-c", &p, "-p", "wrong", "-g", "sha256", "-o"])
-        .arg(d.path().join("sig"))
+        .arg(tmp.path().join("sig"))
         .arg(&msg)
         .output()
         .unwrap();
     assert!(!wrong.status.success());
-    assert!(tpm_property(&tpm, "TPM2_PT_LOCKOUT_COUNTER") >= 1);
+    assert!(tpm_property(tpm, "TPM2_PT_LOCKOUT_COUNTER") >= 1);
 
-    let out = sdv(&tpm, root, &["verify"]);
+    let out = sdv(&d, &["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let key = text
         .lines()
@@ -900,10 +884,7 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
 /// connector rejects (no `.azure-devices.net`) is named.
 #[test]
 fn tpm_rsa_with_a_hub_gets_no_warning_and_a_foreign_host_one() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    let root = device_root();
-    let root = root.path();
+    let Some(d) = device() else { return };
     let compat = |out: &Output| -> Vec<String> {
         String::from_utf8_lossy(&out.stderr)
             .lines()
@@ -912,11 +893,7 @@ fn tpm_rsa_with_a_hub_gets_no_warning_and_a_foreign_host_one() {
             .collect()
     };
     let cs = "HostName=myhub.azure-devices.net;DeviceId=dev-hub;x509=true";
-    let out = sdv_ok(
-        &tpm,
-        root,
-        &["--connection-string", cs, "--device-id", "dev-hub"],
-    );
+    let out = sdv_ok(&d, &["--connection-string", cs, "--device-id", "dev-hub"]);
     assert_eq!(
         compat(&out),
         Vec::<String>::new(),
@@ -924,11 +901,7 @@ fn tpm_rsa_with_a_hub_gets_no_warning_and_a_foreign_host_one() {
         String::from_utf8_lossy(&out.stderr)
     );
     let cs = "HostName=hub.example.com;DeviceId=dev-hub;x509=true";
-    let out = sdv_ok(
-        &tpm,
-        root,
-        &["--connection-string", cs, "--device-id", "dev-hub"],
-    );
+    let out = sdv_ok(&d, &["--connection-string", cs, "--device-id", "dev-hub"]);
     let lines = compat(&out);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains(".azure-devices.net"), "{lines:?}");
@@ -940,19 +913,13 @@ fn tpm_rsa_with_a_hub_gets_no_warning_and_a_foreign_host_one() {
 /// CLOUD_CONNECTOR_CONFIG keeps it, with a warning.
 #[test]
 fn connector_config_is_idempotent_and_a_templates_own_is_left_alone() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
     use std::os::unix::fs::MetadataExt;
-    let tpm = Swtpm::start();
-    let fr = common::fake_root::FakeRoot::with_manifest();
+    let Some(d) = Device::on(Kind::Swtpm, FakeRoot::with_manifest) else {
+        return;
+    };
+    let fr = &d.fr;
     let run = |args: &[&str]| {
-        fr.cmd()
-            .args([
-                "--keystore",
-                "tpm",
-                "--tcti",
-                &tpm.tcti(),
-                "--non-interactive",
-            ])
+        d.base_cmd()
             .args(["--id-scope", "0ne0012345A"])
             .args(args)
             .output()
@@ -1050,10 +1017,10 @@ impl SharedTpm {
             .env_remove("TCTI");
     }
 
-    fn sdv(&self, root: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(common::bin());
-        c.args(["--keystore", "tpm", "--tcti", &self.abrmd.tcti(), "--root"])
-            .arg(root)
+    /// The binary on `fr`'s root, through the resource manager.
+    fn sdv(&self, fr: &FakeRoot, args: &[&str]) -> Command {
+        let mut c = fr.cmd();
+        c.args(["--keystore", "tpm", "--tcti", &self.abrmd.tcti()])
             .args(["--no-restart", "--non-interactive"])
             .args(args);
         self.env(&mut c);
@@ -1104,11 +1071,11 @@ impl SharedTpm {
 
     /// Start a provisioning (RSA, so key generation is slow) and SIGKILL it as soon
     /// as its journal exists: a run killed while making the primary key.
-    fn provision_killed_early(&self, root: &Path) {
-        let journal = cert_file(root, "sdv-provision.journal.json");
+    fn provision_killed_early(&self, fr: &FakeRoot) {
+        let journal = fr.cert_file("sdv-provision.journal.json");
         let mut child = self
             .sdv(
-                root,
+                fr,
                 &[
                     "--id-scope",
                     "0ne0012345A",
@@ -1161,8 +1128,8 @@ fn output(mut c: Command) -> (bool, String) {
 fn a_crash_then_a_foreign_key_at_the_planned_handle_is_left_alone() {
     require_tools!(Swtpm, Tpm2Tools, Openssl, Abrmd);
     let tpm = SharedTpm::start();
-    let root = device_root();
-    let root = root.path();
+    let fr = FakeRoot::with_template();
+    let root = &fr;
     tpm.provision_killed_early(root);
     let foreign = tpm.foreign_key_at(SECONDARY);
 
@@ -1173,7 +1140,7 @@ fn a_crash_then_a_foreign_key_at_the_planned_handle_is_left_alone() {
     assert!(!ok, "provisioned over a foreign key:\n{text}");
     assert!(text.contains("--tpm-secondary-handle"), "{text}");
     assert_eq!(tpm.name(SECONDARY).as_ref(), Some(&foreign), "{text}");
-    assert!(!cert_file(root, "sdv-provision.journal.json").exists());
+    assert!(!fr.cert_file("sdv-provision.journal.json").exists());
 
     let other = ["--tpm-secondary-handle", "0x81000012"];
     let mut args = vec![
@@ -1207,10 +1174,10 @@ fn a_crash_then_a_foreign_key_at_the_planned_handle_is_left_alone() {
 fn two_roots_on_one_tpm_never_remove_each_others_keys() {
     require_tools!(Swtpm, Tpm2Tools, Openssl, Abrmd);
     let tpm = SharedTpm::start();
-    let (a, b) = (device_root(), device_root());
-    tpm.provision_killed_early(b.path());
+    let (a, b) = (FakeRoot::with_template(), FakeRoot::with_template());
+    tpm.provision_killed_early(&b);
     let (ok, text) = output(tpm.sdv(
-        a.path(),
+        &a,
         &[
             "--id-scope",
             "0ne0012345A",
@@ -1224,17 +1191,14 @@ fn two_roots_on_one_tpm_never_remove_each_others_keys() {
     let names = (tpm.name(PRIMARY), tpm.name(SECONDARY));
     assert!(names.0.is_some() && names.1.is_some());
 
-    let (ok, text) = output(tpm.sdv(
-        b.path(),
-        &["--id-scope", "0ne0012345A", "--device-id", "dev-own"],
-    ));
+    let (ok, text) = output(tpm.sdv(&b, &["--id-scope", "0ne0012345A", "--device-id", "dev-own"]));
     assert!(!ok, "root B provisioned over root A's keys:\n{text}");
     assert!(text.contains("--tpm-primary-handle"), "{text}");
     assert_eq!((tpm.name(PRIMARY), tpm.name(SECONDARY)), names, "{text}");
     // B has nothing to reset (its identity never existed); either way A's keys stay.
-    output(tpm.sdv(b.path(), &["reset", "--yes"]));
+    output(tpm.sdv(&b, &["reset", "--yes"]));
     assert_eq!((tpm.name(PRIMARY), tpm.name(SECONDARY)), names);
-    let (ok, text) = output(tpm.sdv(a.path(), &["verify"]));
+    let (ok, text) = output(tpm.sdv(&a, &["verify"]));
     assert!(ok, "root A's identity after root B's runs:\n{text}");
 }
 
@@ -1244,11 +1208,10 @@ fn two_roots_on_one_tpm_never_remove_each_others_keys() {
 /// no proof, and `reset` then leaves it in the TPM.
 #[test]
 fn an_older_state_gets_its_names_only_where_the_blobs_prove_them() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    let root = device_root();
-    let root = root.path();
-    provision_json(&tpm, root, &["--algorithm", "ecdsa-p256"]);
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr.root();
+    provision_json(&d, &["--algorithm", "ecdsa-p256"]);
     let state_path = cert_file(root, "sdv-provision.state.json");
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
@@ -1257,7 +1220,7 @@ fn an_older_state_gets_its_names_only_where_the_blobs_prove_them() {
     let mut old = state.clone();
     old.as_object_mut().unwrap().remove("tpm_names");
     std::fs::write(&state_path, serde_json::to_vec(&old).unwrap()).unwrap();
-    sdv_ok(&tpm, root, &["provision", "--id-scope", "0ne0012345A"]);
+    sdv_ok(&d, &["provision", "--id-scope", "0ne0012345A"]);
     let again: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
     assert_eq!(again["tpm_names"], names, "the Names were recorded again");
@@ -1270,7 +1233,7 @@ fn an_older_state_gets_its_names_only_where_the_blobs_prove_them() {
         cert_file(root, "device.tpm.pub"),
     )
     .unwrap();
-    let out = sdv_ok(&tpm, root, &["reset", "--yes"]);
+    let out = sdv_ok(&d, &["reset", "--yes"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot be shown"), "{stderr}");
     assert_eq!(sorted(tpm.persistent_handles()), [SRK, PRIMARY]);

@@ -43,6 +43,12 @@ impl Device {
     /// `None` when a tool is missing on a developer machine (under `CI=true`,
     /// [`require_tools!`] panics instead).
     pub fn start(kind: Kind) -> Option<Device> {
+        Device::on(kind, FakeRoot::with_template)
+    }
+
+    /// [`Device::start`] on a root of the test's own making (e.g.
+    /// [`FakeRoot::with_manifest`]), made once the tools are known to be here.
+    pub fn on(kind: Kind, root: impl FnOnce() -> FakeRoot) -> Option<Device> {
         require_tools!(Openssl => None);
         let backend = match kind {
             Kind::File => Backend::File,
@@ -58,7 +64,7 @@ impl Device {
             }
         };
         Some(Device {
-            fr: FakeRoot::with_template(),
+            fr: root(),
             backend,
         })
     }
@@ -77,6 +83,15 @@ impl Device {
     #[cfg(feature = "tpm")]
     pub fn tpm(&self) -> &Swtpm {
         match &self.backend {
+            Backend::Swtpm(t) => t,
+            _ => panic!("not a swtpm device"),
+        }
+    }
+
+    /// The swtpm of a [`Kind::Swtpm`] device, to kill or restart it.
+    #[cfg(feature = "tpm")]
+    pub fn tpm_mut(&mut self) -> &mut Swtpm {
+        match &mut self.backend {
             Backend::Swtpm(t) => t,
             _ => panic!("not a swtpm device"),
         }
