@@ -4,41 +4,26 @@
 #![cfg(feature = "pkcs11")]
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use common::fake_root::{assert_same_tree, put_fixture, snapshot, Node, MANIFEST, TEMPLATE};
+use common::device::{Device, Kind};
+use common::fake_root::{assert_same_tree, snapshot, FakeRoot, Node, MANIFEST};
 use common::softhsm::{PrivateStore, USER_PIN};
 use serde_json::Value;
 
 const CERT_DIR: &str = "data/var/certificates";
 
-/// A `--root` with Leda's Kanto manifest template in place.
-fn root_with_template(store: &PrivateStore) -> PathBuf {
-    let root = store.dir.path().join("root");
-    put_fixture(&root, "cloudconnector.kanto.json.template", TEMPLATE);
-    root
+/// The device every test here starts: a [`FakeRoot`] with the Kanto template and a
+/// SoftHSM store of its own (`None` when a tool is missing on a developer machine).
+fn device() -> Option<Device> {
+    Device::start(Kind::SoftHsm)
 }
 
-/// The binary, with only this store's environment (no inherited TPM or PIN settings).
-fn tool(store: &PrivateStore, root: &Path) -> Command {
-    let mut c = common::tool();
-    c.arg("--root").arg(root);
-    for k in [
-        "SDV_PROVISION_PKCS11_PIN",
-        "SDV_PROVISION_PKCS11_SO_PIN",
-        "SDV_PROVISION_PKCS11_SO_PIN_FILE",
-        "PKCS11_MODULE_PATH",
-        "TPM2TOOLS_TCTI",
-        "TCTI",
-        "SDV_PROVISION_ROOT",
-    ] {
-        c.env_remove(k);
-    }
-    for (k, v) in store.env() {
-        c.env(k, v);
-    }
-    c
+/// The binary on `d`'s root with only its store's environment (no inherited TPM or
+/// PIN settings); the tests here give the keystore flags themselves.
+fn tool(d: &Device) -> Command {
+    d.env_cmd()
 }
 
 fn provision_args(store: &PrivateStore, alg: &str) -> Vec<String> {
@@ -66,14 +51,10 @@ fn provision_args(store: &PrivateStore, alg: &str) -> Vec<String> {
 
 /// A fresh store and root, provisioned with ecdsa-p256 (the starting point of most
 /// tests here).
-fn provisioned() -> (PrivateStore, PathBuf) {
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
-    (store, root)
+fn provisioned() -> Option<Device> {
+    let d = device()?;
+    run(tool(&d).args(provision_args(d.token(), "ecdsa-p256")), 0);
+    Some(d)
 }
 
 /// [`provision_args`] with another `--pkcs11-pin-file` (`None`: no PIN source).
@@ -131,10 +112,9 @@ fn mounts(manifest: &Value) -> Vec<(String, String)> {
 }
 
 fn provision_cycle(alg: &str) {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    let out = run(tool(&store, &root).args(provision_args(&store, alg)), 0);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
+    let out = run(tool(&d).args(provision_args(store, alg)), 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // One line about today's connector, with both reasons (PKCS#11, DPS).
     let compat: Vec<_> = stderr
@@ -244,12 +224,12 @@ fn provision_cycle(alg: &str) {
     let objects = store.object_labels();
     assert_eq!(objects.len(), 6, "{objects:?}");
     let before = snapshot(&root);
-    run(tool(&store, &root).args(provision_args(&store, alg)), 0);
+    run(tool(&d).args(provision_args(store, alg)), 0);
     assert_same_tree(&before, &snapshot(&root), "a re-run");
     assert_eq!(store.object_labels(), objects);
 
     // Later commands find the token from the state file alone (recorded PIN file).
-    run(tool(&store, &root).args(["--non-interactive", "verify"]), 0);
+    run(tool(&d).args(["--non-interactive", "verify"]), 0);
 }
 
 tests_of!(provision_cycle:
@@ -261,15 +241,11 @@ tests_of!(provision_cycle:
 
 #[test]
 fn wrong_pin_fails_once_and_writes_nothing() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     std::fs::write(&store.pin_file, "0000-wrong\n").unwrap();
     let before = snapshot(&root);
-    let out = run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        1,
-    );
+    let out = run(tool(&d).args(provision_args(store, "ecdsa-p256")), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
@@ -291,16 +267,12 @@ error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); 
 
 #[test]
 fn failure_after_keygen_leaves_no_token_objects() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     // Injected failure: the secondary certificate cannot be written (a directory sits
     // at its path), after both keys were generated in the token.
     std::fs::create_dir_all(root.join(CERT_DIR).join("device2.crt/blocker")).unwrap();
-    let out = run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        1,
-    );
+    let out = run(tool(&d).args(provision_args(store, "ecdsa-p256")), 1);
     assert_eq!(
         store.object_labels(),
         Vec::<String>::new(),
@@ -312,17 +284,14 @@ fn failure_after_keygen_leaves_no_token_objects() {
 
 #[test]
 fn auto_picks_pkcs11_when_a_module_is_configured() {
-    require_tools!(SoftHsm);
     require_tools!(where common::tools::no_host_tpm());
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    let mut args = provision_args(&store, "ecdsa-p256");
+    let Some(d) = device() else { return };
+    let store = d.token();
+    let mut args = provision_args(store, "ecdsa-p256");
     // No --keystore and no --pkcs11-module: PKCS11_MODULE_PATH alone.
     args.drain(0..4);
     let out = run(
-        tool(&store, &root)
-            .env("PKCS11_MODULE_PATH", &store.module)
-            .args(args),
+        tool(&d).env("PKCS11_MODULE_PATH", &store.module).args(args),
         0,
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -331,13 +300,10 @@ fn auto_picks_pkcs11_when_a_module_is_configured() {
 
 #[test]
 fn reset_removes_the_token_objects() {
-    require_tools!(SoftHsm);
-    let (store, root) = provisioned();
+    let Some(d) = provisioned() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     assert_eq!(store.object_labels().len(), 6);
-    run(
-        tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
-        0,
-    );
+    run(tool(&d).args(["--non-interactive", "reset", "--yes"]), 0);
     assert!(store.object_labels().is_empty());
     assert!(!root.join(CERT_DIR).join("pkcs11.pin").exists());
 }
@@ -348,21 +314,17 @@ fn reset_removes_the_token_objects() {
 /// recreated may mount it) and goes with `reset`.
 #[test]
 fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let tools = root.join(CERT_DIR).join("pkcs11.pin");
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
     assert!(tools.is_file());
 
     let own = root.join(CERT_DIR).join("token.pin");
     std::fs::copy(&store.pin_file, &own).unwrap();
-    let mut args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&own));
+    let mut args = with_pin_file(provision_args(store, "ecdsa-p256"), Some(&own));
     args.push("--force".into());
-    let out = run(tool(&store, &root).args(&args), 0);
+    let out = run(tool(&d).args(&args), 0);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         report["manifest"]
@@ -383,7 +345,7 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
     let manifest = root.join(MANIFEST);
     let before = std::fs::read(&manifest).unwrap();
     run(
-        tool(&store, &root).args(["--non-interactive", "--no-restart", "rotate"]),
+        tool(&d).args(["--non-interactive", "--no-restart", "rotate"]),
         0,
     );
     assert!(!tools.exists(), "rotate made a copy of the PIN");
@@ -398,17 +360,11 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
     // A reset that fails on a broken manifest changes nothing, PIN files included.
     std::fs::write(&manifest, b"{ not json").unwrap();
     let snap = snapshot(&root);
-    run(
-        tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
-        1,
-    );
+    run(tool(&d).args(["--non-interactive", "reset", "--yes"]), 1);
     assert_same_tree(&snap, &snapshot(&root), "a reset on a broken manifest");
     std::fs::write(&manifest, &before).unwrap();
     std::fs::write(&tools, USER_PIN).unwrap(); // the copy left by the switch
-    run(
-        tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
-        0,
-    );
+    run(tool(&d).args(["--non-interactive", "reset", "--yes"]), 0);
     assert!(store.object_labels().is_empty());
     assert!(!tools.exists(), "the tool's PIN file outlived reset");
     assert_eq!(
@@ -423,15 +379,12 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
 /// store and config get mounts (DESIGN §3).
 #[test]
 fn pkcs11_entries_in_the_auto_deployer_shape() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = store.dir.path().join("root");
+    let Some(d) = Device::on(Kind::SoftHsm, FakeRoot::with_manifest) else {
+        return;
+    };
+    let (store, root) = (d.token(), d.fr.root());
     let manifest_path = root.join(MANIFEST);
-    put_fixture(&root, "cloudconnector.auto-deployer.json", MANIFEST);
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
     let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     assert!(manifest.get("mounts").is_none(), "shape converted");
     let pair = |s: &Path, d: &str| (s.display().to_string(), d.to_owned());
@@ -470,13 +423,13 @@ fn pkcs11_entries_in_the_auto_deployer_shape() {
 /// token objects stay, and no journal is left for a later run to finish.
 #[test]
 fn reset_with_a_wrong_pin_changes_nothing() {
-    require_tools!(SoftHsm);
-    let (store, root) = provisioned();
+    let Some(d) = provisioned() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let before = snapshot(&root);
     let wrong = store.dir.path().join("wrong.pin");
     std::fs::write(&wrong, "0000-wrong\n").unwrap();
     let out = run(
-        tool(&store, &root)
+        tool(&d)
             .arg("--pkcs11-pin-file")
             .arg(&wrong)
             .args(["--non-interactive", "reset", "--yes"]),
@@ -501,11 +454,8 @@ error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); 
     assert_same_tree(&before, &snapshot(&root), "a reset with a wrong PIN");
     assert_eq!(store.object_labels().len(), 6);
     // The identity is intact for the next runs.
-    run(tool(&store, &root).args(["--non-interactive", "verify"]), 0);
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    run(tool(&d).args(["--non-interactive", "verify"]), 0);
+    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
     assert_same_tree(&before, &snapshot(&root), "the run after it");
 }
 
@@ -515,8 +465,8 @@ error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); 
 /// `rotate`) refreshes the tool's copy.
 #[test]
 fn read_only_commands_leave_the_connectors_pin_file_alone() {
-    require_tools!(SoftHsm);
-    let (store, root) = provisioned();
+    let Some(d) = provisioned() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let new_pin = "4321-new";
     run(
         Command::new("pkcs11-tool")
@@ -531,7 +481,7 @@ fn read_only_commands_leave_the_connectors_pin_file_alone() {
     std::fs::write(&new_pin_file, new_pin).unwrap();
     let before = snapshot(&root);
     let with_new_pin = |args: &[&str]| {
-        let mut c = tool(&store, &root);
+        let mut c = tool(&d);
         c.arg("--pkcs11-pin-file")
             .arg(&new_pin_file)
             .arg("--non-interactive")
@@ -550,7 +500,7 @@ fn read_only_commands_leave_the_connectors_pin_file_alone() {
     // does not hide that the file the manifest names is stale.
     let mine = root.join(CERT_DIR).join("mine.pin");
     std::fs::write(&mine, new_pin).unwrap();
-    let mut c = tool(&store, &root);
+    let mut c = tool(&d);
     c.arg("--pkcs11-pin-file")
         .arg(&mine)
         .args(["--non-interactive", "verify"]);
@@ -581,14 +531,13 @@ fn read_only_commands_leave_the_connectors_pin_file_alone() {
 /// and state, manifest and verify follow.
 #[test]
 fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let own = root.join(CERT_DIR).join("token.pin");
     std::fs::create_dir_all(own.parent().unwrap()).unwrap();
     std::fs::copy(&store.pin_file, &own).unwrap();
-    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&own));
-    run(tool(&store, &root).args(&args), 0);
+    let args = with_pin_file(provision_args(store, "ecdsa-p256"), Some(&own));
+    run(tool(&d).args(&args), 0);
     let tools = root.join(CERT_DIR).join("pkcs11.pin");
     let pin_source = || {
         let m: Value =
@@ -610,9 +559,9 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
         0,
     );
     let rerun = |extra: &[&str]| {
-        let mut args = with_pin_file(provision_args(&store, "ecdsa-p256"), None);
+        let mut args = with_pin_file(provision_args(store, "ecdsa-p256"), None);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut c = tool(&store, &root);
+        let mut c = tool(&d);
         c.env("SDV_PROVISION_PKCS11_PIN", new_pin).args(args);
         c
     };
@@ -628,27 +577,27 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
             .args(["--non-interactive", "verify"]);
         run(c, 0)
     };
-    verify(&mut tool(&store, &root));
+    verify(&mut tool(&d));
 
     // Back to the user's file (now holding the new PIN), then the file disappears.
     std::fs::write(&own, new_pin).unwrap();
-    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&own));
-    let mut c = tool(&store, &root);
+    let args = with_pin_file(provision_args(store, "ecdsa-p256"), Some(&own));
+    let mut c = tool(&d);
     run(c.args(&args).arg("--force"), 0);
     assert_eq!(pin_source(), "/var/certificates/token.pin");
     std::fs::remove_file(&own).unwrap();
     run(&mut rerun(&[]), 0);
     assert_eq!(pin_source(), "/var/certificates/pkcs11.pin");
     assert_eq!(std::fs::read_to_string(&tools).unwrap(), new_pin);
-    verify(&mut tool(&store, &root));
+    verify(&mut tool(&d));
 }
 
 /// `--force` to the file keystore: the token's objects go; the tool's copy of the PIN
 /// stays (a container not yet recreated may mount it) until `reset`.
 #[test]
 fn force_to_the_file_keystore_removes_the_tokens_objects() {
-    require_tools!(SoftHsm);
-    let (store, root) = provisioned();
+    let Some(d) = provisioned() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let tools = root.join(CERT_DIR).join("pkcs11.pin");
     assert!(tools.is_file());
     let to_file = [
@@ -660,18 +609,15 @@ fn force_to_the_file_keystore_removes_the_tokens_objects() {
         "--algorithm",
         "ecdsa-p256",
     ];
-    run(tool(&store, &root).args(to_file).arg("--force"), 0);
+    run(tool(&d).args(to_file).arg("--force"), 0);
     assert!(store.object_labels().is_empty(), "the token's objects stay");
     assert!(root.join(CERT_DIR).join("device.key").is_file());
-    run(tool(&store, &root).args(to_file), 0);
+    run(tool(&d).args(to_file), 0);
     assert!(
         tools.is_file(),
         "removed while an old container may mount it"
     );
-    run(
-        tool(&store, &root).args(["--non-interactive", "reset", "--yes"]),
-        0,
-    );
+    run(tool(&d).args(["--non-interactive", "reset", "--yes"]), 0);
     assert!(!tools.exists(), "the tool's copy of the PIN outlived reset");
 }
 
@@ -679,13 +625,13 @@ fn force_to_the_file_keystore_removes_the_tokens_objects() {
 /// store of the other token: refused before anything is made, with the way out.
 #[test]
 fn force_to_another_token_is_refused_before_anything_changes() {
-    require_tools!(SoftHsm);
-    let (store, root) = provisioned();
+    let Some(d) = provisioned() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let before = snapshot(&root);
     let out = run(
-        tool(&store, &root)
+        tool(&d)
             .args(["--pkcs11-token", "other"])
-            .args(provision_args(&store, "ecdsa-p256"))
+            .args(provision_args(store, "ecdsa-p256"))
             .arg("--force"),
         1,
     );
@@ -710,12 +656,11 @@ error: this identity's keys are in PKCS#11 token leda; --force cannot move it to
 /// --id-scope), one error line naming where to give the PIN, nothing written.
 #[test]
 fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let before = snapshot(&root);
-    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), None);
-    let out = run(tool(&store, &root).args(&args), 2);
+    let args = with_pin_file(provision_args(store, "ecdsa-p256"), None);
+    let out = run(tool(&d).args(&args), 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
@@ -738,10 +683,11 @@ error: the user PIN of PKCS#11 token leda is needed but the run is non-interacti
 /// With a terminal and no PIN source, the PIN is asked for once, hidden.
 #[test]
 fn interactive_pin_prompt_is_hidden() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    let mut cmd = tool(&store, &root);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
+    let mut cmd = tool(&d);
+    // On the pty: `FakeRoot::cmd` points stdin at /dev/null.
+    cmd.stdin(std::process::Stdio::inherit());
     cmd.args(["--keystore", "pkcs11", "--pkcs11-module"])
         .arg(&store.module)
         .args(["--no-restart", "provision", "--id-scope", "0ne0012345A"])
@@ -775,16 +721,15 @@ fn interactive_pin_prompt_is_hidden() {
 /// never from argv. Without an SO PIN the error names where to put it.
 #[test]
 fn init_token_from_the_command_line() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
-    let mut args = provision_args(&store, "ecdsa-p256");
+    let Some(d) = device() else { return };
+    let store = d.token();
+    let mut args = provision_args(store, "ecdsa-p256");
     args.splice(
         0..0,
         ["--pkcs11-token", "fresh", "--pkcs11-init-token"].map(String::from),
     );
 
-    let out = run(tool(&store, &root).args(&args), 1);
+    let out = run(tool(&d).args(&args), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("SDV_PROVISION_PKCS11_SO_PIN_FILE"),
@@ -794,7 +739,7 @@ fn init_token_from_the_command_line() {
     let so_pin = store.dir.path().join("so.pin");
     std::fs::write(&so_pin, format!("{}\n", common::softhsm::SO_PIN)).unwrap();
     let out = run(
-        tool(&store, &root)
+        tool(&d)
             .env("SDV_PROVISION_PKCS11_SO_PIN_FILE", &so_pin)
             .args(&args),
         0,
@@ -805,7 +750,7 @@ fn init_token_from_the_command_line() {
         .unwrap()
         .starts_with("pkcs11:token=fresh;"));
     // The new token is an ordinary token now: later commands need no SO PIN.
-    run(tool(&store, &root).args(["--non-interactive", "verify"]), 0);
+    run(tool(&d).args(["--non-interactive", "verify"]), 0);
 }
 
 /// The manifest cannot be written (its directory is immutable) after the keys were
@@ -814,17 +759,14 @@ fn init_token_from_the_command_line() {
 /// then provisions normally.
 #[test]
 fn manifest_write_failure_leaves_no_orphans() {
-    require_tools!(SoftHsm, Chattr);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
+    require_tools!(Chattr);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let manifests = root.join("data/var/containers/manifests");
     let Some(guard) = common::tools::immutable(&manifests) else {
         return;
     };
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        1,
-    );
+    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 1);
     drop(guard);
 
     assert!(
@@ -836,10 +778,7 @@ fn manifest_write_failure_leaves_no_orphans() {
     );
     let labels = store.object_labels();
     assert!(labels.is_empty(), "objects left in the token: {labels:?}");
-    run(
-        tool(&store, &root).args(provision_args(&store, "ecdsa-p256")),
-        0,
-    );
+    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
     let key_uri = env_entry(&manifest, "KEY_URI").unwrap();
@@ -859,9 +798,8 @@ fn manifest_write_failure_leaves_no_orphans() {
 /// gave an empty mount source.
 #[test]
 fn pin_file_and_token_dir_are_compared_after_resolution() {
-    require_tools!(SoftHsm);
-    let store = PrivateStore::new("leda");
-    let root = root_with_template(&store);
+    let Some(d) = device() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let conf = std::fs::read_to_string(&store.conf).unwrap();
     std::fs::write(
         &store.conf,
@@ -872,8 +810,8 @@ fn pin_file_and_token_dir_are_compared_after_resolution() {
     std::fs::create_dir_all(root.join(CERT_DIR)).unwrap();
     std::fs::copy(&store.pin_file, root.join("etc/x.pin")).unwrap();
     let climbing = root.join(CERT_DIR).join("../../../etc/x.pin");
-    let args = with_pin_file(provision_args(&store, "ecdsa-p256"), Some(&climbing));
-    run(tool(&store, &root).args(&args), 0);
+    let args = with_pin_file(provision_args(store, "ecdsa-p256"), Some(&climbing));
+    run(tool(&d).args(&args), 0);
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
     let uri = env_entry(&manifest, "KEY_URI").unwrap();
@@ -938,16 +876,16 @@ fn objects_with_id(store: &PrivateStore, id: &str) -> String {
 /// step sweeps a label.
 #[test]
 fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
-    require_tools!(SoftHsm);
-    let (store, root) = provisioned();
+    let Some(d) = provisioned() else { return };
+    let store = d.token();
     store.foreign_keypair("device-primary", "0102");
-    let foreign = objects_with_id(&store, "0102");
+    let foreign = objects_with_id(store, "0102");
     assert_eq!(
         foreign.matches("label:      device-primary").count(),
         2,
         "{foreign}"
     );
-    let base: Vec<String> = provision_args(&store, "ecdsa-p256")[..6].to_vec();
+    let base: Vec<String> = provision_args(store, "ecdsa-p256")[..6].to_vec();
     let cmds: [&[&str]; 4] = [
         &["rotate"],
         &["rotate", "--promote"],
@@ -963,13 +901,13 @@ fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
     ];
     for cmd in cmds {
         run(
-            tool(&store, &root)
+            tool(&d)
                 .args(&base)
                 .args(["--non-interactive", "--no-restart"])
                 .args(cmd),
             0,
         );
-        assert_eq!(objects_with_id(&store, "0102"), foreign, "after {cmd:?}");
+        assert_eq!(objects_with_id(store, "0102"), foreign, "after {cmd:?}");
     }
     // Only the foreign pair is left.
     assert_eq!(store.object_labels(), ["device-primary", "device-primary"]);
@@ -981,16 +919,16 @@ fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
 /// from the configuration (the module and SoftHSM's config) on every run.
 #[test]
 fn mounts_come_from_the_configuration_never_from_the_state() {
-    require_tools!(SoftHsm);
-    let (store, root) = provisioned();
+    let Some(d) = provisioned() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     let state_path = root.join(CERT_DIR).join("sdv-provision.state.json");
     let manifest_path = root.join(MANIFEST);
     let read = |p: &Path| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
     let before = mounts(&read(&manifest_path));
     let mut state = read(&state_path);
     let rerun = || {
-        tool(&store, &root)
-            .args(provision_args(&store, "ecdsa-p256"))
+        tool(&d)
+            .args(provision_args(store, "ecdsa-p256"))
             .output()
             .unwrap()
     };
@@ -1030,11 +968,11 @@ error: [ROOT]/data/var/certificates/sdv-provision.state.json is edited or corrup
 /// unchanged.
 #[test]
 fn an_edited_journal_naming_foreign_objects_touches_nothing() {
-    require_tools!(SoftHsm);
-    let (store, root) = provisioned();
+    let Some(d) = provisioned() else { return };
+    let (store, root) = (d.token(), d.fr.root());
     store.foreign_keypair("device-primary", "0102");
-    let foreign = objects_with_id(&store, "0102");
-    let base: Vec<String> = provision_args(&store, "ecdsa-p256")[..6].to_vec();
+    let foreign = objects_with_id(store, "0102");
+    let base: Vec<String> = provision_args(store, "ecdsa-p256")[..6].to_vec();
     for (uri, pinned) in [
         (
             "pkcs11:token=leda;object=device-primary;id=%01%02;type=private",
@@ -1061,7 +999,7 @@ error: [ROOT]/data/var/certificates/sdv-provision.journal.json is edited or corr
         let tree = snapshot(&root);
         for cmd in [&["rotate"][..], &["reset", "--yes"]] {
             let out = run(
-                tool(&store, &root)
+                tool(&d)
                     .args(&base)
                     .args(["--non-interactive", "--no-restart"])
                     .args(cmd),
@@ -1075,7 +1013,7 @@ error: [ROOT]/data/var/certificates/sdv-provision.journal.json is edited or corr
             let at = ("[ROOT]", root.display().to_string());
             common::pin(&err, &[at], pinned.clone());
             assert_same_tree(&tree, &snapshot(&root), "an edited journal");
-            assert_eq!(objects_with_id(&store, "0102"), foreign, "{uri} {cmd:?}");
+            assert_eq!(objects_with_id(store, "0102"), foreign, "{uri} {cmd:?}");
         }
         std::fs::remove_file(&path).unwrap();
     }

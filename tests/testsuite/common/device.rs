@@ -106,9 +106,22 @@ impl Device {
         }
     }
 
+    /// The binary with `--root` and the keystore's environment, but no flags: for
+    /// tests that give the keystore flags themselves.
+    pub fn env_cmd(&self) -> Command {
+        let mut c = self.fr.cmd();
+        #[cfg(feature = "pkcs11")]
+        if let Backend::SoftHsm(s) = &self.backend {
+            c.env_remove("SDV_PROVISION_PKCS11_SO_PIN")
+                .env_remove("SDV_PROVISION_PKCS11_SO_PIN_FILE")
+                .envs(s.env());
+        }
+        c
+    }
+
     /// The binary with `--root`, the keystore flags and environment, non-interactive.
     pub fn base_cmd(&self) -> Command {
-        let mut c = self.fr.cmd();
+        let mut c = self.env_cmd();
         c.arg("--non-interactive");
         match &self.backend {
             Backend::File => {
@@ -119,12 +132,7 @@ impl Device {
                 c.args(["--keystore", "pkcs11", "--pkcs11-module"])
                     .arg(&s.module)
                     .arg("--pkcs11-pin-file")
-                    .arg(&s.pin_file)
-                    .env_remove("SDV_PROVISION_PKCS11_SO_PIN")
-                    .env_remove("SDV_PROVISION_PKCS11_SO_PIN_FILE");
-                for (k, v) in s.env() {
-                    c.env(k, v);
-                }
+                    .arg(&s.pin_file);
             }
             #[cfg(feature = "tpm")]
             Backend::Swtpm(t) => {
