@@ -9,6 +9,8 @@ use crate::common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use common::device::{Device, Kind};
+use common::fake_root::FakeRoot;
 use common::swtpm::{cert_file, Abrmd, Swtpm};
 use sdv_provision::cert::{self, CertInfo};
 use sdv_provision::keystore::tpm::TpmKeyStore;
@@ -21,6 +23,12 @@ const SRK: u32 = 0x8100_0001;
 const PRIMARY: u32 = 0x8100_0010;
 const SECONDARY: u32 = 0x8100_0011;
 const PRIMARY_STAGED: u32 = 0x8100_0110;
+
+/// An empty device root with a swtpm of its own (`None` when a tool is missing on a
+/// developer machine); the keystore runs in this process.
+fn device() -> Option<Device> {
+    Device::on(Kind::Swtpm, FakeRoot::bare)
+}
 
 fn config(tcti: &str) -> KeystoreConfig {
     KeystoreConfig {
@@ -84,10 +92,10 @@ fn mode(path: &Path) -> u32 {
 /// Everything for one algorithm: both keys, handles, public keys, certs, blobs, and
 /// re-opening the persisted keys in a new keystore.
 fn algorithm_round_trip(alg: Algorithm) {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    let root = tempfile::tempdir().unwrap();
-    let mut ks = open(&tpm, root.path());
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr;
+    let mut ks = open(tpm, root.path());
     let (p_uri, p_crt) = provision(&mut ks, root.path(), Role::Primary, false, alg);
     let (s_uri, s_crt) = provision(&mut ks, root.path(), Role::Secondary, false, alg);
     assert_eq!(p_uri, KeyUri::TpmHandle(PRIMARY));
@@ -116,13 +124,13 @@ fn algorithm_round_trip(alg: Algorithm) {
     for (h, crt) in [(PRIMARY, &p_crt), (SECONDARY, &s_crt)] {
         assert_eq!(
             common::openssl_cert_pubkey(crt),
-            tpm_pubkey_pem(&tpm, h),
+            tpm_pubkey_pem(tpm, h),
             "certificate key differs from the TPM's key at 0x{h:08x}"
         );
         common::openssl_verify(crt);
     }
     for stem in ["device", "device2"] {
-        tpm2_load_blobs(&tpm, root.path(), stem);
+        tpm2_load_blobs(tpm, root.path(), stem);
         assert_eq!(
             mode(&cert_file(root.path(), &format!("{stem}.tpm.priv"))),
             0o600
@@ -130,7 +138,7 @@ fn algorithm_round_trip(alg: Algorithm) {
     }
 
     // A later run finds and reuses the same persistent keys.
-    let mut ks = open(&tpm, root.path());
+    let mut ks = open(tpm, root.path());
     for (uri, crt) in [(&p_uri, &p_crt), (&s_uri, &s_crt)] {
         let key = ks.open(uri).expect("re-open the persisted key");
         assert_eq!(key.alg(), alg);
@@ -150,10 +158,11 @@ tests_of!(algorithm_round_trip:
 /// ECDSA for the EC key), against a server that trusts only the device certificate.
 #[test]
 fn mutual_tls13_with_provider_through_abrmd() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl, Abrmd);
-    let tpm = Swtpm::start();
-    let root = tempfile::tempdir().unwrap();
-    let mut ks = open(&tpm, root.path());
+    require_tools!(Abrmd);
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr;
+    let mut ks = open(tpm, root.path());
     let (p_uri, p_crt) = provision(
         &mut ks,
         root.path(),
@@ -170,7 +179,7 @@ fn mutual_tls13_with_provider_through_abrmd() {
     );
     drop(ks);
 
-    let abrmd = Abrmd::start(&tpm);
+    let abrmd = Abrmd::start(tpm);
     let env = abrmd.provider_env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     for (uri, crt) in [(&p_uri, &p_crt), (&s_uri, &s_crt)] {
@@ -188,12 +197,12 @@ fn mutual_tls13_with_provider_through_abrmd() {
 
 #[test]
 fn occupied_foreign_handle_is_refused_and_left_intact() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    foreign_key_at(&tpm, PRIMARY, true);
-    let before = tpm_pubkey_pem(&tpm, PRIMARY);
-    let root = tempfile::tempdir().unwrap();
-    let mut ks = open(&tpm, root.path());
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    foreign_key_at(tpm, PRIMARY, true);
+    let before = tpm_pubkey_pem(tpm, PRIMARY);
+    let root = &d.fr;
+    let mut ks = open(tpm, root.path());
     let err = ks.plan(Role::Primary, false).unwrap_err();
     assert!(matches!(err, KeyStoreError::Occupied { .. }), "{err}");
     let msg = err.to_string();
@@ -212,7 +221,7 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
         KeyUri::TpmHandle(SECONDARY)
     );
     drop(ks);
-    assert_eq!(tpm_pubkey_pem(&tpm, PRIMARY), before);
+    assert_eq!(tpm_pubkey_pem(tpm, PRIMARY), before);
     assert!(!cert_file(root.path(), "device.tpm.pub").exists());
 
     // With another handle chosen (what --tpm-primary-handle sets), it works.
@@ -231,11 +240,11 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
 
 #[test]
 fn a_non_storage_key_at_the_srk_handle_is_refused() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    foreign_key_at(&tpm, SRK, true);
-    let root = tempfile::tempdir().unwrap();
-    let mut ks = open(&tpm, root.path());
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    foreign_key_at(tpm, SRK, true);
+    let root = &d.fr;
+    let mut ks = open(tpm, root.path());
     let uri = ks.plan(Role::Primary, false).unwrap();
     let msg = match ks.generate(&uri, Algorithm::EcdsaP256) {
         Err(e @ KeyStoreError::Rejected { .. }) => e.to_string(),
@@ -312,15 +321,15 @@ fn malformed_tcti_gives_one_clear_error() {
 /// goes, which the atomic writer refuses) leaves no persistent handle and no blob.
 #[test]
 fn failure_after_create_leaves_no_orphans() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    let root = tempfile::tempdir().unwrap();
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr;
     let certs = cert_file(root.path(), "");
     std::fs::create_dir_all(&certs).unwrap();
     let trap = cert_file(root.path(), "device.tpm.priv");
     std::os::unix::fs::symlink("/dev/null", &trap).unwrap();
 
-    let mut ks = open(&tpm, root.path());
+    let mut ks = open(tpm, root.path());
     let uri = ks.plan(Role::Primary, false).unwrap();
     assert!(ks.generate(&uri, Algorithm::EcdsaP256).is_err());
     // The slot is free again: the key was evicted.
@@ -338,7 +347,7 @@ fn failure_after_create_leaves_no_orphans() {
     );
 
     std::fs::remove_file(&trap).unwrap();
-    let mut ks = open(&tpm, root.path());
+    let mut ks = open(tpm, root.path());
     provision(
         &mut ks,
         root.path(),
@@ -350,11 +359,11 @@ fn failure_after_create_leaves_no_orphans() {
 
 #[test]
 fn remove_evicts_only_the_named_key() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    foreign_key_at(&tpm, SECONDARY, true);
-    let root = tempfile::tempdir().unwrap();
-    let mut ks = open(&tpm, root.path());
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    foreign_key_at(tpm, SECONDARY, true);
+    let root = &d.fr;
+    let mut ks = open(tpm, root.path());
     let (uri, _) = provision(
         &mut ks,
         root.path(),
@@ -382,10 +391,10 @@ fn remove_evicts_only_the_named_key() {
 /// second call.
 #[test]
 fn promote_moves_a_staged_key_to_the_live_handle() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    let root = tempfile::tempdir().unwrap();
-    let mut ks = open(&tpm, root.path());
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr;
+    let mut ks = open(tpm, root.path());
     let (old, _) = provision(
         &mut ks,
         root.path(),
@@ -441,9 +450,9 @@ fn promote_moves_a_staged_key_to_the_live_handle() {
     assert_eq!(handles, vec![SRK, PRIMARY]);
     assert_eq!(
         common::openssl_cert_pubkey(&staged_crt),
-        tpm_pubkey_pem(&tpm, PRIMARY)
+        tpm_pubkey_pem(tpm, PRIMARY)
     );
-    tpm2_load_blobs(&tpm, root.path(), "device");
+    tpm2_load_blobs(tpm, root.path(), "device");
 }
 
 /// A key made at a handle chosen by flag, removed by a run without the flag (and
@@ -451,9 +460,9 @@ fn promote_moves_a_staged_key_to_the_live_handle() {
 /// area, go too.
 #[test]
 fn remove_finds_the_blobs_of_a_handle_outside_the_configured_slots() {
-    require_tools!(Swtpm, Tpm2Tools, Openssl);
-    let tpm = Swtpm::start();
-    let root = tempfile::tempdir().unwrap();
+    let Some(d) = device() else { return };
+    let tpm = d.tpm();
+    let root = &d.fr;
     let mut cfg = config(&tpm.tcti());
     cfg.primary_handle = Some(0x8100_0030);
     let mut ks = TpmKeyStore::open(&cfg, &Layout::new(root.path())).unwrap();
@@ -466,7 +475,7 @@ fn remove_finds_the_blobs_of_a_handle_outside_the_configured_slots() {
     );
     assert_eq!(ks.record().tpm_primary_handle, Some(0x8100_0030));
     drop(ks);
-    let mut ks = open(&tpm, root.path());
+    let mut ks = open(tpm, root.path());
     ks.remove(&uri).unwrap();
     drop(ks);
     assert_eq!(tpm.persistent_handles(), vec![SRK]);

@@ -44,14 +44,17 @@ pub fn hub_cs(device_id: &str) -> String {
 /// `calls.log` gets one line per fake invocation (`kanto-cm stop -n …`).
 pub struct FakeRoot {
     pub dir: tempfile::TempDir,
+    /// `dir/root`.
+    root: PathBuf,
 }
 
 impl FakeRoot {
     /// An empty root (just the directory), no interfaces, no manifest.
     pub fn bare() -> FakeRoot {
         let dir = tempfile::tempdir().unwrap();
-        fs::create_dir(dir.path().join("root")).unwrap();
-        let fr = FakeRoot { dir };
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let fr = FakeRoot { dir, root };
         fs::create_dir(fr.bin_dir()).unwrap();
         fr.fake_tool("kanto-cm");
         fr.fake_tool("systemctl");
@@ -88,7 +91,13 @@ impl FakeRoot {
     }
 
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.root.clone()
+    }
+
+    /// What `--root` names, borrowed (as `TempDir::path`): for code that takes the
+    /// device root as a `&Path`, e.g. the keystores run in process.
+    pub fn path(&self) -> &Path {
+        &self.root
     }
 
     pub fn bin_dir(&self) -> PathBuf {
