@@ -47,9 +47,33 @@ fn finish(p: &mut PtySession, seen: &mut String) -> WaitStatus {
     p.process().wait().expect("wait")
 }
 
+/// [`finish`], and the program must have exited with `code`.
+fn finish_with(p: &mut PtySession, seen: &mut String, code: i32) {
+    let status = finish(p, seen);
+    assert!(
+        matches!(status, WaitStatus::Exited(_, c) if c == code),
+        "{status:?}\n{seen}"
+    );
+}
+
 fn choose(p: &mut PtySession, seen: &mut String) {
     expect(p, "Neither Id Scope file nor ConnectionString found", seen);
     expect(p, "h) Azure IoT Hub with Connection String", seen);
+}
+
+/// The backend question, answered with its second choice (IoT Hub).
+fn choose_hub(p: &mut PtySession, seen: &mut String) {
+    choose(p, seen);
+    p.send(DOWN).unwrap();
+    p.send(ENTER).unwrap();
+    p.flush().unwrap();
+}
+
+/// Wait for `prompt`, then type `answer` once the terminal's echo is off.
+fn answer_hidden(p: &mut PtySession, seen: &mut String, prompt: &str, answer: &str) {
+    expect(p, prompt, seen);
+    common::pty::wait_for_hidden_input(p);
+    p.send_line(answer).unwrap();
 }
 
 #[test]
@@ -68,11 +92,7 @@ fn interactive_dps_reasks_on_a_bad_scope() {
     expect(&mut p, "Please enter your Id Scope", &mut seen);
     p.send_line(GOOD_SCOPE).unwrap();
     expect(&mut p, "Primary thumbprint: ", &mut seen);
-    let status = finish(&mut p, &mut seen);
-    assert!(
-        matches!(status, WaitStatus::Exited(_, 0)),
-        "{status:?}\n{seen}"
-    );
+    finish_with(&mut p, &mut seen, 0);
 
     assert_eq!(
         fr.read("data/var/certificates/azure.idscope").trim(),
@@ -97,11 +117,7 @@ fn interactive_dps_reasks_on_a_bad_scope() {
     let mut p = spawn(&fr, &[]);
     let mut again = String::new();
     expect(&mut p, "Id Scope file found", &mut again);
-    let status = finish(&mut p, &mut again);
-    assert!(
-        matches!(status, WaitStatus::Exited(_, 0)),
-        "{status:?}\n{again}"
-    );
+    finish_with(&mut p, &mut again, 0);
     assert!(!again.contains("Please enter"), "{again}");
     assert_same_tree(&before, &fr.snapshot(), "interactive re-run");
 }
@@ -111,24 +127,19 @@ fn interactive_hub_hidden_connection_string() {
     let fr = FakeRoot::with_manifest();
     let mut p = spawn(&fr, &[]);
     let mut seen = String::new();
-    choose(&mut p, &mut seen);
-    p.send(DOWN).unwrap();
-    p.send(ENTER).unwrap();
-    p.flush().unwrap();
-    expect(&mut p, "Connection String of the device", &mut seen);
+    choose_hub(&mut p, &mut seen);
     // Another device's string is refused, and asked again.
-    common::pty::wait_for_hidden_input(&p);
-    p.send_line(&hub_cs("another-device")).unwrap();
+    let prompt = "Connection String of the device";
+    answer_hidden(&mut p, &mut seen, prompt, &hub_cs("another-device"));
     expect(&mut p, "is not this device's id", &mut seen);
-    expect(&mut p, "Connection String of the device", &mut seen);
-    common::pty::wait_for_hidden_input(&p);
-    p.send_line(&hub_cs(ETH0_ID)).unwrap();
-    expect(&mut p, "Primary thumbprint: ", &mut seen);
-    let status = finish(&mut p, &mut seen);
-    assert!(
-        matches!(status, WaitStatus::Exited(_, 0)),
-        "{status:?}\n{seen}"
+    answer_hidden(
+        &mut p,
+        &mut seen,
+        "Connection String of the device",
+        &hub_cs(ETH0_ID),
     );
+    expect(&mut p, "Primary thumbprint: ", &mut seen);
+    finish_with(&mut p, &mut seen, 0);
     // The screen: the question once, on a line of its own, and the short prompt
     // with the answer. Before, the question was the Select prompt itself: it
     // wrapped, and dialoguer redrew only its last line, so it stood twice.
@@ -162,11 +173,7 @@ fn non_interactive_flag_on_a_terminal_does_not_prompt() {
     let mut p = spawn(&fr, &["--non-interactive"]);
     let mut seen = String::new();
     expect(&mut p, "error:", &mut seen);
-    let status = finish(&mut p, &mut seen);
-    assert!(
-        matches!(status, WaitStatus::Exited(_, 2)),
-        "{status:?}\n{seen}"
-    );
+    finish_with(&mut p, &mut seen, 2);
     assert!(
         seen.contains("--id-scope") && seen.contains("--connection-string"),
         "{seen}"
@@ -180,12 +187,14 @@ fn non_interactive_flag_on_a_terminal_does_not_prompt() {
 #[cfg(feature = "pkcs11")]
 #[test]
 fn interactive_provision_retries_the_dps_registration() {
+    use common::device::{Device, Kind};
     use common::dps::{Dps, Mode, HUB_A};
-    require_tools!(SoftHsm);
-    let store = common::softhsm::PrivateStore::new("leda");
+    let Some(d) = Device::start(Kind::SoftHsm) else {
+        return;
+    };
+    let (store, fr) = (d.token(), &d.fr);
     let dps = Dps::start(Mode::NotEnrolled);
-    let fr = FakeRoot::with_template();
-    let mut cmd: Command = fr.cmd();
+    let mut cmd: Command = d.env_cmd();
     cmd.args(["--keystore", "pkcs11", "--pkcs11-module"])
         .arg(&store.module)
         .arg("--pkcs11-pin-file")
@@ -199,7 +208,6 @@ fn interactive_provision_retries_the_dps_registration() {
         ])
         .args(["--dps-endpoint", &dps.endpoint(), "--dps-ca-file"])
         .arg(&dps.ca_file)
-        .envs(store.env())
         .env("TERM", "xterm")
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
@@ -212,11 +220,7 @@ fn interactive_provision_retries_the_dps_registration() {
     dps.set_mode(Mode::Assigned);
     p.send_line("y").unwrap();
     expect(&mut p, &format!("to hub {HUB_A}"), &mut seen);
-    assert_eq!(
-        finish(&mut p, &mut seen),
-        WaitStatus::Exited(p.process().child_pid, 0),
-        "{seen}"
-    );
+    finish_with(&mut p, &mut seen, 0);
     let state = fs::read_to_string(fr.cert_file("sdv-provision.state.json")).unwrap();
     assert!(state.contains(HUB_A), "{state}");
 }
@@ -228,10 +232,7 @@ fn interactive_retry_message_never_echoes_the_key() {
     let fr = FakeRoot::with_manifest();
     let mut p = spawn(&fr, &[]);
     let mut seen = String::new();
-    choose(&mut p, &mut seen);
-    p.send(DOWN).unwrap();
-    p.send(ENTER).unwrap();
-    p.flush().unwrap();
+    choose_hub(&mut p, &mut seen);
     let h = "HostName=hub.azure-devices.net";
     let bad = [
         format!("{h};DeviceId={ETH0_ID};SharedAccessKey{SECRET_KEY}"),
@@ -251,20 +252,17 @@ fn interactive_retry_message_never_echoes_the_key() {
         "{core}"
     );
     for b in &bad {
-        expect(&mut p, "Connection String of the device", &mut seen);
-        common::pty::wait_for_hidden_input(&p);
-        p.send_line(b).unwrap();
+        answer_hidden(&mut p, &mut seen, "Connection String of the device", b);
         expect(&mut p, "error: ", &mut seen);
     }
-    expect(&mut p, "Connection String of the device", &mut seen);
-    common::pty::wait_for_hidden_input(&p);
-    p.send_line(&hub_cs(ETH0_ID)).unwrap();
-    expect(&mut p, "Primary thumbprint: ", &mut seen);
-    let status = finish(&mut p, &mut seen);
-    assert!(
-        matches!(status, WaitStatus::Exited(_, 0)),
-        "{status:?}\n{seen}"
+    answer_hidden(
+        &mut p,
+        &mut seen,
+        "Connection String of the device",
+        &hub_cs(ETH0_ID),
     );
+    expect(&mut p, "Primary thumbprint: ", &mut seen);
+    finish_with(&mut p, &mut seen, 0);
     for i in 0..=SECRET_KEY.len() - 8 {
         let w = &SECRET_KEY[i..i + 8];
         assert!(!seen.contains(w), "{w:?} of the key was shown:\n{seen}");
