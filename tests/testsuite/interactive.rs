@@ -69,6 +69,25 @@ fn choose_hub(p: &mut PtySession, seen: &mut String) {
     p.flush().unwrap();
 }
 
+const CS_PROMPT: &str = "Connection String of the device";
+
+/// A device with the auto-deployer manifest, the binary on a pty, IoT Hub chosen:
+/// what the connection-string tests start from.
+fn at_the_hub_prompt() -> (FakeRoot, PtySession, String) {
+    let fr = FakeRoot::with_manifest();
+    let mut p = spawn(&fr, &[]);
+    let mut seen = String::new();
+    choose_hub(&mut p, &mut seen);
+    (fr, p, seen)
+}
+
+/// This device's connection string at the hidden prompt; the run must then succeed.
+fn give_the_hub_string(p: &mut PtySession, seen: &mut String) {
+    answer_hidden(p, seen, CS_PROMPT, &hub_cs(ETH0_ID));
+    expect(p, "Primary thumbprint: ", seen);
+    finish_with(p, seen, 0);
+}
+
 /// Wait for `prompt`, then type `answer` once the terminal's echo is off.
 fn answer_hidden(p: &mut PtySession, seen: &mut String, prompt: &str, answer: &str) {
     expect(p, prompt, seen);
@@ -124,22 +143,11 @@ fn interactive_dps_reasks_on_a_bad_scope() {
 
 #[test]
 fn interactive_hub_hidden_connection_string() {
-    let fr = FakeRoot::with_manifest();
-    let mut p = spawn(&fr, &[]);
-    let mut seen = String::new();
-    choose_hub(&mut p, &mut seen);
+    let (fr, mut p, mut seen) = at_the_hub_prompt();
     // Another device's string is refused, and asked again.
-    let prompt = "Connection String of the device";
-    answer_hidden(&mut p, &mut seen, prompt, &hub_cs("another-device"));
+    answer_hidden(&mut p, &mut seen, CS_PROMPT, &hub_cs("another-device"));
     expect(&mut p, "is not this device's id", &mut seen);
-    answer_hidden(
-        &mut p,
-        &mut seen,
-        "Connection String of the device",
-        &hub_cs(ETH0_ID),
-    );
-    expect(&mut p, "Primary thumbprint: ", &mut seen);
-    finish_with(&mut p, &mut seen, 0);
+    give_the_hub_string(&mut p, &mut seen);
     // The screen: the question once, on a line of its own, and the short prompt
     // with the answer. Before, the question was the Select prompt itself: it
     // wrapped, and dialoguer redrew only its last line, so it stood twice.
@@ -229,10 +237,7 @@ fn interactive_provision_retries_the_dps_registration() {
 /// is wrong, never a part of the SharedAccessKey (DESIGN §6).
 #[test]
 fn interactive_retry_message_never_echoes_the_key() {
-    let fr = FakeRoot::with_manifest();
-    let mut p = spawn(&fr, &[]);
-    let mut seen = String::new();
-    choose_hub(&mut p, &mut seen);
+    let (_fr, mut p, mut seen) = at_the_hub_prompt();
     let h = "HostName=hub.azure-devices.net";
     let bad = [
         format!("{h};DeviceId={ETH0_ID};SharedAccessKey{SECRET_KEY}"),
@@ -252,17 +257,10 @@ fn interactive_retry_message_never_echoes_the_key() {
         "{core}"
     );
     for b in &bad {
-        answer_hidden(&mut p, &mut seen, "Connection String of the device", b);
+        answer_hidden(&mut p, &mut seen, CS_PROMPT, b);
         expect(&mut p, "error: ", &mut seen);
     }
-    answer_hidden(
-        &mut p,
-        &mut seen,
-        "Connection String of the device",
-        &hub_cs(ETH0_ID),
-    );
-    expect(&mut p, "Primary thumbprint: ", &mut seen);
-    finish_with(&mut p, &mut seen, 0);
+    give_the_hub_string(&mut p, &mut seen);
     for i in 0..=SECRET_KEY.len() - 8 {
         let w = &SECRET_KEY[i..i + 8];
         assert!(!seen.contains(w), "{w:?} of the key was shown:\n{seen}");

@@ -69,6 +69,20 @@ fn with_pin_file(mut args: Vec<String>, pin_file: Option<&Path>) -> Vec<String> 
     args
 }
 
+/// The whole stderr of a run whose PIN (in `pin_file`, 0644 as the tests write it) the
+/// token rejected, pinned.
+fn assert_pin_rejected(stderr: &str, pin_file: &Path) {
+    common::pin(
+        stderr,
+        &[("[PIN_FILE]", pin_file.display().to_string())],
+        snapbox::str![[r#"
+warning: PIN file [PIN_FILE] can be read by group or others; chmod 600 it
+error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); check --pkcs11-pin-file / SDV_PROVISION_PKCS11_PIN; sdv-provision does not retry, because tokens lock after a few wrong PINs
+
+"#]],
+    );
+}
+
 /// Run `cmd`, expect exit status `code`, and return what it printed.
 fn run(cmd: &mut Command, code: i32) -> Output {
     let out = cmd.output().unwrap();
@@ -250,15 +264,7 @@ fn wrong_pin_fails_once_and_writes_nothing() {
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(errors[0].contains("PIN was rejected"), "{stderr}");
-    common::pin(
-        &stderr,
-        &[],
-        snapbox::str![[r#"
-warning: PIN file [..]/user.pin can be read by group or others; chmod 600 it
-error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); check --pkcs11-pin-file / SDV_PROVISION_PKCS11_PIN; sdv-provision does not retry, because tokens lock after a few wrong PINs
-
-"#]],
-    );
+    assert_pin_rejected(&stderr, &store.pin_file);
     assert!(!stderr.contains("0000-wrong"), "{stderr}");
     assert!(out.stdout.is_empty() || serde_json::from_slice::<Value>(&out.stdout).is_ok());
     assert_same_tree(&before, &snapshot(&root), "a wrong PIN");
@@ -442,15 +448,7 @@ fn reset_with_a_wrong_pin_changes_nothing() {
         "{stderr}"
     );
     assert!(stderr.contains("PIN was rejected"), "{stderr}");
-    common::pin(
-        &stderr,
-        &[],
-        snapbox::str![[r#"
-warning: PIN file [..]/wrong.pin can be read by group or others; chmod 600 it
-error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); check --pkcs11-pin-file / SDV_PROVISION_PKCS11_PIN; sdv-provision does not retry, because tokens lock after a few wrong PINs
-
-"#]],
-    );
+    assert_pin_rejected(&stderr, &wrong);
     assert_same_tree(&before, &snapshot(&root), "a reset with a wrong PIN");
     assert_eq!(store.object_labels().len(), 6);
     // The identity is intact for the next runs.
