@@ -330,7 +330,11 @@ fn missing_token_lists_the_labels_found() {
             "--pkcs11-init-token",
         ],
     );
-    common::pin(&e.to_string(), &[], snapbox::str!["no PKCS#11 token labelled no-such-token in /usr/lib/softhsm/libsofthsm2.so (tokens found: [..]present-token[..]); pass --pkcs11-token with one of those labels, or --pkcs11-init-token to initialise a blank slot as no-such-token (SO PIN from SDV_PROVISION_PKCS11_SO_PIN or SDV_PROVISION_PKCS11_SO_PIN_FILE)"]);
+    common::pin(
+        &e.to_string(),
+        &[],
+        snapbox::file!["../snapshots/pkcs11_keystore/missing_token.txt"],
+    );
 }
 
 #[test]
@@ -345,7 +349,11 @@ fn missing_or_bogus_module_is_named() {
     };
     assert!(matches!(e, KeyStoreError::Unavailable { .. }), "{e:?}");
     assert_one_line(&e, &["--pkcs11-module", "PKCS11_MODULE_PATH"]);
-    common::pin(&e.to_string(), &[], snapbox::str!["no PKCS#11 module configured; pass --pkcs11-module (or set PKCS11_MODULE_PATH) to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so"]);
+    common::pin(
+        &e.to_string(),
+        &[],
+        snapbox::file!["../snapshots/pkcs11_keystore/no_module.txt"],
+    );
 
     let missing = hsm.dir.path().join("libmissing.so");
     config.pkcs11_module = Some(missing.clone());
@@ -361,7 +369,11 @@ fn missing_or_bogus_module_is_named() {
         ],
     );
     let dir = ("[DIR]", hsm.dir.path().display().to_string());
-    common::pin(&e.to_string(), std::slice::from_ref(&dir), snapbox::str!["PKCS#11 module [DIR]/libmissing.so does not exist; pass --pkcs11-module (or set PKCS11_MODULE_PATH) to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so"]);
+    common::pin(
+        &e.to_string(),
+        std::slice::from_ref(&dir),
+        snapbox::file!["../snapshots/pkcs11_keystore/missing_module.txt"],
+    );
 
     let text = hsm.dir.path().join("not-a-module.so");
     std::fs::write(&text, "this is not a shared library\n").unwrap();
@@ -377,7 +389,11 @@ fn missing_or_bogus_module_is_named() {
             "--pkcs11-module",
         ],
     );
-    common::pin(&e.to_string(), &[dir], snapbox::str!["[DIR]/not-a-module.so is not a PKCS#11 module (libloading error ([DIR]/not-a-module.so: file too short)); pass --pkcs11-module (or set PKCS11_MODULE_PATH) to the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so"]);
+    common::pin(
+        &e.to_string(),
+        &[dir],
+        snapbox::file!["../snapshots/pkcs11_keystore/not_a_module.txt"],
+    );
 }
 
 #[test]
@@ -397,7 +413,11 @@ fn no_pin_source_names_the_flag_and_env() {
             "SDV_PROVISION_PKCS11_PIN",
         ],
     );
-    common::pin(&e.to_string(), &[], snapbox::str!["the user PIN of PKCS#11 token no-pin is needed but the run is non-interactive; pass --pkcs11-pin-file FILE or set SDV_PROVISION_PKCS11_PIN"]);
+    common::pin(
+        &e.to_string(),
+        &[],
+        snapbox::file!["../snapshots/pkcs11_keystore/no_pin_source.txt"],
+    );
 }
 
 #[test]

@@ -91,10 +91,7 @@ fn second_run_fails_clearly_when_it_may_not_wait() {
     common::pin(
         &err,
         &[("[ROOT]", d.path().display().to_string())],
-        snapbox::str![[r#"
-error: another sdv-provision is running on root [ROOT]; wait for it to finish and try again
-
-"#]],
+        snapbox::file!["../snapshots/concurrency/locked.txt"],
     );
     assert_eq!(err.lines().count(), 1, "{err}");
     let certs: Vec<_> = fs::read_dir(d.path().join("data/var/certificates"))

@@ -141,24 +141,15 @@ fn malformed_tcti_then_the_right_one() {
     for (bad, pinned) in [
         (
             "swtpm:port=banana",
-            snapbox::str![[r#"
-error: malformed TCTI "swtpm:port=banana": port must be a number 0-65535; pass --tcti device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd:bus_type=session, or use --keystore file
-
-"#]],
+            snapbox::file!["../snapshots/hardware_faults/malformed_tcti_port.txt"],
         ),
         (
             "tpm:/dev/tpm0",
-            snapbox::str![[r#"
-error: malformed TCTI "tpm:/dev/tpm0": unknown TCTI "tpm"; supported: device, swtpm, mssim, tabrmd; pass --tcti device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd:bus_type=session, or use --keystore file
-
-"#]],
+            snapbox::file!["../snapshots/hardware_faults/malformed_tcti_unknown.txt"],
         ),
         (
             "nonsense",
-            snapbox::str![[r#"
-error: malformed TCTI "nonsense": unknown TCTI "nonsense"; supported: device, swtpm, mssim, tabrmd; pass --tcti device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321 or tabrmd:bus_type=session, or use --keystore file
-
-"#]],
+            snapbox::file!["../snapshots/hardware_faults/malformed_tcti_nonsense.txt"],
         ),
     ] {
         let before = fr.snapshot();

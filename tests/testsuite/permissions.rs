@@ -410,8 +410,8 @@ fn directories_others_can_change_are_refused() {
             assert!(err.contains(&format!("{} ", dir.display())), "{rel}: {run}");
             assert!(err.contains(why), "{rel}: {run}");
             let pinned = match foreign {
-                true => snapbox::str!["error: [DIR] is owned by uid 65534, not by this user or root; sdv-provision writes keys or settings below it; `chown 0 [DIR]` (or root) and re-run"],
-                false => snapbox::str!["error: [DIR] is writable by group or others (mode 775); sdv-provision writes keys or settings below it; `chmod go-w [DIR]` and re-run"],
+                true => snapbox::file!["../snapshots/permissions/strict_modes_owner.txt"],
+                false => snapbox::file!["../snapshots/permissions/strict_modes_writable.txt"],
             };
             let dir = ("[DIR]", dir.display().to_string());
             common::pin(&err, &[dir], pinned);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::device::{Device, Kind};
-use common::fake_root::{assert_same_tree, snapshot, FakeRoot, Node, MANIFEST};
+use common::fake_root::{assert_same_tree, snapshot, FakeRoot, Node, Snapshot, MANIFEST};
 use common::softhsm::{PrivateStore, USER_PIN};
 use serde_json::Value;
 
@@ -75,12 +75,14 @@ fn assert_pin_rejected(stderr: &str, pin_file: &Path) {
     common::pin(
         stderr,
         &[("[PIN_FILE]", pin_file.display().to_string())],
-        snapbox::str![[r#"
-warning: PIN file [PIN_FILE] can be read by group or others; chmod 600 it
-error: the PIN was rejected by PKCS#11 token leda (C_Login: CKR_PIN_INCORRECT); check --pkcs11-pin-file / SDV_PROVISION_PKCS11_PIN; sdv-provision does not retry, because tokens lock after a few wrong PINs
-
-"#]],
+        snapbox::file!["../snapshots/pkcs11_e2e/wrong_pin.txt"],
     );
+}
+
+/// Nothing on disk changed since `before`, and the token holds `objects` objects.
+fn assert_unchanged(d: &Device, before: &Snapshot, objects: usize, what: &str) {
+    assert_same_tree(before, &snapshot(&d.fr.root()), what);
+    assert_eq!(d.token().object_labels().len(), objects, "{what}");
 }
 
 /// Run `cmd`, expect exit status `code`, and return what it printed.
@@ -267,8 +269,7 @@ fn wrong_pin_fails_once_and_writes_nothing() {
     assert_pin_rejected(&stderr, &store.pin_file);
     assert!(!stderr.contains("0000-wrong"), "{stderr}");
     assert!(out.stdout.is_empty() || serde_json::from_slice::<Value>(&out.stdout).is_ok());
-    assert_same_tree(&before, &snapshot(&root), "a wrong PIN");
-    assert!(store.object_labels().is_empty());
+    assert_unchanged(&d, &before, 0, "a wrong PIN");
 }
 
 #[test]
@@ -449,8 +450,7 @@ fn reset_with_a_wrong_pin_changes_nothing() {
     );
     assert!(stderr.contains("PIN was rejected"), "{stderr}");
     assert_pin_rejected(&stderr, &wrong);
-    assert_same_tree(&before, &snapshot(&root), "a reset with a wrong PIN");
-    assert_eq!(store.object_labels().len(), 6);
+    assert_unchanged(&d, &before, 6, "a reset with a wrong PIN");
     // The identity is intact for the next runs.
     run(tool(&d).args(["--non-interactive", "verify"]), 0);
     run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
@@ -641,13 +641,9 @@ fn force_to_another_token_is_refused_before_anything_changes() {
     common::pin(
         &stderr,
         &[],
-        snapbox::str![[r#"
-error: this identity's keys are in PKCS#11 token leda; --force cannot move it to token other in one run; run `sdv-provision reset --yes` first (it removes the keys from leda), then provision with --pkcs11-token other
-
-"#]],
+        snapbox::file!["../snapshots/pkcs11_e2e/force_to_another_token.txt"],
     );
-    assert_same_tree(&before, &snapshot(&root), "a refused --force");
-    assert_eq!(store.object_labels().len(), 6);
+    assert_unchanged(&d, &before, 6, "a refused --force");
 }
 
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing
@@ -669,13 +665,9 @@ fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
     common::pin(
         &stderr,
         &[],
-        snapbox::str![[r#"
-error: the user PIN of PKCS#11 token leda is needed but the run is non-interactive; pass --pkcs11-pin-file FILE or set SDV_PROVISION_PKCS11_PIN
-
-"#]],
+        snapbox::file!["../snapshots/pkcs11_e2e/missing_pin.txt"],
     );
-    assert_same_tree(&before, &snapshot(&root), "a run without a PIN");
-    assert!(store.object_labels().is_empty());
+    assert_unchanged(&d, &before, 0, "a run without a PIN");
 }
 
 /// With a terminal and no PIN source, the PIN is asked for once, hidden.
@@ -944,10 +936,7 @@ fn mounts_come_from_the_configuration_never_from_the_state() {
     common::pin(
         &err,
         &[("[ROOT]", root.display().to_string())],
-        snapbox::str![[r#"
-error: [ROOT]/data/var/certificates/sdv-provision.state.json is edited or corrupt: / is not an absolute device path without `..`; restore it, or remove it and run `sdv-provision reset --yes`
-
-"#]],
+        snapbox::file!["../snapshots/pkcs11_e2e/state_edited.txt"],
     );
     assert_same_tree(&tree, &snapshot(&root), "an edited state");
 
@@ -974,17 +963,11 @@ fn an_edited_journal_naming_foreign_objects_touches_nothing() {
     for (uri, pinned) in [
         (
             "pkcs11:token=leda;object=device-primary;id=%01%02;type=private",
-            snapbox::str![[r#"
-error: [ROOT]/data/var/certificates/sdv-provision.journal.json is edited or corrupt: old key pkcs11:token=leda;object=device-primary;id=%01%02;type=private is not one the state records; restore it, or remove it and run `sdv-provision reset --yes`
-
-"#]],
+            snapbox::file!["../snapshots/pkcs11_e2e/journal_edited_not_recorded.txt"],
         ),
         (
             "pkcs11:token=leda;object=someone-else;id=%01%02;type=private",
-            snapbox::str![[r#"
-error: [ROOT]/data/var/certificates/sdv-provision.journal.json is edited or corrupt: pkcs11:token=leda;object=someone-else;id=%01%02;type=private is not a pkcs11 key sdv-provision makes; restore it, or remove it and run `sdv-provision reset --yes`
-
-"#]],
+            snapbox::file!["../snapshots/pkcs11_e2e/journal_edited_not_ours.txt"],
         ),
     ] {
         let journal = serde_json::json!({

@@ -416,10 +416,7 @@ fn occupied_handle_is_refused_and_nothing_is_left_half_made() {
     common::pin(
         &stderr,
         &[],
-        snapbox::str![[r#"
-error: TPM persistent handle 0x81000011 (for the secondary key) is already in use by something sdv-provision did not create; pass --tpm-secondary-handle with a free handle (see `tpm2_getcap handles-persistent`)
-
-"#]],
+        snapbox::file!["../snapshots/tpm_e2e/occupied_handle.txt"],
     );
     // The foreign key is untouched, and the primary made before the failure is gone.
     assert_eq!(tpm.public_pem(SECONDARY), foreign);
@@ -466,10 +463,7 @@ fn unreachable_tpm_is_one_clear_error() {
     common::pin(
         &stderr,
         &[("[TCTI]", tcti.clone())],
-        snapbox::str![[r#"
-error: cannot reach the TPM at [TCTI]: nothing answers at 127.0.0.1:[..] (Connection refused (os error 111)); is the TPM enabled and accessible to this user? pass --tcti to use another TPM, or --keystore file to keep the keys in files
-
-"#]],
+        snapbox::file!["../snapshots/tpm_e2e/unreachable_tpm.txt"],
     );
     assert!(
         errors[0].contains("--tcti") && errors[0].contains("--keystore file"),
@@ -846,7 +840,11 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
         "{attrs}"
     );
     assert!(attrs.contains("rotate --promote"), "{attrs}");
-    common::pin(&attrs, &[], snapbox::str!["FAIL primary.key.attributes: the key at 0x81000010 lacks noDA (made by an older sdv-provision): every power loss after it signed counts as a failed authorization, and a few lock the identity out; replace both keys: run `sdv-provision rotate --promote`, register the new thumbprints with the cloud, then run it again and register again"]);
+    common::pin(
+        &attrs,
+        &[],
+        snapbox::file!["../snapshots/tpm_e2e/key_without_noda.txt"],
+    );
     assert!(line("secondary.key.attributes").starts_with("ok"), "{text}");
 
     // Lockout: one failure allowed, then a wrong password on the DA-protected key.
@@ -876,7 +874,7 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
     assert!(key.contains("dictionary-attack lockout"), "{key}");
     assert!(key.contains("about 600 s"), "{key}");
     assert!(!key.contains("Remote key error"), "{key}");
-    common::pin(key, &[], snapbox::str!["FAIL primary.key: handle:0x81000010: the TPM is in dictionary-attack lockout and will not sign with TPM key 0x81000010 (TPM2_Sign) (1 of 1 failed authorizations counted; it forgives one every 600 s, so the key works again in about 600 s; lockoutAuth recovery time 900 s); wait for the lockout to end, or have the TPM owner reset it (tpm2_dictionarylockout -c); then replace keys from before noDA with `sdv-provision rotate --promote` twice (see `sdv-provision verify`)"]);
+    common::pin(key, &[], snapbox::file!["../snapshots/tpm_e2e/lockout.txt"]);
     assert!(text.contains("ok   secondary.key:"), "{text}");
 }
 
