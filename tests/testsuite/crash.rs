@@ -8,7 +8,7 @@
 //! lives in tpm_crash.rs).
 use crate::common;
 
-use common::crash::hammer;
+use common::crash::{hammer, kills};
 use common::device::{Device, Kind};
 
 /// What the certificates directory may hold once a file-keystore identity recovered.
@@ -21,31 +21,19 @@ const FILE_IDENTITY: [&str; 6] = [
     "sdv-provision.state.json",
 ];
 
-fn kills(var: &str, default: u32) -> u32 {
-    std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-/// ECDSA keeps each run short, so many kills fit.
-#[test]
-fn file_keystore_survives_random_kills() {
-    let n = kills("SDV_CRASH_KILLS", 120);
+/// The file keystore under the kill loop, provisioning with `alg`; `var` sets the
+/// number of kills. ECDSA keeps each run short, so many kills fit; RSA puts kills
+/// inside a longer key generation.
+fn file_keystore(alg: &str, var: &str, default: u32) {
+    let n = kills(var, default);
     let Some(dev) = Device::start(Kind::File) else {
         return;
     };
-    let t = hammer(&dev, "ecdsa-p256", n, &FILE_IDENTITY, &|| {});
+    let t = hammer(&dev, alg, n, &FILE_IDENTITY, &|| {});
     assert_eq!(t.recovered, n);
 }
 
-/// RSA puts kills inside a longer key generation.
-#[test]
-fn file_keystore_rsa_survives_random_kills() {
-    let n = kills("SDV_CRASH_KILLS_RSA", 30);
-    let Some(dev) = Device::start(Kind::File) else {
-        return;
-    };
-    let t = hammer(&dev, "rsa-2048", n, &FILE_IDENTITY, &|| {});
-    assert_eq!(t.recovered, n);
-}
+tests_of!(file_keystore:
+    file_keystore_survives_random_kills => ("ecdsa-p256", "SDV_CRASH_KILLS", 120),
+    file_keystore_rsa_survives_random_kills => ("rsa-2048", "SDV_CRASH_KILLS_RSA", 30),
+);

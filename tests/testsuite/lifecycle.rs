@@ -1158,9 +1158,7 @@ fn swtpm_verify_fails_when_the_connectors_blobs_are_not_the_handles_key() {
     fs::write(blob("device.tpm.priv"), &saved[1]).unwrap();
     d.verify_passes();
     // verify flushed what it loaded: no transient objects left behind.
-    let Backend::Swtpm(t) = &d.backend else {
-        unreachable!()
-    };
+    let t = d.tpm();
     assert_eq!(t.transient_handles(), Vec::<u32>::new());
 }
 
@@ -1173,9 +1171,7 @@ fn swtpm_reset_leaves_a_foreign_key_at_a_recorded_handle() {
     let Some(d) = Device::start(Kind::Swtpm) else {
         return;
     };
-    let Backend::Swtpm(t) = &d.backend else {
-        unreachable!()
-    };
+    let t = d.tpm();
     d.provision("ecdsa-p256");
     d.break_primary_key();
     t.foreign_key_at(PRIMARY_HANDLE, true);
@@ -1214,9 +1210,7 @@ fn softhsm_reset_leaves_a_foreign_key_under_our_label() {
     let Some(d) = Device::start(Kind::SoftHsm) else {
         return;
     };
-    let Backend::SoftHsm(s) = &d.backend else {
-        unreachable!()
-    };
+    let s = d.token();
     d.provision("ecdsa-p256");
     for class in ["privkey", "pubkey", "cert"] {
         run_ok(

@@ -176,10 +176,7 @@ const FOREIGN_ID: &str = "0102";
 
 #[test]
 fn pkcs11_keystore_survives_random_kills() {
-    let kills: u32 = std::env::var("SDV_CRASH_KILLS_PKCS11")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(25);
+    let kills = common::crash::kills("SDV_CRASH_KILLS_PKCS11", 25);
     let Some(dev) = Device::start(Kind::SoftHsm) else {
         return;
     };

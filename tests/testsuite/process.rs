@@ -7,6 +7,17 @@ use std::process::{Command, Stdio};
 
 use common::fake_root::*;
 
+/// A file-keystore provisioning whose scope does not look like Azure's: it gets a
+/// warning, so the run has something to say on stderr.
+const PROVISION: [&str; 6] = [
+    "--keystore",
+    "file",
+    "--id-scope",
+    "example",
+    "--algorithm",
+    "ecdsa-p256",
+];
+
 fn dev_full() -> Stdio {
     Stdio::from(
         std::fs::OpenOptions::new()
@@ -42,14 +53,7 @@ fn stderr_on_a_full_disk_finishes_the_run_and_exits_1() {
     // A scope that does not look like Azure's gets a warning on stderr.
     let run = Run::from(
         fr.cmd()
-            .args([
-                "--keystore",
-                "file",
-                "--id-scope",
-                "example",
-                "--algorithm",
-                "ecdsa-p256",
-            ])
+            .args(PROVISION)
             .stderr(dev_full())
             .output()
             .unwrap(),
@@ -79,14 +83,7 @@ fn closed_stderr_is_no_reason_to_stop() {
         .arg(common::bin())
         .args(["--root"])
         .arg(fr.root())
-        .args([
-            "--keystore",
-            "file",
-            "--id-scope",
-            "example",
-            "--algorithm",
-            "ecdsa-p256",
-        ])
+        .args(PROVISION)
         .env("PATH", fr.path_env())
         .stdin(Stdio::null());
     let run = Run::from(c.output().unwrap());

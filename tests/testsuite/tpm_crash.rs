@@ -17,10 +17,7 @@ const FOREIGN: u32 = 0x8100_0020;
 
 #[test]
 fn tpm_keystore_survives_random_kills() {
-    let kills = std::env::var("SDV_CRASH_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let kills = crash::kills("SDV_CRASH_KILLS", 60);
     let Some(dev) = Device::start(Kind::Swtpm) else {
         return;
     };

@@ -57,6 +57,14 @@ impl Target<'_> {
     }
 }
 
+/// The number of kill rounds: `var` from the environment, else `default`.
+pub fn kills(var: &str, default: u32) -> u32 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 #[derive(Default, Debug)]
 pub struct Tally {
     pub kills: u32,

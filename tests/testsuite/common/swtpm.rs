@@ -62,19 +62,16 @@ impl Swtpm {
                 .filter(|_| attempt < 4)
                 .unwrap_or_else(|| unprivileged_port_below_ephemeral(attempt));
             let ctrl = port + 1;
-            let mut child = Command::new("swtpm")
-                .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", dir.display()))
-                .arg("--server")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
-                .args(["--flags", "not-need-init,startup-clear"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start swtpm");
+            let mut child = spawn_quiet(
+                Command::new("swtpm")
+                    .args(["socket", "--tpm2", "--tpmstate"])
+                    .arg(format!("dir={}", dir.display()))
+                    .arg("--server")
+                    .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                    .arg("--ctrl")
+                    .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
+                    .args(["--flags", "not-need-init,startup-clear"]),
+            );
             let end = Instant::now() + Duration::from_secs(10);
             let addr = ([127, 0, 0, 1], port).into();
             loop {
@@ -204,6 +201,15 @@ impl Swtpm {
     }
 }
 
+/// Start a daemon with no terminal: stdin, stdout and stderr on /dev/null.
+fn spawn_quiet(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"))
+}
+
 /// A pseudo-random port in 20000..32000 (even, so `port + 1` stays in range), different
 /// per process, call and attempt.
 fn unprivileged_port_below_ephemeral(attempt: u64) -> u16 {
@@ -260,14 +266,11 @@ impl Abrmd {
             ),
         )
         .unwrap();
-        let mut dbus = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .arg("--nofork")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start dbus-daemon");
+        let mut dbus = spawn_quiet(
+            Command::new("dbus-daemon")
+                .arg(format!("--config-file={}", config.display()))
+                .arg("--nofork"),
+        );
         let end = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             if dbus.try_wait().unwrap().is_some() || Instant::now() > end {
