@@ -48,6 +48,23 @@ const REMOVE: &str = "kanto-cm remove -n cloudconnector";
 const REDEPLOY: &str = "systemctl restart kanto-auto-deployer";
 
 impl Device {
+    /// `csr --role ROLE --out CSR`: openssl verifies its signature, and its public key
+    /// is the one of the certificate `crt`.
+    fn csr_verifies(&self, role: &str, crt: &str, csr: &Path) {
+        self.run(&["csr", "--role", role, "--out", csr.to_str().unwrap()])
+            .ok();
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-verify", "-noout", "-in"])
+                .arg(csr),
+        );
+        assert_eq!(
+            openssl_out(&["req", "-pubkey", "-noout", "-in"], csr),
+            common::openssl_cert_pubkey(&self.cert(crt)),
+            "{role} CSR key"
+        );
+    }
+
     /// `verify --json`: (exit code, check name -> (ok, detail)).
     fn verify(&self) -> (Option<i32>, BTreeMap<String, (bool, String)>, Run) {
         let r = self.run(&["--json", "verify"]);
@@ -688,18 +705,7 @@ fn csr_is_signed_by_the_roles_key(kind: Kind) {
     let out_dir = tempfile::tempdir().unwrap();
     for (role, crt) in [("primary", "device.crt"), ("secondary", "device2.crt")] {
         let csr = out_dir.path().join(format!("{role}.csr"));
-        d.run(&["csr", "--role", role, "--out", csr.to_str().unwrap()])
-            .ok();
-        run_ok(
-            Command::new("openssl")
-                .args(["req", "-verify", "-noout", "-in"])
-                .arg(&csr),
-        );
-        assert_eq!(
-            openssl_out(&["req", "-pubkey", "-noout", "-in"], &csr),
-            common::openssl_cert_pubkey(&d.cert(crt)),
-            "{role} CSR key"
-        );
+        d.csr_verifies(role, crt, &csr);
         let subject = openssl_out(
             &["req", "-noout", "-subject", "-nameopt", "RFC2253", "-in"],
             &csr,
@@ -1079,18 +1085,7 @@ fn rsa_2048_lifecycle(kind: Kind) {
     }
     d.verify_passes();
     d.assert_keystore_agrees();
-    let csr = d.fr.dir.path().join("rsa.csr");
-    d.run(&["csr", "--role", "primary", "--out", csr.to_str().unwrap()])
-        .ok();
-    run_ok(
-        Command::new("openssl")
-            .args(["req", "-verify", "-noout", "-in"])
-            .arg(&csr),
-    );
-    assert_eq!(
-        openssl_out(&["req", "-pubkey", "-noout", "-in"], &csr),
-        common::openssl_cert_pubkey(&d.cert("device.crt"))
-    );
+    d.csr_verifies("primary", "device.crt", &d.fr.dir.path().join("rsa.csr"));
     assert_eq!(d.ours(), d.expected_ours());
 }
 

@@ -71,31 +71,35 @@ fn stderr_on_a_full_disk_finishes_the_run_and_exits_1() {
     assert_eq!(bad.code(), Some(1));
 }
 
+/// The binary on `fr`'s root, started by `sh` with stderr closed (`2>&-`).
+fn stderr_closed(fr: &FakeRoot) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("exec \"$0\" \"$@\" 2>&-")
+        .arg(common::bin())
+        .args(["--root"])
+        .arg(fr.root());
+    c
+}
+
 /// A closed stderr (`2>&-`): the standard library points fd 2 at /dev/null before
 /// `main`, so nothing we open later can become fd 2 and receive our messages; the
 /// run does its work and exits as usual.
 #[test]
 fn closed_stderr_is_no_reason_to_stop() {
     let fr = FakeRoot::with_template();
-    let mut c = Command::new("sh");
-    c.arg("-c")
-        .arg("exec \"$0\" \"$@\" 2>&-")
-        .arg(common::bin())
-        .args(["--root"])
-        .arg(fr.root())
-        .args(PROVISION)
-        .env("PATH", fr.path_env())
-        .stdin(Stdio::null());
-    let run = Run::from(c.output().unwrap());
+    let run = Run::from(
+        stderr_closed(&fr)
+            .args(PROVISION)
+            .env("PATH", fr.path_env())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
+    );
     assert_eq!(run.code, Some(0), "{run}");
     fr.run(&["verify"]).ok();
-    let mut c = Command::new("sh");
-    c.arg("-c")
-        .arg("exec \"$0\" \"$@\" 2>&-")
-        .arg(common::bin())
-        .args(["--root"])
-        .arg(fr.root())
-        .args(["--keystore", "file", "--id-scope", "0ne!", "--force"]);
+    let mut c = stderr_closed(&fr);
+    c.args(["--keystore", "file", "--id-scope", "0ne!", "--force"]);
     assert_eq!(c.status().unwrap().code(), Some(1));
     fr.run(&["verify"]).ok();
 }
