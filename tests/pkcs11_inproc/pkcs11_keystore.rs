@@ -330,11 +330,7 @@ fn missing_token_lists_the_labels_found() {
             "--pkcs11-init-token",
         ],
     );
-    common::pin(
-        &e.to_string(),
-        &[],
-        snapbox::file!["../snapshots/pkcs11_keystore/missing_token.txt"],
-    );
+    common::pin_file(&e.to_string(), &[], "pkcs11_keystore/missing_token");
 }
 
 #[test]
@@ -349,11 +345,7 @@ fn missing_or_bogus_module_is_named() {
     };
     assert!(matches!(e, KeyStoreError::Unavailable { .. }), "{e:?}");
     assert_one_line(&e, &["--pkcs11-module", "PKCS11_MODULE_PATH"]);
-    common::pin(
-        &e.to_string(),
-        &[],
-        snapbox::file!["../snapshots/pkcs11_keystore/no_module.txt"],
-    );
+    common::pin_file(&e.to_string(), &[], "pkcs11_keystore/no_module");
 
     let missing = hsm.dir.path().join("libmissing.so");
     config.pkcs11_module = Some(missing.clone());
@@ -369,10 +361,10 @@ fn missing_or_bogus_module_is_named() {
         ],
     );
     let dir = ("[DIR]", hsm.dir.path().display().to_string());
-    common::pin(
+    common::pin_file(
         &e.to_string(),
         std::slice::from_ref(&dir),
-        snapbox::file!["../snapshots/pkcs11_keystore/missing_module.txt"],
+        "pkcs11_keystore/missing_module",
     );
 
     let text = hsm.dir.path().join("not-a-module.so");
@@ -389,11 +381,7 @@ fn missing_or_bogus_module_is_named() {
             "--pkcs11-module",
         ],
     );
-    common::pin(
-        &e.to_string(),
-        &[dir],
-        snapbox::file!["../snapshots/pkcs11_keystore/not_a_module.txt"],
-    );
+    common::pin_file(&e.to_string(), &[dir], "pkcs11_keystore/not_a_module");
 }
 
 #[test]
@@ -413,11 +401,7 @@ fn no_pin_source_names_the_flag_and_env() {
             "SDV_PROVISION_PKCS11_PIN",
         ],
     );
-    common::pin(
-        &e.to_string(),
-        &[],
-        snapbox::file!["../snapshots/pkcs11_keystore/no_pin_source.txt"],
-    );
+    common::pin_file(&e.to_string(), &[], "pkcs11_keystore/no_pin_source");
 }
 
 #[test]

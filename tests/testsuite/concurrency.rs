@@ -88,10 +88,10 @@ fn second_run_fails_clearly_when_it_may_not_wait() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another sdv-provision is running"), "{err}");
-    common::pin(
+    common::pin_file(
         &err,
         &[("[ROOT]", d.path().display().to_string())],
-        snapbox::file!["../snapshots/concurrency/locked.txt"],
+        "concurrency/locked",
     );
     assert_eq!(err.lines().count(), 1, "{err}");
     let certs: Vec<_> = fs::read_dir(d.path().join("data/var/certificates"))

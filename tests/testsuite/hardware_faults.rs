@@ -139,18 +139,9 @@ fn malformed_tcti_then_the_right_one() {
     let tpm = Swtpm::start();
     let fr = FakeRoot::with_template();
     for (bad, pinned) in [
-        (
-            "swtpm:port=banana",
-            snapbox::file!["../snapshots/hardware_faults/malformed_tcti_port.txt"],
-        ),
-        (
-            "tpm:/dev/tpm0",
-            snapbox::file!["../snapshots/hardware_faults/malformed_tcti_unknown.txt"],
-        ),
-        (
-            "nonsense",
-            snapbox::file!["../snapshots/hardware_faults/malformed_tcti_nonsense.txt"],
-        ),
+        ("swtpm:port=banana", "hardware_faults/malformed_tcti_port"),
+        ("tpm:/dev/tpm0", "hardware_faults/malformed_tcti_unknown"),
+        ("nonsense", "hardware_faults/malformed_tcti_nonsense"),
     ] {
         let before = fr.snapshot();
         let run = fr.run(&[
@@ -165,7 +156,7 @@ fn malformed_tcti_then_the_right_one() {
         ]);
         let err = run.one_error(1);
         assert!(err.contains("--tcti") && err.contains(bad), "{run}");
-        common::pin(&run.stderr, &[], pinned);
+        common::pin_file(&run.stderr, &[], pinned);
         assert_same_tree(&before, &fr.snapshot(), bad);
     }
     assert!(tpm.persistent_handles().is_empty());

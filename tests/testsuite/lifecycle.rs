@@ -1424,10 +1424,10 @@ fn dps_register_failures_change_nothing(kind: Kind) {
             .unwrap(),
     );
     assert!(r.one_error(1).contains("not trusted"), "{r}");
-    common::pin(
+    common::pin_file(
         &r.one_error(1),
         &[("[DPS]", dps.endpoint())],
-        snapbox::file!["../snapshots/lifecycle/dps_untrusted.txt"],
+        "lifecycle/dps_untrusted",
     );
     assert!(dps.requests().is_empty());
     // Nobody listening.
@@ -1436,11 +1436,7 @@ fn dps_register_failures_change_nothing(kind: Kind) {
         r.one_error(1).contains("cannot reach DPS at 127.0.0.1:1"),
         "{r}"
     );
-    common::pin(
-        &r.one_error(1),
-        &[],
-        snapbox::file!["../snapshots/lifecycle/dps_unreachable.txt"],
-    );
+    common::pin_file(&r.one_error(1), &[], "lifecycle/dps_unreachable");
     assert_same_tree(&snap, &d.fr.snapshot(), "untrusted / unreachable");
 }
 
@@ -1526,10 +1522,10 @@ fn dps_provision_registers_by_itself(kind: Kind) {
     );
     assert!(r.stderr.contains("not enrolled"), "{r}");
     assert!(r.stderr.contains("needs a key file for DPS"), "{r}");
-    common::pin(
+    common::pin_file(
         &common::lines_with(&r.stderr, "DPS"),
         &[("[DPS]", pending.endpoint())],
-        snapbox::file!["../snapshots/lifecycle/dps_not_enrolled.txt"],
+        "lifecycle/dps_not_enrolled",
     );
     assert_eq!(pending.client_thumbprints(), [d.primary_sha256()]);
     let r = d.run(&["status"]).ok();
@@ -1586,10 +1582,10 @@ fn dps_promote_registers_the_new_primary(kind: Kind) {
     assert!(r.stderr.contains("not registered with DPS yet"), "{r}");
     // Only this line: how DPS's refusal of the new certificate shows (a TLS alert,
     // or a broken pipe when TLS 1.3 sends the alert after the handshake) varies.
-    common::pin(
+    common::pin_file(
         &common::lines_with(&r.stderr, "not registered with DPS yet"),
         &[],
-        snapbox::file!["../snapshots/lifecycle/dps_new_primary_not_registered.txt"],
+        "lifecycle/dps_new_primary_not_registered",
     );
     assert!(r.stdout.contains("sdv-provision register"), "{r}");
     assert_eq!(d.status()["cloud"]["assigned_hub"], HUB_A);

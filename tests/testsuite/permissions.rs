@@ -410,11 +410,11 @@ fn directories_others_can_change_are_refused() {
             assert!(err.contains(&format!("{} ", dir.display())), "{rel}: {run}");
             assert!(err.contains(why), "{rel}: {run}");
             let pinned = match foreign {
-                true => snapbox::file!["../snapshots/permissions/strict_modes_owner.txt"],
-                false => snapbox::file!["../snapshots/permissions/strict_modes_writable.txt"],
+                true => "permissions/strict_modes_owner",
+                false => "permissions/strict_modes_writable",
             };
             let dir = ("[DIR]", dir.display().to_string());
-            common::pin(&err, &[dir], pinned);
+            common::pin_file(&err, &[dir], pinned);
             assert_same_tree(&before, &fr.snapshot(), rel);
             assert!(fr.calls().is_empty());
         }

@@ -72,10 +72,10 @@ fn with_pin_file(mut args: Vec<String>, pin_file: Option<&Path>) -> Vec<String> 
 /// The whole stderr of a run whose PIN (in `pin_file`, 0644 as the tests write it) the
 /// token rejected, pinned.
 fn assert_pin_rejected(stderr: &str, pin_file: &Path) {
-    common::pin(
+    common::pin_file(
         stderr,
         &[("[PIN_FILE]", pin_file.display().to_string())],
-        snapbox::file!["../snapshots/pkcs11_e2e/wrong_pin.txt"],
+        "pkcs11_e2e/wrong_pin",
     );
 }
 
@@ -638,11 +638,7 @@ fn force_to_another_token_is_refused_before_anything_changes() {
         stderr.contains("token leda") && stderr.contains("reset --yes"),
         "{stderr}"
     );
-    common::pin(
-        &stderr,
-        &[],
-        snapbox::file!["../snapshots/pkcs11_e2e/force_to_another_token.txt"],
-    );
+    common::pin_file(&stderr, &[], "pkcs11_e2e/force_to_another_token");
     assert_unchanged(&d, &before, 6, "a refused --force");
 }
 
@@ -662,11 +658,7 @@ fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
         errors[0].contains("--pkcs11-pin-file") && errors[0].contains("SDV_PROVISION_PKCS11_PIN"),
         "{stderr}"
     );
-    common::pin(
-        &stderr,
-        &[],
-        snapbox::file!["../snapshots/pkcs11_e2e/missing_pin.txt"],
-    );
+    common::pin_file(&stderr, &[], "pkcs11_e2e/missing_pin");
     assert_unchanged(&d, &before, 0, "a run without a PIN");
 }
 
@@ -933,10 +925,10 @@ fn mounts_come_from_the_configuration_never_from_the_state() {
         err.contains("sdv-provision.state.json") && err.contains("edited or corrupt"),
         "{err}"
     );
-    common::pin(
+    common::pin_file(
         &err,
         &[("[ROOT]", root.display().to_string())],
-        snapbox::file!["../snapshots/pkcs11_e2e/state_edited.txt"],
+        "pkcs11_e2e/state_edited",
     );
     assert_same_tree(&tree, &snapshot(&root), "an edited state");
 
@@ -963,11 +955,11 @@ fn an_edited_journal_naming_foreign_objects_touches_nothing() {
     for (uri, pinned) in [
         (
             "pkcs11:token=leda;object=device-primary;id=%01%02;type=private",
-            snapbox::file!["../snapshots/pkcs11_e2e/journal_edited_not_recorded.txt"],
+            "pkcs11_e2e/journal_edited_not_recorded",
         ),
         (
             "pkcs11:token=leda;object=someone-else;id=%01%02;type=private",
-            snapbox::file!["../snapshots/pkcs11_e2e/journal_edited_not_ours.txt"],
+            "pkcs11_e2e/journal_edited_not_ours",
         ),
     ] {
         let journal = serde_json::json!({
@@ -992,7 +984,7 @@ fn an_edited_journal_naming_foreign_objects_touches_nothing() {
                 "{uri} {cmd:?}: {err}"
             );
             let at = ("[ROOT]", root.display().to_string());
-            common::pin(&err, &[at], pinned.clone());
+            common::pin_file(&err, &[at], pinned);
             assert_same_tree(&tree, &snapshot(&root), "an edited journal");
             assert_eq!(objects_with_id(store, "0102"), foreign, "{uri} {cmd:?}");
         }

@@ -413,11 +413,7 @@ fn occupied_handle_is_refused_and_nothing_is_left_half_made() {
         stderr.contains("0x81000011") && stderr.contains("--tpm-secondary-handle"),
         "{stderr}"
     );
-    common::pin(
-        &stderr,
-        &[],
-        snapbox::file!["../snapshots/tpm_e2e/occupied_handle.txt"],
-    );
+    common::pin_file(&stderr, &[], "tpm_e2e/occupied_handle");
     // The foreign key is untouched, and the primary made before the failure is gone.
     assert_eq!(tpm.public_pem(SECONDARY), foreign);
     assert!(!tpm.persistent_handles().contains(&PRIMARY));
@@ -460,10 +456,10 @@ fn unreachable_tpm_is_one_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<_> = stderr.lines().filter(|l| l.contains(&tcti)).collect();
     assert_eq!(errors.len(), 1, "one line names the TCTI: {stderr}");
-    common::pin(
+    common::pin_file(
         &stderr,
         &[("[TCTI]", tcti.clone())],
-        snapbox::file!["../snapshots/tpm_e2e/unreachable_tpm.txt"],
+        "tpm_e2e/unreachable_tpm",
     );
     assert!(
         errors[0].contains("--tcti") && errors[0].contains("--keystore file"),
@@ -840,11 +836,7 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
         "{attrs}"
     );
     assert!(attrs.contains("rotate --promote"), "{attrs}");
-    common::pin(
-        &attrs,
-        &[],
-        snapbox::file!["../snapshots/tpm_e2e/key_without_noda.txt"],
-    );
+    common::pin_file(&attrs, &[], "tpm_e2e/key_without_noda");
     assert!(line("secondary.key.attributes").starts_with("ok"), "{text}");
 
     // Lockout: one failure allowed, then a wrong password on the DA-protected key.
@@ -874,7 +866,7 @@ fn old_key_without_noda_and_a_tpm_in_lockout() {
     assert!(key.contains("dictionary-attack lockout"), "{key}");
     assert!(key.contains("about 600 s"), "{key}");
     assert!(!key.contains("Remote key error"), "{key}");
-    common::pin(key, &[], snapbox::file!["../snapshots/tpm_e2e/lockout.txt"]);
+    common::pin_file(key, &[], "tpm_e2e/lockout");
     assert!(text.contains("ok   secondary.key:"), "{text}");
 }
 

@@ -49,7 +49,8 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sdv-provision"))
 }
 
-/// Pin a user-facing message exactly (snapbox): `expected` is a `snapbox::str![..]`,
+/// Pin a user-facing message exactly (snapbox): `expected` is a `snapbox::str![..]`
+/// or a file ([`pin_file`]),
 /// with `[..]` for what varies within a line and the placeholders of `redact` (e.g.
 /// `("[ROOT]", root)`, `("[TCTI]", tcti)`) for temp paths and ports.
 /// `SNAPSHOTS=overwrite cargo test ...` rewrites the expected text in place.
@@ -63,6 +64,14 @@ pub fn pin(actual: &str, redact: &[(&'static str, String)], expected: impl snapb
         .action_env(snapbox::assert::DEFAULT_ACTION_ENV)
         .redact_with(r)
         .eq(actual, expected);
+}
+
+/// [`pin`] against `tests/snapshots/NAME.txt`.
+pub fn pin_file(actual: &str, redact: &[(&'static str, String)], name: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{name}.txt"));
+    pin(actual, redact, snapbox::Data::read_from(&path, None));
 }
 
 /// The lines of `text` that contain `needle`, each with its newline: the part of a
