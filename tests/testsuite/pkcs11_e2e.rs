@@ -197,7 +197,7 @@ fn provision_cycle(alg: &str) {
     assert!(!m.iter().any(|(s, _)| s.ends_with(".key")), "{m:?}");
 
     // No PIN value in anything the tool wrote or printed.
-    for (path, node) in snapshot(&root) {
+    for (path, node) in d.fr.snapshot() {
         let Node::File { bytes, .. } = node else {
             continue;
         };
@@ -239,9 +239,9 @@ fn provision_cycle(alg: &str) {
     // Re-running finds the objects and changes nothing.
     let objects = store.object_labels();
     assert_eq!(objects.len(), 6, "{objects:?}");
-    let before = snapshot(&root);
+    let before = d.fr.snapshot();
     run(tool(&d).args(provision_args(store, alg)), 0);
-    assert_same_tree(&before, &snapshot(&root), "a re-run");
+    assert_same_tree(&before, &d.fr.snapshot(), "a re-run");
     assert_eq!(store.object_labels(), objects);
 
     // Later commands find the token from the state file alone (recorded PIN file).
@@ -258,9 +258,9 @@ tests_of!(provision_cycle:
 #[test]
 fn wrong_pin_fails_once_and_writes_nothing() {
     let Some(d) = device() else { return };
-    let (store, root) = (d.token(), d.fr.root());
+    let store = d.token();
     std::fs::write(&store.pin_file, "0000-wrong\n").unwrap();
-    let before = snapshot(&root);
+    let before = d.fr.snapshot();
     let out = run(tool(&d).args(provision_args(store, "ecdsa-p256")), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
@@ -366,9 +366,9 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
     );
     // A reset that fails on a broken manifest changes nothing, PIN files included.
     std::fs::write(&manifest, b"{ not json").unwrap();
-    let snap = snapshot(&root);
+    let snap = d.fr.snapshot();
     run(tool(&d).args(["--non-interactive", "reset", "--yes"]), 1);
-    assert_same_tree(&snap, &snapshot(&root), "a reset on a broken manifest");
+    assert_same_tree(&snap, &d.fr.snapshot(), "a reset on a broken manifest");
     std::fs::write(&manifest, &before).unwrap();
     std::fs::write(&tools, USER_PIN).unwrap(); // the copy left by the switch
     run(tool(&d).args(["--non-interactive", "reset", "--yes"]), 0);
@@ -431,8 +431,8 @@ fn pkcs11_entries_in_the_auto_deployer_shape() {
 #[test]
 fn reset_with_a_wrong_pin_changes_nothing() {
     let Some(d) = provisioned() else { return };
-    let (store, root) = (d.token(), d.fr.root());
-    let before = snapshot(&root);
+    let store = d.token();
+    let before = d.fr.snapshot();
     let wrong = store.dir.path().join("wrong.pin");
     std::fs::write(&wrong, "0000-wrong\n").unwrap();
     let out = run(
@@ -454,7 +454,7 @@ fn reset_with_a_wrong_pin_changes_nothing() {
     // The identity is intact for the next runs.
     run(tool(&d).args(["--non-interactive", "verify"]), 0);
     run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
-    assert_same_tree(&before, &snapshot(&root), "the run after it");
+    assert_same_tree(&before, &d.fr.snapshot(), "the run after it");
 }
 
 /// A PIN changed on the token: `verify` and `csr` with the new PIN only read (the
@@ -477,7 +477,7 @@ fn read_only_commands_leave_the_connectors_pin_file_alone() {
     );
     let new_pin_file = store.dir.path().join("new.pin");
     std::fs::write(&new_pin_file, new_pin).unwrap();
-    let before = snapshot(&root);
+    let before = d.fr.snapshot();
     let with_new_pin = |args: &[&str]| {
         let mut c = tool(&d);
         c.arg("--pkcs11-pin-file")
@@ -514,7 +514,7 @@ fn read_only_commands_leave_the_connectors_pin_file_alone() {
         &mut with_new_pin(&["csr", "--role", "primary", "--out", csr.to_str().unwrap()]),
         0,
     );
-    assert_same_tree(&before, &snapshot(&root), "verify and csr");
+    assert_same_tree(&before, &d.fr.snapshot(), "verify and csr");
     run(&mut with_new_pin(&["--no-restart", "rotate"]), 0);
     assert_eq!(
         std::fs::read_to_string(root.join(CERT_DIR).join("pkcs11.pin")).unwrap(),
@@ -624,8 +624,8 @@ fn force_to_the_file_keystore_removes_the_tokens_objects() {
 #[test]
 fn force_to_another_token_is_refused_before_anything_changes() {
     let Some(d) = provisioned() else { return };
-    let (store, root) = (d.token(), d.fr.root());
-    let before = snapshot(&root);
+    let store = d.token();
+    let before = d.fr.snapshot();
     let out = run(
         tool(&d)
             .args(["--pkcs11-token", "other"])
@@ -647,8 +647,8 @@ fn force_to_another_token_is_refused_before_anything_changes() {
 #[test]
 fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
     let Some(d) = device() else { return };
-    let (store, root) = (d.token(), d.fr.root());
-    let before = snapshot(&root);
+    let store = d.token();
+    let before = d.fr.snapshot();
     let args = with_pin_file(provision_args(store, "ecdsa-p256"), None);
     let out = run(tool(&d).args(&args), 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -917,7 +917,7 @@ fn mounts_come_from_the_configuration_never_from_the_state() {
 
     state["backend"]["mounts"] = serde_json::json!(["/"]);
     std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
-    let tree = snapshot(&root);
+    let tree = d.fr.snapshot();
     let out = rerun();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -930,7 +930,7 @@ fn mounts_come_from_the_configuration_never_from_the_state() {
         &[("[ROOT]", root.display().to_string())],
         "pkcs11_e2e/state_edited",
     );
-    assert_same_tree(&tree, &snapshot(&root), "an edited state");
+    assert_same_tree(&tree, &d.fr.snapshot(), "an edited state");
 
     state["backend"]["mounts"] = serde_json::json!(["/etc"]);
     std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
@@ -969,7 +969,7 @@ fn an_edited_journal_naming_foreign_objects_touches_nothing() {
         });
         let path = root.join(CERT_DIR).join("sdv-provision.journal.json");
         std::fs::write(&path, serde_json::to_vec(&journal).unwrap()).unwrap();
-        let tree = snapshot(&root);
+        let tree = d.fr.snapshot();
         for cmd in [&["rotate"][..], &["reset", "--yes"]] {
             let out = run(
                 tool(&d)
@@ -985,7 +985,7 @@ fn an_edited_journal_naming_foreign_objects_touches_nothing() {
             );
             let at = ("[ROOT]", root.display().to_string());
             common::pin_file(&err, &[at], pinned);
-            assert_same_tree(&tree, &snapshot(&root), "an edited journal");
+            assert_same_tree(&tree, &d.fr.snapshot(), "an edited journal");
             assert_eq!(objects_with_id(store, "0102"), foreign, "{uri} {cmd:?}");
         }
         std::fs::remove_file(&path).unwrap();

@@ -70,6 +70,29 @@ fn env_value(env: &[String], key: &str) -> Option<String> {
         .find_map(|e| e.strip_prefix(&format!("{key}=")).map(str::to_owned))
 }
 
+/// The connector's TPM entries in the manifest (and its config file), in both
+/// manifest shapes.
+const TPM_ENV: [(&str, &str); 8] = [
+    ("KEY_URI", "handle:0x81000010"),
+    ("TPM_DEVICE", "/dev/tpmrm0"),
+    ("TPM_HANDLE", "0x81000001"),
+    ("TPM_KEY", "/var/certificates/device.tpm.priv"),
+    ("TPM_KEY_PUB", "/var/certificates/device.tpm.pub"),
+    ("TPM2OPENSSL_TCTI", "device:/dev/tpmrm0"),
+    ("KEY_FILE", "/var/certificates/device.tpm.priv"),
+    (
+        "CLOUD_CONNECTOR_CONFIG",
+        "/var/certificates/cloudconnector.config.json",
+    ),
+];
+
+/// Each `KEY=value` of `expected` is in the manifest's `env`.
+fn assert_env(env: &[String], expected: &[(&str, &str)]) {
+    for (k, v) in expected {
+        assert_eq!(env_value(env, k).as_deref(), Some(*v), "{k} in {env:?}");
+    }
+}
+
 fn sorted(mut v: Vec<u32>) -> Vec<u32> {
     v.sort();
     v
@@ -228,22 +251,8 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
 
     // The manifest: the key by URI plus what today's connector needs, no key file.
     let env = manifest_env(root);
-    for (k, v) in [
-        ("KEY_URI", "handle:0x81000010"),
-        ("TPM_DEVICE", "/dev/tpmrm0"),
-        ("TPM_HANDLE", "0x81000001"),
-        ("TPM_KEY", "/var/certificates/device.tpm.priv"),
-        ("TPM_KEY_PUB", "/var/certificates/device.tpm.pub"),
-        ("TPM2OPENSSL_TCTI", "device:/dev/tpmrm0"),
-        ("CERT_FILE", "/var/certificates/device.crt"),
-        ("KEY_FILE", "/var/certificates/device.tpm.priv"),
-        (
-            "CLOUD_CONNECTOR_CONFIG",
-            "/var/certificates/cloudconnector.config.json",
-        ),
-    ] {
-        assert_eq!(env_value(&env, k).as_deref(), Some(v), "{k} in {env:?}");
-    }
+    assert_env(&env, &TPM_ENV);
+    assert_env(&env, &[("CERT_FILE", "/var/certificates/device.crt")]);
     assert_connector_reads(root, "/var/certificates");
     let manifest = std::fs::read_to_string(manifest_path(root)).unwrap();
     assert!(!manifest.contains("device.key"), "no key file is mounted");
@@ -515,23 +524,11 @@ fn tpm_entries_in_the_auto_deployer_shape() {
     );
     assert_connector_reads(root, "/var/certificates");
     let env = manifest_env(root);
-    for (k, v) in [
-        ("CERT_FILE", "/device.crt"),
-        ("KEY_URI", "handle:0x81000010"),
-        ("TPM_DEVICE", "/dev/tpmrm0"),
-        ("TPM_HANDLE", "0x81000001"),
-        ("TPM_KEY", "/var/certificates/device.tpm.priv"),
-        ("TPM_KEY_PUB", "/var/certificates/device.tpm.pub"),
-        ("TPM2OPENSSL_TCTI", "device:/dev/tpmrm0"),
-        ("ID_SCOPE", "0ne0012345A"),
-        ("KEY_FILE", "/var/certificates/device.tpm.priv"),
-        (
-            "CLOUD_CONNECTOR_CONFIG",
-            "/var/certificates/cloudconnector.config.json",
-        ),
-    ] {
-        assert_eq!(env_value(&env, k).as_deref(), Some(v), "{k} in {env:?}");
-    }
+    assert_env(&env, &TPM_ENV);
+    assert_env(
+        &env,
+        &[("CERT_FILE", "/device.crt"), ("ID_SCOPE", "0ne0012345A")],
+    );
     // Idempotent: a re-run rewrites neither the manifest nor the config file.
     let before = snapshot(root);
     sdv_ok(
