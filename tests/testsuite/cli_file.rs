@@ -181,11 +181,7 @@ fn auto_falls_back_to_files_with_a_warning() {
         ])
         .ok();
     assert_eq!(run.json()["keystore"], "file", "{run}");
-    let warnings: Vec<_> = run
-        .stderr
-        .lines()
-        .filter(|l| l.contains("plain files"))
-        .collect();
+    let warnings: Vec<_> = run.stderr_lines_with("plain files");
     assert_eq!(warnings.len(), 1, "{run}");
     assert!(
         warnings[0].contains("no TPM or PKCS#11 token found"),
@@ -213,11 +209,7 @@ fn root_from_the_environment_and_an_unusual_id_scope() {
         "MyScope42"
     );
     assert!(fr.cert_file("device.crt").is_file());
-    let warnings: Vec<_> = run
-        .stderr
-        .lines()
-        .filter(|l| l.contains("does not look like an Azure DPS scope"))
-        .collect();
+    let warnings: Vec<_> = run.stderr_lines_with("does not look like an Azure DPS scope");
     assert_eq!(warnings.len(), 1, "{run}");
 }
 
@@ -270,11 +262,7 @@ fn unwritable_etc_deviceid_is_a_warning() {
     };
     let run = fr.provision_dps("ecdsa-p256", &[]);
     assert!(!etc.join("deviceid").exists());
-    let warnings: Vec<_> = run
-        .stderr
-        .lines()
-        .filter(|l| l.contains("could not store the device id"))
-        .collect();
+    let warnings: Vec<_> = run.stderr_lines_with("could not store the device id");
     assert_eq!(warnings.len(), 1, "{run}");
     assert!(fr.cert_file("device.crt").is_file());
     fr.run(&["verify"]).ok();
@@ -759,11 +747,7 @@ fn missing_kanto_cm_is_a_warning() {
     let fr = FakeRoot::with_template();
     fr.remove_fake_tool("kanto-cm");
     let run = fr.provision_dps("ecdsa-p256", &[]);
-    let warn: Vec<&str> = run
-        .stderr
-        .lines()
-        .filter(|l| l.contains("kanto-cm"))
-        .collect();
+    let warn: Vec<&str> = run.stderr_lines_with("kanto-cm");
     assert_eq!(warn.len(), 1, "{run}");
     assert!(warn[0].starts_with("warning:"), "{run}");
     assert!(!run.stderr.contains("error:"), "{run}");
@@ -1469,19 +1453,7 @@ fn bad_connection_string_device_id_mismatch() {
 fn bad_device_id_flag() {
     let fr = FakeRoot::with_template();
     for id in ["a;b", "a=b", "", "dev.", &"x".repeat(65), "dev\nice"] {
-        assert_rejected(
-            &fr,
-            &[
-                "--keystore",
-                "file",
-                "--id-scope",
-                GOOD_SCOPE,
-                "--device-id",
-                id,
-            ],
-            1,
-            &["--device-id"],
-        );
+        assert_rejected(&fr, &file_dps_with_device_id(id), 1, &["--device-id"]);
     }
 }
 

@@ -518,14 +518,7 @@ fn device_id_cases(out: &mut Vec<Case>) {
         out.push(case(
             format!("--device-id {:?}", trunc(id)),
             Base::Template,
-            &[
-                "--keystore",
-                "file",
-                "--id-scope",
-                GOOD_SCOPE,
-                "--device-id",
-                id,
-            ],
+            &file_dps_with_device_id(id),
             &["--device-id"],
         ));
     }

@@ -799,11 +799,7 @@ fn import_cert_installs_a_ca_signed_certificate_and_refuses_bad_ones(kind: Kind)
         .ok();
     // Today's connector sends only the leaf in TPM mode: the chain is a reason it
     // cannot use this identity there, and only there.
-    let compat: Vec<&str> = imported
-        .stderr
-        .lines()
-        .filter(|l| l.contains("today's Leda cloud connector"))
-        .collect();
+    let compat: Vec<&str> = imported.stderr_lines_with("today's Leda cloud connector");
     assert!(compat.len() <= 1, "{imported}");
     assert_eq!(
         compat

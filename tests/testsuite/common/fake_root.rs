@@ -40,6 +40,18 @@ pub fn hub_cs(device_id: &str) -> String {
     format!("HostName=hub.azure-devices.net;DeviceId={device_id};SharedAccessKey={SECRET_KEY}")
 }
 
+/// A file-keystore DPS provisioning with `--device-id ID`.
+pub fn file_dps_with_device_id(id: &str) -> [&str; 6] {
+    [
+        "--keystore",
+        "file",
+        "--id-scope",
+        GOOD_SCOPE,
+        "--device-id",
+        id,
+    ]
+}
+
 /// One scratch device: `root/` is what `--root` points at; `bin/` holds the fakes;
 /// `calls.log` gets one line per fake invocation (`kanto-cm stop -n …`).
 pub struct FakeRoot {
@@ -380,6 +392,11 @@ impl Run {
             .collect();
         assert_eq!(errors.len(), 1, "expected exactly one error: line:\n{self}");
         errors[0].to_owned()
+    }
+
+    /// The lines of stderr that contain `needle`.
+    pub fn stderr_lines_with(&self, needle: &str) -> Vec<&str> {
+        self.stderr.lines().filter(|l| l.contains(needle)).collect()
     }
 
     pub fn json(&self) -> serde_json::Value {
