@@ -217,9 +217,9 @@ fn root_from_the_environment_and_an_unusual_id_scope() {
 /// (DESIGN §1.4), as openssl reads it.
 #[test]
 fn certificates_are_valid_from_an_hour_ago() {
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_template();
-    fr.provision_dps("ecdsa-p256", &[]);
+    let Some(fr) = provisioned(FakeRoot::with_template) else {
+        return;
+    };
     let out = common::run_ok(
         std::process::Command::new("openssl")
             .args([
@@ -367,13 +367,14 @@ fn hub_flow_connection_string_flag() {
     );
 }
 
-#[test]
-fn hub_flow_connection_string_env() {
+/// The Hub flow with the connection string from the environment, with and without
+/// the `provision` word.
+fn hub_flow_connection_string_env(args: &[&str]) {
     require_tools!(Openssl);
     let fr = FakeRoot::with_manifest();
     let out = fr
         .cmd()
-        .args(["--keystore", "file", "--algorithm", "ecdsa-p256"])
+        .args(args)
         .env("SDV_PROVISION_CONNECTION_STRING", hub_cs(ETH0_ID))
         .output()
         .unwrap();
@@ -381,25 +382,11 @@ fn hub_flow_connection_string_env() {
     assert_hub_outcome(&fr, &run);
 }
 
-#[test]
-fn hub_flow_connection_string_env_with_provision_subcommand() {
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_manifest();
-    let out = fr
-        .cmd()
-        .args([
-            "--keystore",
-            "file",
-            "provision",
-            "--algorithm",
-            "ecdsa-p256",
-        ])
-        .env("SDV_PROVISION_CONNECTION_STRING", hub_cs(ETH0_ID))
-        .output()
-        .unwrap();
-    let run = Run::from(out).ok();
-    assert_hub_outcome(&fr, &run);
-}
+tests_of!(hub_flow_connection_string_env:
+    hub_flow_connection_string_env_plain => (&["--keystore", "file", "--algorithm", "ecdsa-p256"]),
+    hub_flow_connection_string_env_with_provision_subcommand =>
+        (&["--keystore", "file", "provision", "--algorithm", "ecdsa-p256"]),
+);
 
 #[test]
 fn hub_flow_connection_string_file() {
@@ -507,9 +494,9 @@ fn connection_string_env_yields_to_every_cloud_flag() {
 
 #[test]
 fn rerun_changes_nothing_and_restarts_nothing() {
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_template();
-    fr.provision_dps("ecdsa-p256", &[]);
+    let Some(fr) = provisioned(FakeRoot::with_template) else {
+        return;
+    };
     assert_eq!(fr.calls(), recreate());
     let before = fr.snapshot();
     fr.clear_calls();
@@ -534,9 +521,9 @@ fn rerun_changes_nothing_and_restarts_nothing() {
 
 #[test]
 fn changed_id_scope_recreates_connector_and_keeps_keys() {
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_manifest();
-    fr.provision_dps("ecdsa-p256", &[]);
+    let Some(fr) = provisioned(FakeRoot::with_manifest) else {
+        return;
+    };
     let crt = fs::read(fr.cert_file("device.crt")).unwrap();
     let key = fs::read(fr.cert_file("device.key")).unwrap();
     fr.clear_calls();
@@ -564,9 +551,9 @@ fn changed_id_scope_recreates_connector_and_keeps_keys() {
 /// An edited manifest (e.g. by hand) is brought back, and that is a manifest change.
 #[test]
 fn drifted_manifest_is_repaired_and_connector_recreated() {
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_manifest();
-    fr.provision_dps("ecdsa-p256", &[]);
+    let Some(fr) = provisioned(FakeRoot::with_manifest) else {
+        return;
+    };
     let good = fs::read(fr.p(MANIFEST)).unwrap();
     let mut m = read_json(&fr.p(MANIFEST));
     m["config"]["env"]
@@ -594,9 +581,9 @@ fn drifted_manifest_is_repaired_and_connector_recreated() {
 /// recreate.
 #[test]
 fn lost_certificate_is_reissued_with_stop_start() {
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_manifest();
-    fr.provision_dps("ecdsa-p256", &[]);
+    let Some(fr) = provisioned(FakeRoot::with_manifest) else {
+        return;
+    };
     let manifest = fs::read(fr.p(MANIFEST)).unwrap();
     let primary = fs::read(fr.cert_file("device.crt")).unwrap();
     let key = fs::read(fr.cert_file("device2.key")).unwrap();
@@ -616,18 +603,16 @@ fn lost_certificate_is_reissued_with_stop_start() {
     );
     assert_eq!(fs::read(fr.cert_file("device2.key")).unwrap(), key);
     assert_eq!(fs::read(fr.cert_file("device.crt")).unwrap(), primary);
-    assert_eq!(fs::read(fr.p(MANIFEST)).unwrap(), manifest);
-    assert_eq!(fr.calls(), [STOP, START]);
-    fr.run(&["status"]).ok();
+    assert_restarted_only(&fr, &manifest);
 }
 
 /// A lost key is a lost identity: one error naming `--force`, nothing touched; with
 /// `--force` a new identity is built, and only then is the connector restarted.
 #[test]
 fn lost_key_needs_force() {
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_manifest();
-    fr.provision_dps("ecdsa-p256", &[]);
+    let Some(fr) = provisioned(FakeRoot::with_manifest) else {
+        return;
+    };
     let manifest = fs::read(fr.p(MANIFEST)).unwrap();
     let old = [
         openssl_sha1(&fr.cert_file("device.crt")),
@@ -646,9 +631,7 @@ fn lost_key_needs_force() {
         );
     }
     // Same file names, so the manifest is unchanged: stop and start.
-    assert_eq!(fs::read(fr.p(MANIFEST)).unwrap(), manifest);
-    assert_eq!(fr.calls(), [STOP, START]);
-    fr.run(&["status"]).ok();
+    assert_restarted_only(&fr, &manifest);
 }
 
 /// The original's documented reconfiguration (seed doc, "Reconfiguration"): delete
@@ -658,9 +641,9 @@ fn lost_key_needs_force() {
 /// `--force` then builds the new identity.
 #[test]
 fn original_reconfiguration_procedure_is_guided_to_force() {
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_manifest();
-    fr.provision_dps("ecdsa-p256", &[]);
+    let Some(fr) = provisioned(FakeRoot::with_manifest) else {
+        return;
+    };
     let old = openssl_sha1(&fr.cert_file("device.crt"));
     for f in [
         "azure.idscope",
@@ -1304,6 +1287,29 @@ fn adoption_refuses_mismatched_pair() {
 
 /// Run `args`, expect exit `code` with one `error:` line naming every `names`, and the
 /// whole tree byte-identical.
+/// A device made by `make`, provisioned (file keystore, DPS, ECDSA); `None` without
+/// openssl on a developer machine.
+fn provisioned(make: fn() -> FakeRoot) -> Option<FakeRoot> {
+    require_tools!(Openssl => None);
+    let fr = make();
+    fr.provision_dps("ecdsa-p256", &[]);
+    Some(fr)
+}
+
+/// The manifest is still `manifest`, the connector was stopped and started (not
+/// recreated), and `status` is happy.
+fn assert_restarted_only(fr: &FakeRoot, manifest: &[u8]) {
+    assert_eq!(fs::read(fr.p(MANIFEST)).unwrap(), manifest);
+    assert_eq!(fr.calls(), [STOP, START]);
+    fr.run(&["status"]).ok();
+}
+
+/// [`assert_rejected`] of `--keystore file ARGS` with exit 1.
+fn assert_file_rejected(fr: &FakeRoot, args: &[&str], names: &[&str]) -> Run {
+    let args = [&["--keystore", "file"], args].concat();
+    assert_rejected(fr, &args, 1, names)
+}
+
 fn assert_rejected(fr: &FakeRoot, args: &[&str], code: i32, names: &[&str]) -> Run {
     let before = fr.snapshot();
     let run = fr.run(args);
@@ -1324,40 +1330,28 @@ fn assert_rejected(fr: &FakeRoot, args: &[&str], code: i32, names: &[&str]) -> R
 fn bad_malformed_manifest() {
     let fr = FakeRoot::new();
     fr.write(MANIFEST, "{\"config\": {\"env\": [\"A=1\",]}");
-    assert_rejected(
-        &fr,
-        &["--keystore", "file", "--id-scope", GOOD_SCOPE],
-        1,
-        &["cloudconnector.json"],
-    );
+    assert_file_rejected(&fr, &["--id-scope", GOOD_SCOPE], &["cloudconnector.json"]);
     // The same on a provisioned device: the identity survives untouched too.
-    require_tools!(Openssl);
-    let fr = FakeRoot::with_manifest();
-    fr.provision_dps("ecdsa-p256", &[]);
+    let Some(fr) = provisioned(FakeRoot::with_manifest) else {
+        return;
+    };
     fr.clear_calls();
     fr.write(MANIFEST, "{ not json");
-    assert_rejected(
+    assert_file_rejected(
         &fr,
-        &["--keystore", "file", "--id-scope", "0ne00ABCDEF"],
-        1,
+        &["--id-scope", "0ne00ABCDEF"],
         &["cloudconnector.json"],
     );
-    assert_rejected(
-        &fr,
-        &["--keystore", "file", "--force"],
-        1,
-        &["cloudconnector.json"],
-    );
+    assert_file_rejected(&fr, &["--force"], &["cloudconnector.json"]);
 }
 
 #[test]
 fn bad_malformed_template() {
     let fr = FakeRoot::new();
     fr.write(TEMPLATE, "[1, 2");
-    assert_rejected(
+    assert_file_rejected(
         &fr,
-        &["--keystore", "file", "--id-scope", GOOD_SCOPE],
-        1,
+        &["--id-scope", GOOD_SCOPE],
         &["cloudconnector.json.template"],
     );
 }
@@ -1376,12 +1370,7 @@ fn bad_id_scope() {
         "",
         "bad scope!",
     ] {
-        assert_rejected(
-            &fr,
-            &["--keystore", "file", "--id-scope", scope],
-            1,
-            &["--id-scope"],
-        );
+        assert_file_rejected(&fr, &["--id-scope", scope], &["--id-scope"]);
     }
 }
 
@@ -1398,7 +1387,7 @@ fn bad_connection_string() {
         format!("HostName=hub.azure-devices.net;DeviceId={ETH0_ID};SharedAccessKey={SECRET_KEY}!!"),
         "garbage".to_string(),
     ] {
-        assert_rejected(&fr, &["--keystore", "file", "--connection-string", &cs], 1, &["--connection-string"]);
+        assert_file_rejected(&fr, &["--connection-string", &cs], &["--connection-string"]);
     }
 }
 
@@ -1411,27 +1400,15 @@ fn bad_connection_string_file() {
         format!("HostName=hub.azure-devices.net;SharedAccessKey={SECRET_KEY}\n"),
     )
     .unwrap();
-    assert_rejected(
+    assert_file_rejected(
         &fr,
-        &[
-            "--keystore",
-            "file",
-            "--connection-string-file",
-            f.to_str().unwrap(),
-        ],
-        1,
+        &["--connection-string-file", f.to_str().unwrap()],
         &["connection string"],
     );
     let missing = fr.dir.path().join("nope.txt");
-    assert_rejected(
+    assert_file_rejected(
         &fr,
-        &[
-            "--keystore",
-            "file",
-            "--connection-string-file",
-            missing.to_str().unwrap(),
-        ],
-        1,
+        &["--connection-string-file", missing.to_str().unwrap()],
         &["--connection-string-file"],
     );
 }
@@ -1440,12 +1417,7 @@ fn bad_connection_string_file() {
 fn bad_connection_string_device_id_mismatch() {
     let fr = FakeRoot::with_template();
     let cs = hub_cs("some-other-device");
-    let run = assert_rejected(
-        &fr,
-        &["--keystore", "file", "--connection-string", &cs],
-        1,
-        &["--device-id"],
-    );
+    let run = assert_file_rejected(&fr, &["--connection-string", &cs], &["--device-id"]);
     assert!(run.stderr.contains("some-other-device"), "{run}");
 }
 
@@ -1466,12 +1438,7 @@ fn no_physical_interface_needs_device_id() {
     fr.add_iface("vcan0", "aa:bb:cc:dd:ee:01", "1");
     fr.add_iface("dummy0", "00:00:00:00:00:00", "1");
     fr.put_fixture("cloudconnector.auto-deployer.json", MANIFEST);
-    assert_rejected(
-        &fr,
-        &["--keystore", "file", "--id-scope", GOOD_SCOPE],
-        1,
-        &["--device-id"],
-    );
+    assert_file_rejected(&fr, &["--id-scope", GOOD_SCOPE], &["--device-id"]);
     // And with no sys/class/net at all.
     let empty = FakeRoot::bare();
     assert_rejected(
