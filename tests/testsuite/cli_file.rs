@@ -340,20 +340,16 @@ fn assert_hub_outcome(fr: &FakeRoot, run: &Run) {
     );
 }
 
+/// A file-keystore run with ECDSA keys (quick to make).
+const FILE_ECDSA: [&str; 4] = ["--keystore", "file", "--algorithm", "ecdsa-p256"];
+
 #[test]
 fn hub_flow_connection_string_flag() {
     require_tools!(Openssl);
     let fr = FakeRoot::with_manifest();
     let cs = hub_cs(ETH0_ID);
     let run = fr
-        .run(&[
-            "--keystore",
-            "file",
-            "--algorithm",
-            "ecdsa-p256",
-            "--connection-string",
-            &cs,
-        ])
+        .run(&[&FILE_ECDSA[..], &["--connection-string", &cs]].concat())
         .ok();
     assert_hub_outcome(&fr, &run);
     // The ready-to-paste registration line carries openssl's thumbprints.
@@ -383,7 +379,7 @@ fn hub_flow_connection_string_env(args: &[&str]) {
 }
 
 tests_of!(hub_flow_connection_string_env:
-    hub_flow_connection_string_env_plain => (&["--keystore", "file", "--algorithm", "ecdsa-p256"]),
+    hub_flow_connection_string_env_plain => (&FILE_ECDSA),
     hub_flow_connection_string_env_with_provision_subcommand =>
         (&["--keystore", "file", "provision", "--algorithm", "ecdsa-p256"]),
 );
@@ -394,16 +390,8 @@ fn hub_flow_connection_string_file() {
     let fr = FakeRoot::with_manifest();
     let csf = fr.dir.path().join("cs.txt");
     fs::write(&csf, format!("{}\n", hub_cs(ETH0_ID))).unwrap();
-    let run = fr
-        .run(&[
-            "--keystore",
-            "file",
-            "--algorithm",
-            "ecdsa-p256",
-            "--connection-string-file",
-            csf.to_str().unwrap(),
-        ])
-        .ok();
+    let csf = ["--connection-string-file", csf.to_str().unwrap()];
+    let run = fr.run(&[&FILE_ECDSA[..], &csf].concat()).ok();
     assert_hub_outcome(&fr, &run);
 }
 
@@ -1310,6 +1298,11 @@ fn assert_file_rejected(fr: &FakeRoot, args: &[&str], names: &[&str]) -> Run {
     assert_rejected(fr, &args, 1, names)
 }
 
+/// The primary certificate's subject is `CN=...` as given.
+fn assert_primary_cn(fr: &FakeRoot, subject: &str) {
+    assert_eq!(openssl_subject(&fr.cert_file("device.crt")), subject);
+}
+
 fn assert_rejected(fr: &FakeRoot, args: &[&str], code: i32, names: &[&str]) -> Run {
     let before = fr.snapshot();
     let run = fr.run(args);
@@ -1451,10 +1444,7 @@ fn no_physical_interface_needs_device_id() {
     require_tools!(Openssl);
     empty.provision_dps("ecdsa-p256", &["--device-id", "leda-dev-1"]);
     assert_eq!(empty.read("etc/deviceid").trim(), "leda-dev-1");
-    assert_eq!(
-        openssl_subject(&empty.cert_file("device.crt")),
-        "CN=leda-dev-1"
-    );
+    assert_primary_cn(&empty, "CN=leda-dev-1");
 }
 
 #[test]
@@ -1522,10 +1512,7 @@ fn empty_or_invalid_etc_deviceid_is_regenerated() {
             "no warning for {content:?}:\n{run}"
         );
         assert!(!run.stderr.contains("error:"), "{run}");
-        assert_eq!(
-            openssl_subject(&fr.cert_file("device.crt")),
-            format!("CN={ETH0_ID}")
-        );
+        assert_primary_cn(&fr, &format!("CN={ETH0_ID}"));
     }
 }
 
@@ -1536,10 +1523,7 @@ fn valid_etc_deviceid_wins_over_the_mac() {
     fr.write("etc/deviceid", "leda-from-file\n");
     let run = fr.provision_dps("ecdsa-p256", &[]);
     assert!(run.stdout.contains("- Device ID: leda-from-file"), "{run}");
-    assert_eq!(
-        openssl_subject(&fr.cert_file("device.crt")),
-        "CN=leda-from-file"
-    );
+    assert_primary_cn(&fr, "CN=leda-from-file");
 }
 
 // ---------------------------------------------------------------------------------
