@@ -79,6 +79,20 @@ fn assert_pin_rejected(stderr: &str, pin_file: &Path) {
     );
 }
 
+/// A refused run: its stderr is the snapshot `pinned`, and it changed nothing (see
+/// [`assert_unchanged`]).
+fn assert_refused(
+    d: &Device,
+    before: &Snapshot,
+    stderr: &str,
+    pinned: &str,
+    objects: usize,
+    what: &str,
+) {
+    common::pin_file(stderr, &[], pinned);
+    assert_unchanged(d, before, objects, what);
+}
+
 /// Nothing on disk changed since `before`, and the token holds `objects` objects.
 fn assert_unchanged(d: &Device, before: &Snapshot, objects: usize, what: &str) {
     assert_same_tree(before, &snapshot(&d.fr.root()), what);
@@ -466,15 +480,7 @@ fn read_only_commands_leave_the_connectors_pin_file_alone() {
     let Some(d) = provisioned() else { return };
     let (store, root) = (d.token(), d.fr.root());
     let new_pin = "4321-new";
-    run(
-        Command::new("pkcs11-tool")
-            .arg("--module")
-            .arg(&store.module)
-            .args(["--token-label", "leda", "--login", "--pin", USER_PIN])
-            .args(["--change-pin", "--new-pin", new_pin])
-            .env("SOFTHSM2_CONF", &store.conf),
-        0,
-    );
+    store.change_user_pin(new_pin);
     let new_pin_file = store.dir.path().join("new.pin");
     std::fs::write(&new_pin_file, new_pin).unwrap();
     let before = d.fr.snapshot();
@@ -547,15 +553,7 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
 
     // The PIN changes on the token; the next run gets the new one from the env.
     let new_pin = "4321-new";
-    run(
-        Command::new("pkcs11-tool")
-            .arg("--module")
-            .arg(&store.module)
-            .args(["--token-label", "leda", "--login", "--pin", USER_PIN])
-            .args(["--change-pin", "--new-pin", new_pin])
-            .env("SOFTHSM2_CONF", &store.conf),
-        0,
-    );
+    store.change_user_pin(new_pin);
     let rerun = |extra: &[&str]| {
         let mut args = with_pin_file(provision_args(store, "ecdsa-p256"), None);
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -638,8 +636,14 @@ fn force_to_another_token_is_refused_before_anything_changes() {
         stderr.contains("token leda") && stderr.contains("reset --yes"),
         "{stderr}"
     );
-    common::pin_file(&stderr, &[], "pkcs11_e2e/force_to_another_token");
-    assert_unchanged(&d, &before, 6, "a refused --force");
+    assert_refused(
+        &d,
+        &before,
+        &stderr,
+        "pkcs11_e2e/force_to_another_token",
+        6,
+        "a refused --force",
+    );
 }
 
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing
@@ -658,8 +662,14 @@ fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
         errors[0].contains("--pkcs11-pin-file") && errors[0].contains("SDV_PROVISION_PKCS11_PIN"),
         "{stderr}"
     );
-    common::pin_file(&stderr, &[], "pkcs11_e2e/missing_pin");
-    assert_unchanged(&d, &before, 0, "a run without a PIN");
+    assert_refused(
+        &d,
+        &before,
+        &stderr,
+        "pkcs11_e2e/missing_pin",
+        0,
+        "a run without a PIN",
+    );
 }
 
 /// With a terminal and no PIN source, the PIN is asked for once, hidden.

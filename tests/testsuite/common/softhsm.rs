@@ -213,6 +213,11 @@ impl PrivateStore {
         c
     }
 
+    /// `C_SetPIN`: the token's user PIN changes from [`USER_PIN`] to `new`.
+    pub fn change_user_pin(&self, new: &str) {
+        super::run_ok(self.pkcs11_tool().args(["--change-pin", "--new-pin", new]));
+    }
+
     /// Another application's EC P-256 key pair on this token: `label`, CKA_ID `id` (hex).
     pub fn foreign_keypair(&self, label: &str, id: &str) {
         super::run_ok(self.pkcs11_tool().args([
