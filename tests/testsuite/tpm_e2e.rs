@@ -238,8 +238,9 @@ fn tls_with_manifest_key(tpm: &Swtpm, root: &Path) {
 
 #[test]
 fn provision_manifest_tls_rerun_rotate_verify_reset() {
-    require_tools!(Abrmd);
-    let Some(d) = device() else { return };
+    let Some(d) = Device::swtpm_with_abrmd(FakeRoot::with_template) else {
+        return;
+    };
     let tpm = d.tpm();
     let root = &d.fr.root();
 
@@ -370,8 +371,9 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
 
 #[test]
 fn ecdsa_p256_provision_warns_and_serves_tls13() {
-    require_tools!(Abrmd);
-    let Some(d) = device() else { return };
+    let Some(d) = Device::swtpm_with_abrmd(FakeRoot::with_template) else {
+        return;
+    };
     let tpm = d.tpm();
     let root = &d.fr.root();
     let out = sdv_ok(
@@ -741,8 +743,9 @@ fn power_loss_never_locks_the_identity_out() {
 /// (not rcgen's bare "Remote key error"), while the noDA secondary still signs.
 #[test]
 fn old_key_without_noda_and_a_tpm_in_lockout() {
-    require_tools!(Abrmd);
-    let Some(d) = device() else { return };
+    let Some(d) = Device::swtpm_with_abrmd(FakeRoot::with_template) else {
+        return;
+    };
     let tpm = d.tpm();
     let root = &d.fr.root();
     provision_json(&d, &[]);

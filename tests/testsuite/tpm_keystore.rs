@@ -158,8 +158,9 @@ tests_of!(algorithm_round_trip:
 /// ECDSA for the EC key), against a server that trusts only the device certificate.
 #[test]
 fn mutual_tls13_with_provider_through_abrmd() {
-    require_tools!(Abrmd);
-    let Some(d) = device() else { return };
+    let Some(d) = Device::swtpm_with_abrmd(FakeRoot::bare) else {
+        return;
+    };
     let tpm = d.tpm();
     let root = &d.fr;
     let mut ks = open(tpm, root.path());

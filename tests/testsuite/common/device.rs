@@ -79,6 +79,14 @@ impl Device {
         }
     }
 
+    /// A swtpm device on `root` for a test that also needs tpm2-abrmd (the OpenSSL
+    /// tpm2 provider reaches the TPM through it).
+    #[cfg(feature = "tpm")]
+    pub fn swtpm_with_abrmd(root: impl FnOnce() -> FakeRoot) -> Option<Device> {
+        require_tools!(Abrmd => None);
+        Device::on(Kind::Swtpm, root)
+    }
+
     /// The swtpm of a [`Kind::Swtpm`] device.
     #[cfg(feature = "tpm")]
     pub fn tpm(&self) -> &Swtpm {
