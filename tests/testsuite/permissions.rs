@@ -298,6 +298,23 @@ fn climb_out(rel: &str) -> String {
     "../".repeat(rel.split('/').count()) + "outside"
 }
 
+/// `run` (through `rel`, linked to `outside`) is refused with one error naming
+/// `inside --root`; nothing changed inside the root or outside it, nothing restarted.
+fn refused_at_the_link(
+    fr: &FakeRoot,
+    outside: &Path,
+    rel: &str,
+    what: &str,
+    run: impl FnOnce() -> Run,
+) {
+    let (before, out_before) = (fr.snapshot(), snapshot(outside));
+    let run = run();
+    assert!(run.one_error(1).contains("inside --root"), "{what}: {run}");
+    assert_same_tree(&out_before, &snapshot(outside), "outside the root");
+    assert_same_tree(&before, &fr.snapshot(), rel);
+    assert!(fr.calls().is_empty());
+}
+
 /// Before: only the last path component was checked, so a certificates directory
 /// (or `data`, `data/var`) linked out of the root received the keys. Links are now
 /// resolved inside the root, where this one leads nowhere: refused, nothing changed.
@@ -313,13 +330,8 @@ fn a_directory_linked_out_of_the_root_is_refused() {
                 false => outside.clone(),
             };
             relink(&fr, rel, &outside, &link);
-            let (before, out_before) = (fr.snapshot(), snapshot(&outside));
-            let run = provision(&fr);
-            let err = run.one_error(1);
-            assert!(err.contains("inside --root"), "{rel} -> {link:?}: {run}");
-            assert_same_tree(&out_before, &snapshot(&outside), "outside the root");
-            assert_same_tree(&before, &fr.snapshot(), rel);
-            assert!(fr.calls().is_empty());
+            let what = format!("{rel} -> {link:?}");
+            refused_at_the_link(&fr, &outside, rel, &what, || provision(&fr));
         }
     }
 }
@@ -335,12 +347,7 @@ fn reset_through_a_linked_directory_removes_nothing_outside() {
         fr.clear_calls();
         let outside = fr.dir.path().join("outside");
         relink(&fr, rel, &outside, &outside);
-        let (before, out_before) = (fr.snapshot(), snapshot(&outside));
-        let run = fr.run(&["reset", "--yes"]);
-        assert!(run.one_error(1).contains("inside --root"), "{rel}: {run}");
-        assert_same_tree(&out_before, &snapshot(&outside), "outside the root");
-        assert_same_tree(&before, &fr.snapshot(), rel);
-        assert!(fr.calls().is_empty());
+        refused_at_the_link(&fr, &outside, rel, rel, || fr.run(&["reset", "--yes"]));
     }
 }
 
