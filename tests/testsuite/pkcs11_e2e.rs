@@ -147,10 +147,7 @@ fn provision_cycle(alg: &str) {
     let out = run(tool(&d).args(provision_args(store, alg)), 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // One line about today's connector, with both reasons (PKCS#11, DPS).
-    let compat: Vec<_> = stderr
-        .lines()
-        .filter(|l| l.contains("today's Leda cloud connector"))
-        .collect();
+    let compat: Vec<_> = common::lines_containing(&stderr, "today's Leda cloud connector");
     assert_eq!(compat.len(), 1, "{stderr}");
     assert!(compat[0].starts_with("warning:"), "{stderr}");
     assert!(

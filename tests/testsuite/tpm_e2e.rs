@@ -388,10 +388,7 @@ fn ecdsa_p256_provision_warns_and_serves_tls13() {
         ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let compat: Vec<_> = stderr
-        .lines()
-        .filter(|l| l.contains("today's Leda cloud connector"))
-        .collect();
+    let compat: Vec<_> = common::lines_containing(&stderr, "today's Leda cloud connector");
     assert_eq!(compat.len(), 1, "one line, both reasons: {stderr}");
     assert!(
         compat[0].contains("RSA-PSS")
@@ -465,7 +462,7 @@ fn unreachable_tpm_is_one_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<_> = stderr.lines().filter(|l| l.contains(&tcti)).collect();
+    let errors: Vec<_> = common::lines_containing(&stderr, &tcti);
     assert_eq!(errors.len(), 1, "one line names the TCTI: {stderr}");
     common::pin_file(
         &stderr,
@@ -583,10 +580,7 @@ fn auto_picks_the_tpm_a_tcti_names() {
             "{how}: {stderr}"
         );
         // TPM RSA with DPS: that is the one reason, and the device is not registered.
-        let compat: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.contains("today's Leda cloud connector"))
-            .collect();
+        let compat: Vec<&str> = common::lines_containing(&stderr, "today's Leda cloud connector");
         assert!(
             compat.len() == 1 && compat[0].contains("not registered") && !compat[0].contains(';'),
             "{how}: {stderr}"

@@ -396,7 +396,7 @@ impl Run {
 
     /// The lines of stderr that contain `needle`.
     pub fn stderr_lines_with(&self, needle: &str) -> Vec<&str> {
-        self.stderr.lines().filter(|l| l.contains(needle)).collect()
+        super::lines_containing(&self.stderr, needle)
     }
 
     pub fn json(&self) -> serde_json::Value {

@@ -74,6 +74,11 @@ pub fn pin_file(actual: &str, redact: &[(&'static str, String)], name: &str) {
     pin(actual, redact, snapbox::Data::read_from(&path, None));
 }
 
+/// The lines of `text` that contain `needle`.
+pub fn lines_containing<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.contains(needle)).collect()
+}
+
 /// The lines of `text` that contain `needle`, each with its newline: the part of a
 /// run's output a [`pin`] is about, where the rest differs by keystore.
 pub fn lines_with(text: &str, needle: &str) -> String {
