@@ -47,6 +47,13 @@ const START: &str = "kanto-cm start -n cloudconnector";
 const REMOVE: &str = "kanto-cm remove -n cloudconnector";
 const REDEPLOY: &str = "systemctl restart kanto-auto-deployer";
 
+/// A device on `kind`, provisioned with ECDSA keys (DPS).
+fn provisioned(kind: Kind) -> Option<Device> {
+    let d = Device::start(kind)?;
+    d.provision("ecdsa-p256");
+    Some(d)
+}
+
 impl Device {
     /// `csr --role ROLE --out CSR`: openssl verifies its signature, and its public key
     /// is the one of the certificate `crt`.
@@ -1159,11 +1166,10 @@ fn swtpm_verify_fails_when_the_connectors_blobs_are_not_the_handles_key() {
 #[cfg(feature = "tpm")]
 #[test]
 fn swtpm_reset_leaves_a_foreign_key_at_a_recorded_handle() {
-    let Some(d) = Device::start(Kind::Swtpm) else {
+    let Some(d) = provisioned(Kind::Swtpm) else {
         return;
     };
     let t = d.tpm();
-    d.provision("ecdsa-p256");
     d.break_primary_key();
     t.foreign_key_at(PRIMARY_HANDLE, true);
     let foreign = t.public_pem(PRIMARY_HANDLE);
@@ -1198,11 +1204,10 @@ fn swtpm_reset_leaves_a_foreign_key_at_a_recorded_handle() {
 #[cfg(feature = "pkcs11")]
 #[test]
 fn softhsm_reset_leaves_a_foreign_key_under_our_label() {
-    let Some(d) = Device::start(Kind::SoftHsm) else {
+    let Some(d) = provisioned(Kind::SoftHsm) else {
         return;
     };
     let s = d.token();
-    d.provision("ecdsa-p256");
     for class in ["privkey", "pubkey", "cert"] {
         run_ok(
             s.pkcs11_tool()

@@ -99,6 +99,13 @@ fn assert_unchanged(d: &Device, before: &Snapshot, objects: usize, what: &str) {
     assert_eq!(d.token().object_labels().len(), objects, "{what}");
 }
 
+/// The one line of `text` that starts with `prefix` (there must be exactly one).
+fn only_line<'a>(text: &'a str, prefix: &str) -> &'a str {
+    let lines: Vec<_> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    lines[0]
+}
+
 /// Run `cmd`, expect exit status `code`, and return what it printed.
 fn run(cmd: &mut Command, code: i32) -> Output {
     let out = cmd.output().unwrap();
@@ -274,9 +281,8 @@ fn wrong_pin_fails_once_and_writes_nothing() {
     let before = d.fr.snapshot();
     let out = run(tool(&d).args(provision_args(store, "ecdsa-p256")), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(errors[0].contains("PIN was rejected"), "{stderr}");
+    let error = only_line(&stderr, "error");
+    assert!(error.contains("PIN was rejected"), "{stderr}");
     assert_pin_rejected(&stderr, &store.pin_file);
     assert!(!stderr.contains("0000-wrong"), "{stderr}");
     assert!(out.stdout.is_empty() || serde_json::from_slice::<Value>(&out.stdout).is_ok());
@@ -491,10 +497,9 @@ fn read_only_commands_leave_the_connectors_pin_file_alone() {
     };
     let out = run(&mut with_new_pin(&["verify"]), 1);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let fails: Vec<_> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
-    assert_eq!(fails.len(), 1, "{stdout}");
+    let fail = only_line(&stdout, "FAIL");
     assert!(
-        fails[0].contains("keystore.pin_file") && fails[0].contains("pkcs11.pin"),
+        fail.contains("keystore.pin_file") && fail.contains("pkcs11.pin"),
         "{stdout}"
     );
     // A PIN file of the user's in the certificates directory, holding the new PIN,
@@ -653,10 +658,9 @@ fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
     let args = with_pin_file(provision_args(store, "ecdsa-p256"), None);
     let out = run(tool(&d).args(&args), 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
+    let error = only_line(&stderr, "error");
     assert!(
-        errors[0].contains("--pkcs11-pin-file") && errors[0].contains("SDV_PROVISION_PKCS11_PIN"),
+        error.contains("--pkcs11-pin-file") && error.contains("SDV_PROVISION_PKCS11_PIN"),
         "{stderr}"
     );
     assert_refused(
