@@ -81,16 +81,9 @@ fn assert_pin_rejected(stderr: &str, pin_file: &Path) {
 
 /// A refused run: its stderr is the snapshot `pinned`, and it changed nothing (see
 /// [`assert_unchanged`]).
-fn assert_refused(
-    d: &Device,
-    before: &Snapshot,
-    stderr: &str,
-    pinned: &str,
-    objects: usize,
-    what: &str,
-) {
+fn assert_refused(d: &Device, before: &Snapshot, stderr: &str, pinned: &str, objects: usize) {
     common::pin_file(stderr, &[], pinned);
-    assert_unchanged(d, before, objects, what);
+    assert_unchanged(d, before, objects, pinned);
 }
 
 /// Nothing on disk changed since `before`, and the token holds `objects` objects.
@@ -638,14 +631,7 @@ fn force_to_another_token_is_refused_before_anything_changes() {
         stderr.contains("token leda") && stderr.contains("reset --yes"),
         "{stderr}"
     );
-    assert_refused(
-        &d,
-        &before,
-        &stderr,
-        "pkcs11_e2e/force_to_another_token",
-        6,
-        "a refused --force",
-    );
+    assert_refused(&d, &before, &stderr, "pkcs11_e2e/force_to_another_token", 6);
 }
 
 /// No PIN source and no terminal: a missing answer (exit 2, like a missing
@@ -663,14 +649,7 @@ fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
         error.contains("--pkcs11-pin-file") && error.contains("SDV_PROVISION_PKCS11_PIN"),
         "{stderr}"
     );
-    assert_refused(
-        &d,
-        &before,
-        &stderr,
-        "pkcs11_e2e/missing_pin",
-        0,
-        "a run without a PIN",
-    );
+    assert_refused(&d, &before, &stderr, "pkcs11_e2e/missing_pin", 0);
 }
 
 /// With a terminal and no PIN source, the PIN is asked for once, hidden.
