@@ -32,8 +32,8 @@ use cryptoki::object::{Attribute, AttributeType, CertificateType, ObjectClass, O
 use cryptoki::session::Session;
 
 use super::{
-    Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
-    KeystoreKind, OwnedKey, Pkcs11Uri, Role,
+    Algorithm, Backend, BlankToken, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri,
+    KeystoreKind, OwnedKey, Pkcs11Config, Pkcs11Settings, Pkcs11Uri, Purpose, Role,
 };
 use crate::paths::Layout;
 
@@ -112,20 +112,20 @@ impl Pkcs11KeyStore {
     ///
     /// It is not written when the user's `--pkcs11-pin-file` already lies inside the
     /// certificates directory (the connector then reads that file), nor by commands
-    /// that only read ([`KeystoreConfig::read_only`]: `verify`, `csr`).
-    pub fn open(config: &KeystoreConfig, layout: &Layout) -> Result<Pkcs11KeyStore, KeyStoreError> {
+    /// that only read ([`Purpose::Read`]: `verify`, `csr`).
+    pub fn open(config: &Pkcs11Config, layout: &Layout) -> Result<Pkcs11KeyStore, KeyStoreError> {
         let module = config
-            .pkcs11_module
+            .module
             .clone()
-            .or_else(|| config.recorded.pkcs11_module.clone())
+            .or_else(|| config.recorded.module.clone())
             .ok_or_else(|| KeyStoreError::Unavailable {
                 what: "no PKCS#11 module configured".into(),
                 hint: MODULE_HINT.into(),
             })?;
         let token = config
-            .pkcs11_token
+            .token
             .clone()
-            .or_else(|| config.recorded.pkcs11_token.clone())
+            .or_else(|| config.recorded.token.clone())
             .unwrap_or_else(|| DEFAULT_TOKEN.to_owned());
         let ctx = load_module(&module)?;
 
@@ -136,7 +136,10 @@ impl Pkcs11KeyStore {
                 check_user_pin_state(&ctx, slot, &token)?;
                 (slot, user_pin(config, layout, &token)?)
             }
-            Err(_) if config.pkcs11_init_token && !config.read_only => {
+            Err(_)
+                if config.blank_token == BlankToken::Initialise
+                    && config.purpose != Purpose::Read =>
+            {
                 let pin = user_pin(config, layout, &token)?;
                 init_token(&ctx, &module, &token, &pin)?;
                 let slot = find_token(&ctx, &module, &token)?
@@ -147,7 +150,7 @@ impl Pkcs11KeyStore {
         };
         // Commands that only read get a read-only session: they work on a
         // write-protected token and cannot change one by mistake.
-        let session = if config.read_only {
+        let session = if config.purpose == Purpose::Read {
             ctx.open_ro_session(slot)
         } else {
             ctx.open_rw_session(slot)
@@ -495,14 +498,13 @@ impl KeyStore for Pkcs11KeyStore {
         Some(("pin_file", outcome))
     }
 
-    fn record(&self) -> BackendRecord {
-        BackendRecord {
-            pkcs11_module: Some(self.module.clone()),
-            pkcs11_token: Some(self.token.clone()),
-            pkcs11_pin_file: Some(self.pin_file.clone()),
+    fn record(&self) -> Backend {
+        Backend::Pkcs11(Pkcs11Settings {
+            module: Some(self.module.clone()),
+            token: Some(self.token.clone()),
+            pin_file: Some(self.pin_file.clone()),
             mounts: self.mounts.clone(),
-            ..BackendRecord::default()
-        }
+        })
     }
 }
 
