@@ -176,7 +176,10 @@ impl Ctx {
             cfg.set_recorded(&s.backend);
         }
         tracing::info!(keystore = %kind, tcti = ?cfg.tpm.tcti, module = ?cfg.pkcs11.module, "opening keystore");
-        Ok(keystore::open(kind, &cfg, &self.layout)?)
+        let mut ks = keystore::open(kind, &cfg, &self.layout)?;
+        // Right after the login: the connector's PIN file, as the command may have it.
+        keystore::choose_pin_file(ks.as_mut(), &cfg.pkcs11, &self.layout)?;
+        Ok(ks)
     }
 }
 

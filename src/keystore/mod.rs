@@ -448,6 +448,23 @@ pub fn select_auto(config: &KeystoreConfig) -> KeystoreKind {
     }
 }
 
+/// The commands' step right after [`open`]: a PKCS#11 store's connector PIN file, as
+/// `pkcs11::pin_file::choose` decides for `config.purpose` (written where it says
+/// so, see `pkcs11::pin_file::settle`). The store only logged in and kept the
+/// accepted PIN; other stores have no PIN file.
+#[cfg_attr(not(feature = "pkcs11"), allow(unused_variables))]
+pub fn choose_pin_file(
+    ks: &mut dyn KeyStore,
+    config: &Pkcs11Config,
+    layout: &crate::paths::Layout,
+) -> Result<(), KeyStoreError> {
+    #[cfg(feature = "pkcs11")]
+    if let Some(login) = ks.connector_pin() {
+        login.file = Some(pkcs11::pin_file::settle(config, layout, login.accepted())?);
+    }
+    Ok(())
+}
+
 /// Open the backend.
 #[cfg_attr(not(all(feature = "tpm", feature = "pkcs11")), allow(unused_variables))]
 pub fn open(

@@ -19,16 +19,20 @@ use cryptoki::session::Session;
 use sdv_provision::cert::{self, CertInfo};
 use sdv_provision::keystore::pkcs11::Pkcs11KeyStore;
 use sdv_provision::keystore::{
-    Algorithm, BlankToken, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig, Pkcs11Config,
-    Pkcs11Uri, Role,
+    self, Algorithm, BlankToken, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
+    Pkcs11Config, Pkcs11Uri, Role,
 };
 use sdv_provision::paths::{self, Layout};
 
 /// DER namedCurve prime256v1, for foreign keys the tests make themselves.
 const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
+/// Open as the commands do: log in, then the connector's PIN file for the purpose.
 fn open(hsm: &SoftHsm, config: &Pkcs11Config) -> Result<Pkcs11KeyStore, KeyStoreError> {
-    Pkcs11KeyStore::open(config, &Layout::new(hsm.root()))
+    let layout = Layout::new(hsm.root());
+    let mut ks = Pkcs11KeyStore::open(config, &layout)?;
+    keystore::choose_pin_file(&mut ks, config, &layout)?;
+    Ok(ks)
 }
 
 fn pk(uri: &KeyUri) -> &Pkcs11Uri {
@@ -282,6 +286,32 @@ tests_of!(full_cycle:
     ecdsa_p256_full_cycle => (Algorithm::EcdsaP256),
     ecdsa_p384_full_cycle => (Algorithm::EcdsaP384),
 );
+
+/// Opening only logs in and keeps the PIN the token accepted; the connector's PIN
+/// file is the command's step after it (`keystore::choose_pin_file`).
+#[test]
+fn open_only_logs_in_and_the_command_writes_the_pin_file() {
+    use secrecy::ExposeSecret;
+    require_tools!(SoftHsm);
+    let hsm = SoftHsm::new("open-logs-in");
+    let layout = Layout::new(hsm.root());
+    let config = hsm.config();
+    let mut ks = Pkcs11KeyStore::open(&config, &layout).unwrap();
+    let ours = layout.host_cert_file("pkcs11.pin");
+    assert!(
+        !ours.exists(),
+        "opening the token wrote the connector's PIN file"
+    );
+    assert_eq!(ks.record().pkcs11().unwrap().pin_file, None);
+    let login = ks.connector_pin().expect("a PKCS#11 store keeps its login");
+    assert_eq!(login.accepted().expose_secret(), USER_PIN);
+    keystore::choose_pin_file(&mut ks, &config, &layout).unwrap();
+    assert_eq!(std::fs::read_to_string(&ours).unwrap(), USER_PIN);
+    assert_eq!(
+        ks.record().pkcs11().unwrap().pin_file,
+        Some(PathBuf::from("/data/var/certificates/pkcs11.pin"))
+    );
+}
 
 #[test]
 fn wrong_pin_is_one_clear_error_and_does_not_lock() {

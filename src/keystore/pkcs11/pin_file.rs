@@ -1,5 +1,7 @@
 //! Which PIN file the connector gets: one pure rule ([`choose`]) with a table test,
-//! and [`connector_pin_file`], which gathers its inputs and writes what it decides.
+//! and [`settle`], which gathers its inputs and writes what it decides. Opening the
+//! token only logs in ([`super::Pkcs11KeyStore::open`]); the commands call
+//! [`settle`] right after, through [`crate::keystore::choose_pin_file`].
 //!
 //! The connector reads a PIN file of the user's in the certificates directory when
 //! it may (the `--pkcs11-pin-file` given, or the one an earlier run recorded while it
@@ -8,6 +10,14 @@
 //! with the next run of any command that logs in. Only provisioning chooses; every
 //! other command keeps the file the identity records (the one the manifest names),
 //! and `verify` and `csr` write nothing at all.
+//!
+//! Written right after a successful login, before anything else happens, because:
+//! - only a PIN the token has accepted ever reaches a file, so a typo never ends up
+//!   in the connector's configuration and a wrong PIN writes nothing;
+//! - it is in place before any key exists, so a run killed at any later step never
+//!   leaves a manifest whose `pin-source` names a missing file;
+//! - it is rewritten only when its content differs, so a re-run changes nothing,
+//!   while a PIN changed on the token is picked up by the next run.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +26,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::pin::{inside_cert_dir, pin_file_holds};
 use super::PIN_FILE_NAME;
 use crate::fsutil;
-use crate::keystore::{KeyStoreError, Pkcs11Config, Purpose};
+use crate::keystore::{KeyStoreError, PinFile, Pkcs11Config, Purpose};
 use crate::paths::Layout;
 
 /// `--pkcs11-pin-file`, as the rule sees it.
@@ -70,14 +80,15 @@ pub fn choose(
     }
 }
 
-/// Device path of the PIN file the connector reads, and whether it holds `pin` (the
-/// PIN the token just accepted): [`choose`], then `<certdir>/pkcs11.pin` written
-/// (atomically, only when it differs) where the rule says so.
-pub(super) fn connector_pin_file(
+/// The PIN file the connector reads (device path), and whether it holds `pin` (the
+/// PIN the token just accepted): [`choose`] for `config.purpose`, then
+/// `<certdir>/pkcs11.pin` written (atomically, 0600, only when it differs) where the
+/// rule says so.
+pub fn settle(
     config: &Pkcs11Config,
     layout: &Layout,
     pin: &SecretString,
-) -> Result<(PathBuf, bool), KeyStoreError> {
+) -> Result<PinFile, KeyStoreError> {
     let command = config.purpose;
     let in_cert_dir = match (&config.pin_file, command) {
         (Some(user), Purpose::Provision) => inside_cert_dir(layout, user),
@@ -92,11 +103,14 @@ pub(super) fn connector_pin_file(
     let recorded_holds_pin = recorded.is_some_and(|r| pin_file_holds(layout, r, pin));
     let ours = Layout::cert_file(PIN_FILE_NAME);
     match choose(flag, recorded, recorded_holds_pin, command) {
-        Choice::Users { file, holds_pin } => Ok((file, holds_pin)),
-        Choice::Ours { write: false } => {
-            let holds = pin_file_holds(layout, &ours, pin);
-            Ok((ours, holds))
-        }
+        Choice::Users { file, holds_pin } => Ok(PinFile {
+            path: file,
+            holds_pin,
+        }),
+        Choice::Ours { write: false } => Ok(PinFile {
+            holds_pin: pin_file_holds(layout, &ours, pin),
+            path: ours,
+        }),
         Choice::Ours { write: true } => {
             if !pin_file_holds(layout, &ours, pin) {
                 fsutil::atomic_write(
@@ -108,7 +122,10 @@ pub(super) fn connector_pin_file(
                     KeyStoreError::backend("write the connector's PIN file", e.to_string())
                 })?;
             }
-            Ok((ours, true))
+            Ok(PinFile {
+                path: ours,
+                holds_pin: true,
+            })
         }
     }
 }

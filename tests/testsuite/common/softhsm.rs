@@ -328,7 +328,7 @@ impl SoftHsm {
     }
 
     /// Flags as the CLI would merge them: module, token, PIN file, non-interactive.
-    /// (A provisioning run's: the store may write the connector's PIN file.)
+    /// (A provisioning run's: it may choose and write the connector's PIN file.)
     pub fn config(&self) -> Pkcs11Config {
         Pkcs11Config {
             module: Some(self.store.module.clone()),
