@@ -360,9 +360,10 @@ fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) 
     Ok(cloud_changed)
 }
 
-/// A re-run's PKCS#11 store may have chosen another connector PIN file than the
-/// identity records (the recorded user file went missing or no longer holds the PIN
-/// the token accepts, so the tool wrote its own copy): the state follows, and with it
+/// A re-run may have chosen another connector PIN file than the identity records
+/// (`keystore::choose_pin_file`, when the store was opened: the recorded user file
+/// went missing or no longer holds the PIN the token accepts, so the tool wrote its
+/// own copy): the state follows, and with it
 /// the manifest (converged later in this run; a run stopped in between is repaired by
 /// the next, since the state then names a file that exists).
 fn refresh_pin_file(layout: &Layout, state: &State, ks: &dyn KeyStore) -> Result<State> {
