@@ -473,24 +473,26 @@ impl KeyStore for Pkcs11KeyStore {
     /// The connector's PIN file must hold the PIN the token accepted, or its login
     /// fails (and uses up the token's retries).
     fn check_store(&self) -> Option<(&'static str, Result<String, KeyStoreError>)> {
-        let outcome = self.pin_file().and_then(|f| {
-            if f.holds_pin {
-                Ok(format!(
-                    "{} holds the PIN token {} accepted",
-                    f.path.display(),
+        let (pin_file, current) = match self.pin_file() {
+            Ok(f) => (&f.path, f.holds_pin),
+            Err(e) => return Some(("pin_file", Err(e))),
+        };
+        let outcome = if current {
+            Ok(format!(
+                "{} holds the PIN token {} accepted",
+                pin_file.display(),
+                self.token
+            ))
+        } else {
+            Err(KeyStoreError::Rejected {
+                what: format!(
+                    "{} does not hold the PIN token {} accepted; the connector's login would fail",
+                    pin_file.display(),
                     self.token
-                ))
-            } else {
-                Err(KeyStoreError::Rejected {
-                    what: format!(
-                        "{} does not hold the PIN token {} accepted; the connector's login would fail",
-                        f.path.display(),
-                        self.token
-                    ),
-                    hint: "run sdv-provision with the current PIN to update it".into(),
-                })
-            }
-        });
+                ),
+                hint: "run sdv-provision with the current PIN to update it".into(),
+            })
+        };
         Some(("pin_file", outcome))
     }
 
