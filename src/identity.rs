@@ -97,8 +97,9 @@ impl State {
         }
         if self.backend.kind() != self.keystore {
             return Err(format!(
-                "backend settings of a {} keystore",
-                self.backend.kind()
+                "backend settings of a {} keystore for a {} identity",
+                self.backend.kind(),
+                self.keystore
             ));
         }
         let tpm = self.backend.tpm().cloned().unwrap_or_default();

@@ -460,7 +460,10 @@ pub fn choose_pin_file(
 ) -> Result<(), KeyStoreError> {
     #[cfg(feature = "pkcs11")]
     if let Some(login) = ks.connector_pin() {
-        login.file = Some(pkcs11::pin_file::settle(config, layout, login.accepted())?);
+        if let Some(pin) = login.accepted() {
+            let file = pkcs11::pin_file::settle(config, layout, pin)?;
+            login.chosen(file);
+        }
     }
     Ok(())
 }

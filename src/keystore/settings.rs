@@ -212,22 +212,34 @@ pub struct PinFile {
 }
 
 /// A PKCS#11 store's login: the PIN the token accepted when the store was opened,
-/// and the connector's PIN file the command chose from it (none until it has).
+/// until the command has chosen the connector's PIN file from it; then that file.
 pub struct ConnectorPin {
-    accepted: SecretString,
-    pub file: Option<PinFile>,
+    accepted: Option<SecretString>,
+    file: Option<PinFile>,
 }
 
 impl ConnectorPin {
     pub fn new(accepted: SecretString) -> ConnectorPin {
         ConnectorPin {
-            accepted,
+            accepted: Some(accepted),
             file: None,
         }
     }
 
-    /// The PIN the token accepted.
-    pub fn accepted(&self) -> &SecretString {
-        &self.accepted
+    /// The PIN the token accepted; `None` once the PIN file is chosen.
+    pub fn accepted(&self) -> Option<&SecretString> {
+        self.accepted.as_ref()
+    }
+
+    /// The connector's PIN file, once chosen.
+    pub fn file(&self) -> Option<&PinFile> {
+        self.file.as_ref()
+    }
+
+    /// Record the chosen PIN file and forget the PIN (zeroized on drop): the session
+    /// stays logged in, and nothing later needs the PIN itself.
+    pub fn chosen(&mut self, file: PinFile) {
+        self.file = Some(file);
+        self.accepted = None;
     }
 }

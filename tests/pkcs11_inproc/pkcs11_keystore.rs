@@ -304,8 +304,10 @@ fn open_only_logs_in_and_the_command_writes_the_pin_file() {
     );
     assert_eq!(ks.record().pkcs11().unwrap().pin_file, None);
     let login = ks.connector_pin().expect("a PKCS#11 store keeps its login");
-    assert_eq!(login.accepted().expose_secret(), USER_PIN);
+    assert_eq!(login.accepted().unwrap().expose_secret(), USER_PIN);
     keystore::choose_pin_file(&mut ks, &config, &layout).unwrap();
+    // Chosen: the PIN itself is forgotten (the session stays logged in).
+    assert!(ks.connector_pin().unwrap().accepted().is_none());
     assert_eq!(std::fs::read_to_string(&ours).unwrap(), USER_PIN);
     assert_eq!(
         ks.record().pkcs11().unwrap().pin_file,

@@ -181,7 +181,7 @@ impl Pkcs11KeyStore {
 
     /// The connector's PIN file, once the command chose it.
     fn pin_file(&self) -> Result<&PinFile, KeyStoreError> {
-        self.login.file.as_ref().ok_or_else(|| {
+        self.login.file().ok_or_else(|| {
             KeyStoreError::backend(
                 "name the connector's PIN file",
                 "none was chosen after logging in to the token",
@@ -500,7 +500,7 @@ impl KeyStore for Pkcs11KeyStore {
         Backend::Pkcs11(Pkcs11Settings {
             module: Some(self.module.clone()),
             token: Some(self.token.clone()),
-            pin_file: self.login.file.as_ref().map(|f| f.path.clone()),
+            pin_file: self.login.file().map(|f| f.path.clone()),
             mounts: self.mounts.clone(),
         })
     }
