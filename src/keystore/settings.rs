@@ -243,3 +243,52 @@ impl ConnectorPin {
         self.accepted = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flag wins over the record, the record over the default; the SRK comes from
+    /// the record or the default.
+    #[test]
+    fn tpm_handles_flag_then_record_then_default() {
+        let mut c = TpmConfig::default();
+        assert_eq!(c.live_handle(Role::Primary), DEFAULT_PRIMARY);
+        assert_eq!(c.live_handle(Role::Secondary), DEFAULT_SECONDARY);
+        assert_eq!(c.recorded.srk(), DEFAULT_SRK);
+        c.recorded = TpmSettings {
+            srk: Some(0x8100_0002),
+            primary_handle: Some(0x8100_0020),
+            secondary_handle: None,
+        };
+        assert_eq!(c.live_handle(Role::Primary), 0x8100_0020);
+        assert_eq!(c.live_handle(Role::Secondary), DEFAULT_SECONDARY);
+        assert_eq!(c.recorded.srk(), 0x8100_0002);
+        c.primary_handle = Some(0x8100_0030);
+        c.secondary_handle = Some(0x8100_0031);
+        assert_eq!(c.live_handle(Role::Primary), 0x8100_0030);
+        assert_eq!(c.live_handle(Role::Secondary), 0x8100_0031);
+    }
+
+    /// The record of one backend reaches only that backend's config.
+    #[test]
+    fn recorded_settings_fill_their_own_backend_only() {
+        for kind in [KeystoreKind::File, KeystoreKind::Tpm, KeystoreKind::Pkcs11] {
+            assert_eq!(Backend::empty(kind).kind(), kind);
+        }
+        let mut c = KeystoreConfig::default();
+        c.set_recorded(&Backend::Pkcs11(Pkcs11Settings {
+            token: Some("leda".into()),
+            mounts: vec!["/var/lib/softhsm/tokens".into()],
+            ..Pkcs11Settings::default()
+        }));
+        assert_eq!(c.pkcs11.recorded.token.as_deref(), Some("leda"));
+        assert_eq!(c.tpm.recorded, TpmSettings::default());
+        c.set_recorded(&Backend::Tpm(TpmSettings {
+            srk: Some(DEFAULT_SRK),
+            ..TpmSettings::default()
+        }));
+        assert_eq!(c.tpm.recorded.srk, Some(DEFAULT_SRK));
+        assert_eq!(Backend::File.mounts(), &[] as &[PathBuf]);
+    }
+}
