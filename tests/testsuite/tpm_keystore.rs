@@ -15,7 +15,7 @@ use common::swtpm::{cert_file, Abrmd, Swtpm};
 use sdv_provision::cert::{self, CertInfo};
 use sdv_provision::keystore::tpm::TpmKeyStore;
 use sdv_provision::keystore::{
-    Algorithm, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig, Role,
+    Algorithm, KeyRef, KeyStore, KeyStoreError, KeyUri, Role, TpmConfig,
 };
 use sdv_provision::paths::Layout;
 
@@ -30,10 +30,10 @@ fn device() -> Option<Device> {
     Device::on(Kind::Swtpm, FakeRoot::bare)
 }
 
-fn config(tcti: &str) -> KeystoreConfig {
-    KeystoreConfig {
+fn config(tcti: &str) -> TpmConfig {
+    TpmConfig {
         tcti: Some(tcti.into()),
-        ..KeystoreConfig::default()
+        ..TpmConfig::default()
     }
 }
 
@@ -109,7 +109,7 @@ fn algorithm_round_trip(alg: Algorithm) {
             priv_blob: "/data/var/certificates/device.tpm.priv".into(),
         }
     );
-    assert_eq!(ks.record().tpm_srk, Some(SRK));
+    assert_eq!(ks.record().tpm().unwrap().srk, Some(SRK));
     // Both slots are ours now: planning them again is refused.
     assert!(matches!(
         ks.plan(Role::Primary, false),
@@ -474,7 +474,7 @@ fn remove_finds_the_blobs_of_a_handle_outside_the_configured_slots() {
         false,
         Algorithm::EcdsaP256,
     );
-    assert_eq!(ks.record().tpm_primary_handle, Some(0x8100_0030));
+    assert_eq!(ks.record().tpm().unwrap().primary_handle, Some(0x8100_0030));
     drop(ks);
     let mut ks = open(tpm, root.path());
     ks.remove(&uri).unwrap();
