@@ -35,6 +35,14 @@ fn open(hsm: &SoftHsm, config: &Pkcs11Config) -> Result<Pkcs11KeyStore, KeyStore
     Ok(ks)
 }
 
+/// [`open`] must fail (`what` says what it must not have done); returns the error.
+fn open_fails(hsm: &SoftHsm, config: &Pkcs11Config, what: &str) -> KeyStoreError {
+    match open(hsm, config) {
+        Ok(_) => panic!("{what}"),
+        Err(e) => e,
+    }
+}
+
 fn pk(uri: &KeyUri) -> &Pkcs11Uri {
     match uri {
         KeyUri::Pkcs11(u) => u,
@@ -280,11 +288,11 @@ fn full_cycle(alg: Algorithm) {
     );
 }
 
-tests_of!(full_cycle:
-    rsa_2048_full_cycle => (Algorithm::Rsa2048),
-    rsa_3072_full_cycle => (Algorithm::Rsa3072),
-    ecdsa_p256_full_cycle => (Algorithm::EcdsaP256),
-    ecdsa_p384_full_cycle => (Algorithm::EcdsaP384),
+per_algorithm!(full_cycle:
+    rsa_2048_full_cycle,
+    rsa_3072_full_cycle,
+    ecdsa_p256_full_cycle,
+    ecdsa_p384_full_cycle,
 );
 
 /// Opening only logs in and keeps the PIN the token accepted; the connector's PIN
@@ -323,9 +331,7 @@ fn wrong_pin_is_one_clear_error_and_does_not_lock() {
     std::fs::write(&bad, "0000-wrong\n").unwrap();
     let mut config = hsm.config();
     config.pin_file = Some(bad);
-    let Err(e) = open(&hsm, &config) else {
-        panic!("a wrong PIN was accepted")
-    };
+    let e = open_fails(&hsm, &config, "a wrong PIN was accepted");
     assert!(matches!(e, KeyStoreError::Rejected { .. }), "{e:?}");
     let msg = assert_one_line(
         &e,
@@ -351,9 +357,7 @@ fn missing_token_lists_the_labels_found() {
     let hsm = SoftHsm::new("present-token");
     let mut config = hsm.config();
     config.token = Some("no-such-token".into());
-    let Err(e) = open(&hsm, &config) else {
-        panic!("opened a missing token")
-    };
+    let e = open_fails(&hsm, &config, "opened a missing token");
     assert_one_line(
         &e,
         &[
@@ -373,18 +377,14 @@ fn missing_or_bogus_module_is_named() {
     let mut config = hsm.config();
 
     config.module = None;
-    let Err(e) = open(&hsm, &config) else {
-        panic!("opened without a module")
-    };
+    let e = open_fails(&hsm, &config, "opened without a module");
     assert!(matches!(e, KeyStoreError::Unavailable { .. }), "{e:?}");
     assert_one_line(&e, &["--pkcs11-module", "PKCS11_MODULE_PATH"]);
     common::pin_file(&e.to_string(), &[], "pkcs11_keystore/no_module");
 
     let missing = hsm.dir.path().join("libmissing.so");
     config.module = Some(missing.clone());
-    let Err(e) = open(&hsm, &config) else {
-        panic!("opened a missing module")
-    };
+    let e = open_fails(&hsm, &config, "opened a missing module");
     assert_one_line(
         &e,
         &[
@@ -403,9 +403,7 @@ fn missing_or_bogus_module_is_named() {
     let text = hsm.dir.path().join("not-a-module.so");
     std::fs::write(&text, "this is not a shared library\n").unwrap();
     config.module = Some(text.clone());
-    let Err(e) = open(&hsm, &config) else {
-        panic!("opened a text file as a module")
-    };
+    let e = open_fails(&hsm, &config, "opened a text file as a module");
     assert_one_line(
         &e,
         &[
@@ -423,9 +421,7 @@ fn no_pin_source_names_the_flag_and_env() {
     let hsm = SoftHsm::new("no-pin");
     let mut config = hsm.config();
     config.pin_file = None;
-    let Err(e) = open(&hsm, &config) else {
-        panic!("opened without a PIN")
-    };
+    let e = open_fails(&hsm, &config, "opened without a PIN");
     assert_one_line(
         &e,
         &[

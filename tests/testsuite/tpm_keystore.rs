@@ -146,11 +146,11 @@ fn algorithm_round_trip(alg: Algorithm) {
     }
 }
 
-tests_of!(algorithm_round_trip:
-    rsa_2048_round_trip => (Algorithm::Rsa2048),
-    rsa_3072_round_trip => (Algorithm::Rsa3072),
-    ecdsa_p256_round_trip => (Algorithm::EcdsaP256),
-    ecdsa_p384_round_trip => (Algorithm::EcdsaP384),
+per_algorithm!(algorithm_round_trip:
+    rsa_2048_round_trip,
+    rsa_3072_round_trip,
+    ecdsa_p256_round_trip,
+    ecdsa_p384_round_trip,
 );
 
 /// The OpenSSL `tpm2` provider loads each key by its URI (`handle:0x…`) through

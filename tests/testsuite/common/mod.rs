@@ -22,6 +22,21 @@ macro_rules! tests_of {
     };
 }
 
+/// One `#[test]` per key algorithm of an in-process keystore scenario taking an
+/// `Algorithm`: `per_algorithm!(full_cycle: rsa_2048_full_cycle, rsa_3072_full_cycle,
+/// ecdsa_p256_full_cycle, ecdsa_p384_full_cycle)`. The one list of the algorithms the
+/// keystores make.
+macro_rules! per_algorithm {
+    ($scenario:ident: $rsa2048:ident, $rsa3072:ident, $p256:ident, $p384:ident $(,)?) => {
+        tests_of!($scenario:
+            $rsa2048 => (Algorithm::Rsa2048),
+            $rsa3072 => (Algorithm::Rsa3072),
+            $p256 => (Algorithm::EcdsaP256),
+            $p384 => (Algorithm::EcdsaP384),
+        );
+    };
+}
+
 pub mod crash;
 pub mod device;
 pub mod dps;
