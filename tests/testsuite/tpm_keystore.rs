@@ -64,6 +64,16 @@ fn provision(
     (uri, path)
 }
 
+/// The keystore with the primary at `handle` (what `--tpm-primary-handle` sets) and
+/// an ECDSA primary key made there.
+fn primary_at(tpm: &Swtpm, root: &Path, handle: u32) -> (TpmKeyStore, KeyUri) {
+    let mut cfg = config(&tpm.tcti());
+    cfg.primary_handle = Some(handle);
+    let mut ks = TpmKeyStore::open(&cfg, &Layout::new(root)).unwrap();
+    let (uri, _) = provision(&mut ks, root, Role::Primary, false, Algorithm::EcdsaP256);
+    (ks, uri)
+}
+
 fn spki_of(cert_path: &Path) -> Vec<u8> {
     let pem = std::fs::read(cert_path).unwrap();
     CertInfo::from_pem(cert_path, &pem).unwrap().spki
@@ -226,16 +236,7 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
     assert!(!cert_file(root.path(), "device.tpm.pub").exists());
 
     // With another handle chosen (what --tpm-primary-handle sets), it works.
-    let mut cfg = config(&tpm.tcti());
-    cfg.primary_handle = Some(0x8100_0020);
-    let mut ks = TpmKeyStore::open(&cfg, &Layout::new(root.path())).unwrap();
-    let (uri, _) = provision(
-        &mut ks,
-        root.path(),
-        Role::Primary,
-        false,
-        Algorithm::EcdsaP256,
-    );
+    let (_ks, uri) = primary_at(tpm, root.path(), 0x8100_0020);
     assert_eq!(uri, KeyUri::TpmHandle(0x8100_0020));
 }
 
@@ -464,16 +465,7 @@ fn remove_finds_the_blobs_of_a_handle_outside_the_configured_slots() {
     let Some(d) = device() else { return };
     let tpm = d.tpm();
     let root = &d.fr;
-    let mut cfg = config(&tpm.tcti());
-    cfg.primary_handle = Some(0x8100_0030);
-    let mut ks = TpmKeyStore::open(&cfg, &Layout::new(root.path())).unwrap();
-    let (uri, _) = provision(
-        &mut ks,
-        root.path(),
-        Role::Primary,
-        false,
-        Algorithm::EcdsaP256,
-    );
+    let (ks, uri) = primary_at(tpm, root.path(), 0x8100_0030);
     assert_eq!(ks.record().tpm().unwrap().primary_handle, Some(0x8100_0030));
     drop(ks);
     let mut ks = open(tpm, root.path());
