@@ -22,6 +22,11 @@ fn device() -> Option<Device> {
     Device::start(Kind::Swtpm)
 }
 
+/// [`device`] whose keys the OpenSSL tpm2 provider can reach (through tpm2-abrmd).
+fn tls_device() -> Option<Device> {
+    Device::swtpm_with_abrmd(FakeRoot::with_template)
+}
+
 fn manifest_path(root: &Path) -> PathBuf {
     root.join(MANIFEST)
 }
@@ -205,42 +210,21 @@ fn assert_noda_and_key_ids(tpm: &Swtpm, root: &Path) {
 /// identity, its key loaded by handle through the OpenSSL tpm2 provider.
 fn tls_with_both_identities(tpm: &Swtpm, root: &Path) {
     let abrmd = Abrmd::start(tpm);
-    let env = abrmd.provider_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let dir = tempfile::tempdir().unwrap();
     for (name, h) in [("device.crt", PRIMARY), ("device2.crt", SECONDARY)] {
         let key = format!("handle:0x{h:08x}");
-        common::mtls_handshake_trusting(
-            dir.path(),
-            &root.join("both.pem"),
-            &cert_file(root, name),
-            &["-provider", "tpm2", "-provider", "default", "-key", &key],
-            true,
-            &env,
-        );
+        abrmd.mtls13(&root.join("both.pem"), &cert_file(root, name), &key);
     }
 }
 
 fn tls_with_manifest_key(tpm: &Swtpm, root: &Path) {
     let uri = env_value(&manifest_env(root), "KEY_URI").expect("KEY_URI in the manifest");
-    let abrmd = Abrmd::start(tpm);
-    let env = abrmd.provider_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let dir = tempfile::tempdir().unwrap();
-    common::mtls_handshake(
-        dir.path(),
-        &cert_file(root, "device.crt"),
-        &["-provider", "tpm2", "-provider", "default", "-key", &uri],
-        true,
-        &env,
-    );
+    let cert = cert_file(root, "device.crt");
+    Abrmd::start(tpm).mtls13(&cert, &cert, &uri);
 }
 
 #[test]
 fn provision_manifest_tls_rerun_rotate_verify_reset() {
-    let Some(d) = Device::swtpm_with_abrmd(FakeRoot::with_template) else {
-        return;
-    };
+    let Some(d) = tls_device() else { return };
     let tpm = d.tpm();
     let root = &d.fr.root();
 
@@ -371,9 +355,7 @@ fn provision_manifest_tls_rerun_rotate_verify_reset() {
 
 #[test]
 fn ecdsa_p256_provision_warns_and_serves_tls13() {
-    let Some(d) = Device::swtpm_with_abrmd(FakeRoot::with_template) else {
-        return;
-    };
+    let Some(d) = tls_device() else { return };
     let tpm = d.tpm();
     let root = &d.fr.root();
     let out = sdv_ok(
@@ -737,9 +719,7 @@ fn power_loss_never_locks_the_identity_out() {
 /// (not rcgen's bare "Remote key error"), while the noDA secondary still signs.
 #[test]
 fn old_key_without_noda_and_a_tpm_in_lockout() {
-    let Some(d) = Device::swtpm_with_abrmd(FakeRoot::with_template) else {
-        return;
-    };
+    let Some(d) = tls_device() else { return };
     let tpm = d.tpm();
     let root = &d.fr.root();
     provision_json(&d, &[]);

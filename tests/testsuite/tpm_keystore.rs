@@ -191,18 +191,8 @@ fn mutual_tls13_with_provider_through_abrmd() {
     drop(ks);
 
     let abrmd = Abrmd::start(tpm);
-    let env = abrmd.provider_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     for (uri, crt) in [(&p_uri, &p_crt), (&s_uri, &s_crt)] {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = uri.to_string();
-        common::mtls_handshake(
-            dir.path(),
-            crt,
-            &["-provider", "tpm2", "-provider", "default", "-key", &uri],
-            true,
-            &env,
-        );
+        abrmd.mtls13(crt, crt, &uri.to_string());
     }
 }
 

@@ -337,6 +337,17 @@ impl Abrmd {
         format!("tabrmd:bus_name={},bus_type=session", self.bus_name)
     }
 
+    /// A mutual-TLS 1.3 handshake ([`super::mtls_handshake_trusting`]) against a server
+    /// that trusts `ca_file`, the client presenting `cert` with its key `key` (a
+    /// `handle:0x…` URI) loaded by the OpenSSL tpm2 provider through this abrmd.
+    pub fn mtls13(&self, ca_file: &Path, cert: &Path, key: &str) {
+        let env = self.provider_env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let client_key = ["-provider", "tpm2", "-provider", "default", "-key", key];
+        super::mtls_handshake_trusting(dir.path(), ca_file, cert, &client_key, true, &env);
+    }
+
     /// Environment for `openssl … -provider tpm2` to reach the TPM through abrmd.
     pub fn provider_env(&self) -> Vec<(&'static str, String)> {
         vec![
