@@ -959,6 +959,16 @@ fn connector_config_is_idempotent_and_a_templates_own_is_left_alone() {
     );
 }
 
+/// Provisioning on a [`SharedTpm`] root, with ECDSA keys.
+const OWN_ECDSA: [&str; 6] = [
+    "--id-scope",
+    "0ne0012345A",
+    "--device-id",
+    "dev-own",
+    "--algorithm",
+    "ecdsa-p256",
+];
+
 /// One swtpm behind tpm2-abrmd, so the tool and "another application" (tpm2-tools)
 /// talk to the TPM at the same time, as on a device with /dev/tpmrm0.
 struct SharedTpm {
@@ -1107,15 +1117,7 @@ fn a_crash_then_a_foreign_key_at_the_planned_handle_is_left_alone() {
     assert!(!fr.cert_file("sdv-provision.journal.json").exists());
 
     let other = ["--tpm-secondary-handle", "0x81000012"];
-    let mut args = vec![
-        "--id-scope",
-        "0ne0012345A",
-        "--device-id",
-        "dev-own",
-        "--algorithm",
-        "ecdsa-p256",
-    ];
-    args.extend(other);
+    let args = [&OWN_ECDSA[..], &other].concat();
     let (ok, text) = output(tpm.sdv(root, &args));
     assert!(ok, "{text}");
     for cmd in [
@@ -1140,17 +1142,7 @@ fn two_roots_on_one_tpm_never_remove_each_others_keys() {
     let tpm = SharedTpm::start();
     let (a, b) = (FakeRoot::with_template(), FakeRoot::with_template());
     tpm.provision_killed_early(&b);
-    let (ok, text) = output(tpm.sdv(
-        &a,
-        &[
-            "--id-scope",
-            "0ne0012345A",
-            "--device-id",
-            "dev-own",
-            "--algorithm",
-            "ecdsa-p256",
-        ],
-    ));
+    let (ok, text) = output(tpm.sdv(&a, &OWN_ECDSA));
     assert!(ok, "{text}");
     let names = (tpm.name(PRIMARY), tpm.name(SECONDARY));
     assert!(names.0.is_some() && names.1.is_some());
