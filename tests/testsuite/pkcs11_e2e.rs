@@ -26,7 +26,8 @@ fn tool(d: &Device) -> Command {
     d.env_cmd()
 }
 
-fn provision_args(store: &PrivateStore, alg: &str) -> Vec<String> {
+fn provision_args(d: &Device, alg: &str) -> Vec<String> {
+    let store = d.token();
     [
         "--keystore",
         "pkcs11",
@@ -53,7 +54,7 @@ fn provision_args(store: &PrivateStore, alg: &str) -> Vec<String> {
 /// tests here).
 fn provisioned() -> Option<Device> {
     let d = device()?;
-    run(tool(&d).args(provision_args(d.token(), "ecdsa-p256")), 0);
+    run(tool(&d).args(provision_args(&d, "ecdsa-p256")), 0);
     Some(d)
 }
 
@@ -144,7 +145,7 @@ fn mounts(manifest: &Value) -> Vec<(String, String)> {
 fn provision_cycle(alg: &str) {
     let Some(d) = device() else { return };
     let (store, root) = (d.token(), d.fr.root());
-    let out = run(tool(&d).args(provision_args(store, alg)), 0);
+    let out = run(tool(&d).args(provision_args(&d, alg)), 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // One line about today's connector, with both reasons (PKCS#11, DPS).
     let compat: Vec<_> = common::lines_containing(&stderr, "today's Leda cloud connector");
@@ -251,7 +252,7 @@ fn provision_cycle(alg: &str) {
     let objects = store.object_labels();
     assert_eq!(objects.len(), 6, "{objects:?}");
     let before = d.fr.snapshot();
-    run(tool(&d).args(provision_args(store, alg)), 0);
+    run(tool(&d).args(provision_args(&d, alg)), 0);
     assert_same_tree(&before, &d.fr.snapshot(), "a re-run");
     assert_eq!(store.object_labels(), objects);
 
@@ -272,7 +273,7 @@ fn wrong_pin_fails_once_and_writes_nothing() {
     let store = d.token();
     std::fs::write(&store.pin_file, "0000-wrong\n").unwrap();
     let before = d.fr.snapshot();
-    let out = run(tool(&d).args(provision_args(store, "ecdsa-p256")), 1);
+    let out = run(tool(&d).args(provision_args(&d, "ecdsa-p256")), 1);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let error = only_line(&stderr, "error");
     assert!(error.contains("PIN was rejected"), "{stderr}");
@@ -289,7 +290,7 @@ fn failure_after_keygen_leaves_no_token_objects() {
     // Injected failure: the secondary certificate cannot be written (a directory sits
     // at its path), after both keys were generated in the token.
     std::fs::create_dir_all(root.join(CERT_DIR).join("device2.crt/blocker")).unwrap();
-    let out = run(tool(&d).args(provision_args(store, "ecdsa-p256")), 1);
+    let out = run(tool(&d).args(provision_args(&d, "ecdsa-p256")), 1);
     assert_eq!(
         store.object_labels(),
         Vec::<String>::new(),
@@ -304,7 +305,7 @@ fn auto_picks_pkcs11_when_a_module_is_configured() {
     require_tools!(where common::tools::no_host_tpm());
     let Some(d) = device() else { return };
     let store = d.token();
-    let mut args = provision_args(store, "ecdsa-p256");
+    let mut args = provision_args(&d, "ecdsa-p256");
     // No --keystore and no --pkcs11-module: PKCS11_MODULE_PATH alone.
     args.drain(0..4);
     let out = run(
@@ -334,12 +335,12 @@ fn reset_keeps_the_users_pin_file_and_removes_the_tools() {
     let Some(d) = device() else { return };
     let (store, root) = (d.token(), d.fr.root());
     let tools = root.join(CERT_DIR).join("pkcs11.pin");
-    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
+    run(tool(&d).args(provision_args(&d, "ecdsa-p256")), 0);
     assert!(tools.is_file());
 
     let own = root.join(CERT_DIR).join("token.pin");
     std::fs::copy(&store.pin_file, &own).unwrap();
-    let mut args = with_pin_file(provision_args(store, "ecdsa-p256"), Some(&own));
+    let mut args = with_pin_file(provision_args(&d, "ecdsa-p256"), Some(&own));
     args.push("--force".into());
     let out = run(tool(&d).args(&args), 0);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -401,7 +402,7 @@ fn pkcs11_entries_in_the_auto_deployer_shape() {
     };
     let (store, root) = (d.token(), d.fr.root());
     let manifest_path = root.join(MANIFEST);
-    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
+    run(tool(&d).args(provision_args(&d, "ecdsa-p256")), 0);
     let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     assert!(manifest.get("mounts").is_none(), "shape converted");
     let pair = |s: &Path, d: &str| (s.display().to_string(), d.to_owned());
@@ -463,7 +464,7 @@ fn reset_with_a_wrong_pin_changes_nothing() {
     assert_unchanged(&d, &before, 6, "a reset with a wrong PIN");
     // The identity is intact for the next runs.
     run(tool(&d).args(["--non-interactive", "verify"]), 0);
-    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
+    run(tool(&d).args(provision_args(&d, "ecdsa-p256")), 0);
     assert_same_tree(&before, &d.fr.snapshot(), "the run after it");
 }
 
@@ -535,7 +536,7 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
     let own = root.join(CERT_DIR).join("token.pin");
     std::fs::create_dir_all(own.parent().unwrap()).unwrap();
     std::fs::copy(&store.pin_file, &own).unwrap();
-    let args = with_pin_file(provision_args(store, "ecdsa-p256"), Some(&own));
+    let args = with_pin_file(provision_args(&d, "ecdsa-p256"), Some(&own));
     run(tool(&d).args(&args), 0);
     let tools = root.join(CERT_DIR).join("pkcs11.pin");
     let pin_source = || {
@@ -550,7 +551,7 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
     let new_pin = "4321-new";
     store.change_user_pin(new_pin);
     let rerun = |extra: &[&str]| {
-        let mut args = with_pin_file(provision_args(store, "ecdsa-p256"), None);
+        let mut args = with_pin_file(provision_args(&d, "ecdsa-p256"), None);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut c = tool(&d);
         c.env("SDV_PROVISION_PKCS11_PIN", new_pin).args(args);
@@ -572,7 +573,7 @@ fn a_stale_or_missing_user_pin_file_is_replaced_by_the_tools_copy() {
 
     // Back to the user's file (now holding the new PIN), then the file disappears.
     std::fs::write(&own, new_pin).unwrap();
-    let args = with_pin_file(provision_args(store, "ecdsa-p256"), Some(&own));
+    let args = with_pin_file(provision_args(&d, "ecdsa-p256"), Some(&own));
     let mut c = tool(&d);
     run(c.args(&args).arg("--force"), 0);
     assert_eq!(pin_source(), "/var/certificates/token.pin");
@@ -617,12 +618,11 @@ fn force_to_the_file_keystore_removes_the_tokens_objects() {
 #[test]
 fn force_to_another_token_is_refused_before_anything_changes() {
     let Some(d) = provisioned() else { return };
-    let store = d.token();
     let before = d.fr.snapshot();
     let out = run(
         tool(&d)
             .args(["--pkcs11-token", "other"])
-            .args(provision_args(store, "ecdsa-p256"))
+            .args(provision_args(&d, "ecdsa-p256"))
             .arg("--force"),
         1,
     );
@@ -639,9 +639,8 @@ fn force_to_another_token_is_refused_before_anything_changes() {
 #[test]
 fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
     let Some(d) = device() else { return };
-    let store = d.token();
     let before = d.fr.snapshot();
-    let args = with_pin_file(provision_args(store, "ecdsa-p256"), None);
+    let args = with_pin_file(provision_args(&d, "ecdsa-p256"), None);
     let out = run(tool(&d).args(&args), 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let error = only_line(&stderr, "error");
@@ -695,7 +694,7 @@ fn interactive_pin_prompt_is_hidden() {
 fn init_token_from_the_command_line() {
     let Some(d) = device() else { return };
     let store = d.token();
-    let mut args = provision_args(store, "ecdsa-p256");
+    let mut args = provision_args(&d, "ecdsa-p256");
     args.splice(
         0..0,
         ["--pkcs11-token", "fresh", "--pkcs11-init-token"].map(String::from),
@@ -738,7 +737,7 @@ fn manifest_write_failure_leaves_no_orphans() {
     let Some(guard) = common::tools::immutable(&manifests) else {
         return;
     };
-    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 1);
+    run(tool(&d).args(provision_args(&d, "ecdsa-p256")), 1);
     drop(guard);
 
     assert!(
@@ -750,7 +749,7 @@ fn manifest_write_failure_leaves_no_orphans() {
     );
     let labels = store.object_labels();
     assert!(labels.is_empty(), "objects left in the token: {labels:?}");
-    run(tool(&d).args(provision_args(store, "ecdsa-p256")), 0);
+    run(tool(&d).args(provision_args(&d, "ecdsa-p256")), 0);
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
     let key_uri = env_entry(&manifest, "KEY_URI").unwrap();
@@ -782,7 +781,7 @@ fn pin_file_and_token_dir_are_compared_after_resolution() {
     std::fs::create_dir_all(root.join(CERT_DIR)).unwrap();
     std::fs::copy(&store.pin_file, root.join("etc/x.pin")).unwrap();
     let climbing = root.join(CERT_DIR).join("../../../etc/x.pin");
-    let args = with_pin_file(provision_args(store, "ecdsa-p256"), Some(&climbing));
+    let args = with_pin_file(provision_args(&d, "ecdsa-p256"), Some(&climbing));
     run(tool(&d).args(&args), 0);
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(root.join(MANIFEST)).unwrap()).unwrap();
@@ -857,7 +856,7 @@ fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
         2,
         "{foreign}"
     );
-    let base: Vec<String> = provision_args(store, "ecdsa-p256")[..6].to_vec();
+    let base: Vec<String> = provision_args(&d, "ecdsa-p256")[..6].to_vec();
     let cmds: [&[&str]; 4] = [
         &["rotate"],
         &["rotate", "--promote"],
@@ -892,7 +891,7 @@ fn a_foreign_pair_under_our_label_survives_promote_and_reset() {
 #[test]
 fn mounts_come_from_the_configuration_never_from_the_state() {
     let Some(d) = provisioned() else { return };
-    let (store, root) = (d.token(), d.fr.root());
+    let root = d.fr.root();
     let state_path = root.join(CERT_DIR).join("sdv-provision.state.json");
     let manifest_path = root.join(MANIFEST);
     let read = |p: &Path| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
@@ -900,7 +899,7 @@ fn mounts_come_from_the_configuration_never_from_the_state() {
     let mut state = read(&state_path);
     let rerun = || {
         tool(&d)
-            .args(provision_args(store, "ecdsa-p256"))
+            .args(provision_args(&d, "ecdsa-p256"))
             .output()
             .unwrap()
     };
@@ -941,7 +940,7 @@ fn an_edited_journal_naming_foreign_objects_touches_nothing() {
     let (store, root) = (d.token(), d.fr.root());
     store.foreign_keypair("device-primary", "0102");
     let foreign = objects_with_id(store, "0102");
-    let base: Vec<String> = provision_args(store, "ecdsa-p256")[..6].to_vec();
+    let base: Vec<String> = provision_args(&d, "ecdsa-p256")[..6].to_vec();
     for (uri, pinned) in [
         (
             "pkcs11:token=leda;object=device-primary;id=%01%02;type=private",
