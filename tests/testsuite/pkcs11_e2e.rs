@@ -107,6 +107,11 @@ fn run(cmd: &mut Command, code: i32) -> Output {
     out
 }
 
+/// What a run printed on stderr.
+fn stderr_of(out: Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
@@ -619,14 +624,13 @@ fn force_to_the_file_keystore_removes_the_tokens_objects() {
 fn force_to_another_token_is_refused_before_anything_changes() {
     let Some(d) = provisioned() else { return };
     let before = d.fr.snapshot();
-    let out = run(
+    let stderr = stderr_of(run(
         tool(&d)
             .args(["--pkcs11-token", "other"])
             .args(provision_args(&d, "ecdsa-p256"))
             .arg("--force"),
         1,
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    ));
     assert!(
         stderr.contains("token leda") && stderr.contains("reset --yes"),
         "{stderr}"
@@ -641,8 +645,7 @@ fn missing_pin_in_a_non_interactive_run_is_a_usage_error() {
     let Some(d) = device() else { return };
     let before = d.fr.snapshot();
     let args = with_pin_file(provision_args(&d, "ecdsa-p256"), None);
-    let out = run(tool(&d).args(&args), 2);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_of(run(tool(&d).args(&args), 2));
     let error = only_line(&stderr, "error");
     assert!(
         error.contains("--pkcs11-pin-file") && error.contains("SDV_PROVISION_PKCS11_PIN"),
@@ -700,8 +703,7 @@ fn init_token_from_the_command_line() {
         ["--pkcs11-token", "fresh", "--pkcs11-init-token"].map(String::from),
     );
 
-    let out = run(tool(&d).args(&args), 1);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr_of(run(tool(&d).args(&args), 1));
     assert!(
         stderr.contains("SDV_PROVISION_PKCS11_SO_PIN_FILE"),
         "{stderr}"
