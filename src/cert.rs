@@ -237,6 +237,7 @@ pub fn key_matches(key: &dyn DeviceKey, spki: &[u8]) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::keystore::{file::FileKeyStore, KeyStore, Role};
+    use crate::model::Slot;
     use crate::paths::Layout;
 
     #[test]
@@ -244,7 +245,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut ks = FileKeyStore::new(Layout::new(d.path()));
         for alg in Algorithm::ALL {
-            let uri = ks.plan(Role::Primary, false).unwrap();
+            let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
             let key = ks.generate(&uri, alg).unwrap();
             let pem = self_signed(key.as_ref(), "dev-1", 30).unwrap();
             let info = CertInfo::from_pem(Path::new("x"), pem.as_bytes()).unwrap();
@@ -281,7 +282,7 @@ mod tests {
     fn pem_chains_keep_their_order_and_ignore_text_around_them() {
         let d = tempfile::tempdir().unwrap();
         let mut ks = FileKeyStore::new(Layout::new(d.path()));
-        let uri = ks.plan(Role::Primary, false).unwrap();
+        let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
         let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
         let a = self_signed(key.as_ref(), "dev-a", 30).unwrap();
         let b = self_signed(key.as_ref(), "dev-b", 30).unwrap();
@@ -308,7 +309,7 @@ mod tests {
         let mut ks = FileKeyStore::new(Layout::new(d.path()));
         let mut ids = Vec::new();
         for role in Role::ALL {
-            let uri = ks.plan(role, false).unwrap();
+            let uri = ks.plan(Slot::live(role)).unwrap();
             let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
             let pem = self_signed(key.as_ref(), "dev-1", 30).unwrap();
             let cert = Certificate::load_pem_chain(pem.as_bytes())

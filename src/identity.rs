@@ -23,7 +23,8 @@ use crate::fsutil;
 use crate::keystore::{
     file::key_path, Algorithm, BackendRecord, KeyUri, KeystoreKind, OwnedKey, Role, TpmName,
 };
-use crate::paths::{self, Layout, STATE_FILE};
+use crate::model::Slot;
+use crate::paths::{Layout, STATE_FILE};
 
 pub use crate::paths::JOURNAL_FILE;
 const VERSION: u32 = 1;
@@ -230,7 +231,7 @@ impl Identity {
             .map(|&role| {
                 let key_uri = match (&state, legacy) {
                     (Some(s), _) => s.keys.get(&role).cloned(),
-                    (None, true) => Some(KeyUri::File(key_path(role, false))),
+                    (None, true) => Some(KeyUri::File(key_path(Slot::live(role)))),
                     (None, false) => None,
                 };
                 role_view(layout, role, key_uri)
@@ -251,7 +252,7 @@ impl Identity {
 }
 
 pub fn role_view(layout: &Layout, role: Role, key_uri: Option<KeyUri>) -> RoleView {
-    let cert_path = layout.host_cert_file(&paths::cert_name(role, false));
+    let cert_path = layout.host_cert_file(&Slot::live(role).cert_file());
     let cert = match fsutil::read_optional(&cert_path) {
         Ok(Some(pem)) => CertInfo::from_pem(&cert_path, &pem).map_err(|e| e.to_string()),
         Ok(None) => Err(format!("{} is missing", cert_path.display())),
@@ -269,7 +270,8 @@ pub fn role_view(layout: &Layout, role: Role, key_uri: Option<KeyUri>) -> RoleVi
 pub fn legacy_state(device_id: &str) -> State {
     let mut s = State::new(device_id, KeystoreKind::File, Algorithm::Rsa2048);
     for role in Role::ALL {
-        s.keys.insert(role, KeyUri::File(key_path(role, false)));
+        s.keys
+            .insert(role, KeyUri::File(key_path(Slot::live(role))));
     }
     s.adopted = true;
     s
@@ -277,8 +279,8 @@ pub fn legacy_state(device_id: &str) -> State {
 
 /// The original script's files: `device.crt` + `device.key`.
 pub fn legacy_files_present(layout: &Layout) -> bool {
-    let crt = layout.host_cert_file(&paths::cert_name(Role::Primary, false));
-    let key = layout.host(key_path(Role::Primary, false));
+    let crt = layout.host_cert_file(&Slot::live(Role::Primary).cert_file());
+    let key = layout.host(key_path(Slot::live(Role::Primary)));
     fsutil::exists_nofollow(&crt) && fsutil::exists_nofollow(&key)
 }
 
@@ -286,7 +288,7 @@ pub fn legacy_files_present(layout: &Layout) -> bool {
 pub fn key_ref(state: &State, role: Role) -> Option<crate::keystore::KeyRef> {
     use crate::keystore::KeyRef;
     let uri = state.keys.get(&role)?;
-    let stem = paths::stem(role, false);
+    let stem = Slot::live(role).stem();
     Some(match uri {
         KeyUri::File(p) => KeyRef::File {
             key_file: p.clone(),
@@ -344,8 +346,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let layout = Layout::new(d.path());
         let mut s = State::new("dev-1", KeystoreKind::File, Algorithm::Rsa2048);
-        s.keys
-            .insert(Role::Primary, KeyUri::File(key_path(Role::Primary, false)));
+        s.keys.insert(
+            Role::Primary,
+            KeyUri::File(key_path(Slot::live(Role::Primary))),
+        );
         s.save(&layout).unwrap();
         assert_eq!(State::load(&layout).unwrap(), Some(s.clone()));
 

@@ -252,7 +252,7 @@ impl Journal {
         if p.keystore == KeystoreKind::File {
             // A key file's proof is its name: a planned one is ours, recorded or not.
             for s in &unrecorded {
-                let key = OwnedKey::new(KeyUri::File(keystore::file::key_path(s.role, s.staged)));
+                let key = OwnedKey::new(KeyUri::File(keystore::file::key_path(*s)));
                 ks.remove_owned(&key)?;
             }
         } else if let Some(slot) = unrecorded.first() {
@@ -313,7 +313,7 @@ impl Journal {
         };
         for (m, role) in &c.moves {
             let live = ks.promote(&m.key.uri, *role)?;
-            let live_cert = paths::cert_name(*role, false);
+            let live_cert = Slot::live(*role).cert_file();
             let cert_file = m.slot.cert_file();
             if cert_file != live_cert {
                 let src = layout.host_cert_file(&cert_file);
@@ -434,7 +434,7 @@ pub fn build_keys(
         .collect();
     let mut uris = Vec::new();
     for s in &slots {
-        uris.push(ks.plan(s.role, s.staged)?);
+        uris.push(ks.plan(*s)?);
     }
     let mut journal = Journal::prepare(ks.kind(), &slots);
     journal.save(layout)?;
@@ -552,14 +552,15 @@ mod tests {
         let mut s = State::new("dev", KeystoreKind::File, Algorithm::EcdsaP256);
         s.set_key(
             Role::Primary,
-            OwnedKey::new(KeyUri::File(keystore::file::key_path(Role::Primary, false))),
+            OwnedKey::new(KeyUri::File(keystore::file::key_path(Slot::live(
+                Role::Primary,
+            )))),
         );
         s.set_key(
             Role::Secondary,
-            OwnedKey::new(KeyUri::File(keystore::file::key_path(
+            OwnedKey::new(KeyUri::File(keystore::file::key_path(Slot::live(
                 Role::Secondary,
-                false,
-            ))),
+            )))),
         );
         for j in [
             Journal::prepare(KeystoreKind::File, &all_slots()),

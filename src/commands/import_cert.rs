@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::Role;
-use crate::paths;
+use crate::model::Slot;
 
 use super::{converge, existing_state, recover, report, Ctx};
 
@@ -46,7 +46,7 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
             ));
         }
     }
-    let path = ctx.layout.host_cert_file(&paths::cert_name(role, false));
+    let path = ctx.layout.host_cert_file(&Slot::live(role).cert_file());
     // The keystore first (a token's certificate object; idempotent), the file last:
     // a run that stops in between is finished by the next one, and importing the file
     // already installed writes nothing and restarts nothing.

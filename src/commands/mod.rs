@@ -12,6 +12,7 @@ use crate::fsutil::{self, RunLock};
 use crate::identity::{self, State};
 use crate::keystore::{self, KeyStore, KeystoreConfig, KeystoreKind, Role};
 use crate::manifest::{Desired, Manifest};
+use crate::model::Slot;
 use crate::output::Out;
 use crate::paths::{self, Layout};
 use crate::txn::{self, Journal};
@@ -215,7 +216,7 @@ pub fn run(cli: &Cli) -> Result<i32> {
 /// on one would roll back its half-made identity, and that removes the planted link
 /// (a file it did not make); `--force` would replace it.
 fn refuse_planted_links(layout: &Layout) -> Result<()> {
-    use crate::paths::{stem, CONNECTION_STRING_FILE, ID_SCOPE_FILE, PKCS11_PIN_FILE, STATE_FILE};
+    use crate::paths::{CONNECTION_STRING_FILE, ID_SCOPE_FILE, PKCS11_PIN_FILE, STATE_FILE};
     let mut names: Vec<String> = [
         STATE_FILE,
         crate::identity::JOURNAL_FILE,
@@ -227,8 +228,8 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
     .map(String::from)
     .to_vec();
     for role in Role::ALL {
-        for staged in [false, true] {
-            let s = stem(role, staged);
+        for slot in [Slot::live(role), Slot::staged(role)] {
+            let s = slot.stem();
             for ext in ["crt", "key", "tpm.pub", "tpm.priv"] {
                 names.push(format!("{s}.{ext}"));
             }
@@ -383,7 +384,7 @@ pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
     let (k, v) = cloud_env(state, cloud);
     Some(Desired {
         cloud: (k, v),
-        cert: crate::paths::Layout::cert_file(&crate::paths::cert_name(Role::Primary, false)),
+        cert: crate::paths::Layout::cert_file(&Slot::live(Role::Primary).cert_file()),
         key,
         // Only to take away mounts an earlier run added; what is mounted comes from
         // the configuration (`key`).
@@ -492,7 +493,7 @@ pub fn converge(ctx: &Ctx, state: &State, cloud: &Cloud, change: Change) -> Resu
 pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
     let cert = ctx
         .layout
-        .host_cert_file(&crate::paths::cert_name(Role::Primary, false));
+        .host_cert_file(&Slot::live(Role::Primary).cert_file());
     let cert_chain = fsutil::read_optional(&cert)
         .ok()
         .flatten()

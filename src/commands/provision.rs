@@ -17,6 +17,7 @@ use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::{self, file::FileKeyStore, Algorithm, KeyStore, KeyUri, KeystoreKind, Role};
 use crate::manifest::Manifest;
+use crate::model::Slot;
 use crate::paths::{Layout, DEVICE_ID_FILE};
 use crate::txn::Plan;
 
@@ -460,10 +461,10 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
     let mut state: Option<State> = None;
     let mut missing = Vec::new();
     for role in Role::ALL {
-        let uri = KeyUri::File(keystore::file::key_path(role, false));
+        let uri = KeyUri::File(keystore::file::key_path(Slot::live(role)));
         let view = id.role(role);
         let key_present =
-            fsutil::exists_nofollow(&ctx.layout.host(keystore::file::key_path(role, false)));
+            fsutil::exists_nofollow(&ctx.layout.host(keystore::file::key_path(Slot::live(role))));
         if !key_present && role == Role::Secondary {
             missing.push(role);
             continue;
@@ -477,7 +478,7 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
         let key = ks.open(&uri)?;
         if !crate::cert::key_matches(key.as_ref(), &cert.spki)? {
             return Err(Error::input(
-                format!("{} does not belong to {}", ctx.layout.host(keystore::file::key_path(role, false)).display(), view.cert_path.display()),
+                format!("{} does not belong to {}", ctx.layout.host(keystore::file::key_path(Slot::live(role))).display(), view.cert_path.display()),
                 "restore the matching pair, or run `sdv-provision provision --force` to build a new identity",
             ));
         }

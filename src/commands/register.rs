@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::{KeystoreKind, Role};
+use crate::model::Slot;
 
 pub fn run(ctx: &Ctx, args: &DpsArgs) -> Result<i32> {
     // Flags first: a bad value stops the run before anything is read.
@@ -86,7 +87,7 @@ pub fn register(
         })?;
     let path = ctx
         .layout
-        .host_cert_file(&crate::paths::cert_name(Role::Primary, false));
+        .host_cert_file(&Slot::live(Role::Primary).cert_file());
     let pem = fsutil::read_optional(&path)?.ok_or_else(|| {
         Error::input(
             format!("{} is missing", path.display()),
@@ -162,7 +163,7 @@ pub fn save_assignment(
 fn primary_thumbprint(ctx: &Ctx) -> Result<Option<String>> {
     let path = ctx
         .layout
-        .host_cert_file(&crate::paths::cert_name(Role::Primary, false));
+        .host_cert_file(&Slot::live(Role::Primary).cert_file());
     Ok(fsutil::read_optional(&path)?
         .map(|pem| CertInfo::from_pem(&path, &pem))
         .transpose()?
@@ -223,10 +224,7 @@ pub fn provision_step(
 /// `rotate --promote`, `import-cert`): enroll, then `register`.
 pub fn next_step(ctx: &Ctx, state: &State, id_scope: &str, e: &DpsError) {
     ctx.out.warn(format!("DPS registration is pending: {e}"));
-    let cert = |r| {
-        ctx.layout
-            .host_cert_file(&crate::paths::cert_name(r, false))
-    };
+    let cert = |r| ctx.layout.host_cert_file(&Slot::live(r).cert_file());
     ctx.out.say(format!(
         "- Next: enroll the device in DPS (ID scope {id_scope}): `az iot dps enrollment create \
          --dps-name <your-dps> -g <resource-group> --enrollment-id {} --attestation-type x509 \

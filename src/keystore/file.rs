@@ -14,6 +14,7 @@ use super::{
     TlsScheme,
 };
 use crate::fsutil;
+use crate::model::Slot;
 use crate::paths::Layout;
 
 pub struct FileKeyStore {
@@ -36,9 +37,9 @@ impl FileKeyStore {
     }
 }
 
-/// Device path of a role's key file: `/data/var/certificates/device.key`, …
-pub fn key_path(role: Role, staged: bool) -> PathBuf {
-    Layout::cert_file(&crate::model::Slot { role, staged }.key_file())
+/// Device path of a slot's key file: `/data/var/certificates/device.key`, …
+pub fn key_path(slot: Slot) -> PathBuf {
+    Layout::cert_file(&slot.key_file())
 }
 
 impl KeyStore for FileKeyStore {
@@ -46,8 +47,8 @@ impl KeyStore for FileKeyStore {
         KeystoreKind::File
     }
 
-    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
-        Ok(KeyUri::File(key_path(role, staged)))
+    fn plan(&mut self, slot: Slot) -> Result<KeyUri, KeyStoreError> {
+        Ok(KeyUri::File(key_path(slot)))
     }
 
     fn generate_recorded(
@@ -124,7 +125,7 @@ impl KeyStore for FileKeyStore {
     }
 
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
-        let to = KeyUri::File(key_path(role, false));
+        let to = KeyUri::File(key_path(Slot::live(role)));
         if from == &to {
             return Ok(to);
         }

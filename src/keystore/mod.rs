@@ -198,10 +198,10 @@ impl TlsScheme {
 pub trait KeyStore {
     fn kind(&self) -> KeystoreKind;
 
-    /// The URI a new key for `role` will get. `staged` keys are built beside the live
+    /// The URI a new key for `slot` will get. Staged keys are built beside the live
     /// ones while those stay in service (rotation, `--force`). Fails if the location is
     /// taken by something this tool did not make.
-    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError>;
+    fn plan(&mut self, slot: Slot) -> Result<KeyUri, KeyStoreError>;
 
     /// Make a key at a planned location. `record` is called with the key's ownership
     /// proof as soon as the key exists (TPM: before it is persisted, see the TPM
@@ -418,16 +418,14 @@ pub(crate) fn check_recorded_key(
     };
     let uri = &key.uri;
     let fits = match (kind, uri) {
-        (KeystoreKind::File, KeyUri::File(p)) => {
-            slots.iter().any(|s| *p == file::key_path(s.role, s.staged))
-        }
+        (KeystoreKind::File, KeyUri::File(p)) => slots.iter().any(|s| *p == file::key_path(*s)),
         (KeystoreKind::Tpm, KeyUri::TpmHandle(h)) => {
             (0x8100_0000..=0x817F_FFFF).contains(h) && (key.tpm_name.is_some() || !need_name)
         }
         #[cfg(feature = "pkcs11")]
-        (KeystoreKind::Pkcs11, KeyUri::Pkcs11(u)) => slots
-            .iter()
-            .any(|s| u.object == pkcs11::label(s.role, s.staged)),
+        (KeystoreKind::Pkcs11, KeyUri::Pkcs11(u)) => {
+            slots.iter().any(|s| u.object == s.pkcs11_label())
+        }
         _ => false,
     };
     if key.tpm_name.is_some() && kind != KeystoreKind::Tpm {

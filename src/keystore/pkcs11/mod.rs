@@ -35,6 +35,7 @@ use super::{
     Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
     KeystoreKind, OwnedKey, Pkcs11Uri, Role,
 };
+use crate::model::Slot;
 use crate::paths::Layout;
 
 mod errors;
@@ -71,11 +72,6 @@ const IDENTITY_CLASSES: [ObjectClass; 3] = [
 /// loading the module also proves the path is one.
 pub fn consumer_mounts_of(module: &std::path::Path) -> Result<Vec<PathBuf>, KeyStoreError> {
     Ok(consumer_mounts(&load_module(module)?))
-}
-
-/// The live (or staged) object label of a role.
-pub fn label(role: Role, staged: bool) -> &'static str {
-    crate::model::Slot { role, staged }.pkcs11_label()
 }
 
 /// Keys in a PKCS#11 token.
@@ -209,10 +205,10 @@ impl KeyStore for Pkcs11KeyStore {
         KeystoreKind::Pkcs11
     }
 
-    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
+    fn plan(&mut self, slot: Slot) -> Result<KeyUri, KeyStoreError> {
         // A label is not a lock: objects someone else made under it stay and do not
         // block (ours are told apart by the random CKA_ID).
-        let label = label(role, staged);
+        let label = slot.pkcs11_label();
         let token = self.token.clone();
         let id = random_id()?;
         Ok(KeyUri::Pkcs11(Pkcs11Uri {
@@ -366,7 +362,7 @@ impl KeyStore for Pkcs11KeyStore {
     /// is removed by its own recorded CKA_ID before the move.
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
         let u = self.uri(from)?.clone();
-        let live = label(role, false);
+        let live = Slot::live(role).pkcs11_label();
         let to = KeyUri::Pkcs11(Pkcs11Uri {
             token: u.token.clone(),
             object: live.to_owned(),
@@ -590,7 +586,10 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(label(Role::Primary, false), "device-primary");
-        assert_eq!(label(Role::Secondary, true), "device-secondary.next");
+        assert_eq!(Slot::live(Role::Primary).pkcs11_label(), "device-primary");
+        assert_eq!(
+            Slot::staged(Role::Secondary).pkcs11_label(),
+            "device-secondary.next"
+        );
     }
 }

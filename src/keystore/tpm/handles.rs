@@ -26,8 +26,9 @@ pub(super) fn handle_flag(role: Role) -> &'static str {
     }
 }
 
-pub(super) fn occupied(h: u32, role: Role, staged: bool) -> KeyStoreError {
-    let what = if staged {
+pub(super) fn occupied(h: u32, slot: Slot) -> KeyStoreError {
+    let role = slot.role;
+    let what = if slot.staged {
         format!(
             "TPM persistent handle 0x{h:08x} (where the new {role} key is staged: the {role} \
              handle + 0x{STAGED_OFFSET:x})"

@@ -199,21 +199,19 @@ impl TpmKeyStore {
         self.srk
     }
 
-    /// The persistent handle for `role`'s live or staged key.
-    pub fn handle_for(&self, role: Role, staged: bool) -> u32 {
-        Slot { role, staged }.tpm_handle(self.primary, self.secondary)
+    /// The persistent handle for a slot's key.
+    pub fn handle_for(&self, slot: Slot) -> u32 {
+        slot.tpm_handle(self.primary, self.secondary)
     }
 
-    /// Which of our four slots a handle is, if any.
-    fn slot_of(&self, h: u32) -> Option<(Role, bool)> {
-        Role::ALL
-            .into_iter()
-            .flat_map(|r| [(r, false), (r, true)])
-            .find(|&(r, s)| self.handle_for(r, s) == h)
+    /// Which of our four slots a handle is, if any (the four handles are distinct,
+    /// [`check_handles`]).
+    fn slot_of(&self, h: u32) -> Option<Slot> {
+        Slot::ALL.into_iter().find(|&s| self.handle_for(s) == h)
     }
 
     /// [`Self::slot_of`], or an error naming the flags that configure the handles.
-    fn configured_slot(&self, h: u32) -> Result<(Role, bool), KeyStoreError> {
+    fn configured_slot(&self, h: u32) -> Result<Slot, KeyStoreError> {
         self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
             what: format!(
                 "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
@@ -223,12 +221,8 @@ impl TpmKeyStore {
         })
     }
 
-    fn blob_names(role: Role, staged: bool) -> (String, String) {
-        Slot { role, staged }.tpm_blobs()
-    }
-
-    fn host_blobs(&self, role: Role, staged: bool) -> (PathBuf, PathBuf) {
-        let (p, s) = Self::blob_names(role, staged);
+    fn host_blobs(&self, slot: Slot) -> (PathBuf, PathBuf) {
+        let (p, s) = slot.tpm_blobs();
         (
             self.layout.host_cert_file(&p),
             self.layout.host_cert_file(&s),
@@ -239,8 +233,7 @@ impl TpmKeyStore {
     /// paths). The stem follows the handle, so a staged key names its `.next` blobs.
     pub fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let (role, staged) = self.configured_slot(h)?;
-        let (p, s) = Self::blob_names(role, staged);
+        let (p, s) = self.configured_slot(h)?.tpm_blobs();
         Ok(KeyRef::Tpm {
             handle: h,
             srk: self.srk,
@@ -266,10 +259,10 @@ impl KeyStore for TpmKeyStore {
         KeystoreKind::Tpm
     }
 
-    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
-        let h = self.handle_for(role, staged);
+    fn plan(&mut self, slot: Slot) -> Result<KeyUri, KeyStoreError> {
+        let h = self.handle_for(slot);
         if self.persistent_exists(h)? {
-            return Err(occupied(h, role, staged));
+            return Err(occupied(h, slot));
         }
         Ok(KeyUri::TpmHandle(h))
     }
@@ -281,14 +274,14 @@ impl KeyStore for TpmKeyStore {
         record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
     ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
+        let slot = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
             what: format!(
                 "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
             ),
             hint: "pass --tpm-primary-handle / --tpm-secondary-handle".into(),
         })?;
         if self.persistent_exists(h)? {
-            return Err(occupied(h, role, staged));
+            return Err(occupied(h, slot));
         }
         self.check_supported(alg)?;
         let srk = self.srk()?;
@@ -314,7 +307,7 @@ impl KeyStore for TpmKeyStore {
         let public_der = key::public_der(&created.out_public, alg)?;
 
         let mut undo = Undo::default();
-        match self.install(srk, uri, (role, staged), &created, record, &mut undo) {
+        match self.install(srk, uri, slot, &created, record, &mut undo) {
             Ok(object) => Ok(Box::new(self.key(object, h, alg, public_der))),
             Err(e) => {
                 self.rollback(undo);
@@ -361,12 +354,12 @@ impl KeyStore for TpmKeyStore {
         let present = self.read_persistent(h)?;
         // The blobs follow the handle. A handle outside the configured slots (chosen
         // by a flag on an earlier run) keeps the blobs whose public area is its key.
-        let slots: Vec<(Role, bool)> = match (self.slot_of(h), &present) {
+        let slots: Vec<Slot> = match (self.slot_of(h), &present) {
             (Some(slot), _) => vec![slot],
             (None, Some((_, public))) => {
                 let mut found = Vec::new();
-                for slot in Role::ALL.into_iter().flat_map(|r| [(r, false), (r, true)]) {
-                    let (p, _) = self.host_blobs(slot.0, slot.1);
+                for slot in Slot::ALL {
+                    let (p, _) = self.host_blobs(slot);
                     if matches!(self.read_public_blob(&p), Ok(Some(b)) if &b == public) {
                         found.push(slot);
                     }
@@ -383,8 +376,8 @@ impl KeyStore for TpmKeyStore {
             // public blob equal to the handle's public area shows the key is ours;
             // no blob, or an unreadable one, proves nothing.
             let foreign = match self.slot_of(h) {
-                Some((role, staged)) => !matches!(
-                    self.read_public_blob(&self.host_blobs(role, staged).0),
+                Some(slot) => !matches!(
+                    self.read_public_blob(&self.host_blobs(slot).0),
                     Ok(Some(blob)) if blob == public
                 ),
                 None => false,
@@ -399,8 +392,8 @@ impl KeyStore for TpmKeyStore {
                 self.evict(object, h)?;
             }
         }
-        for (role, staged) in slots {
-            let (p, s) = self.host_blobs(role, staged);
+        for slot in slots {
+            let (p, s) = self.host_blobs(slot);
             for f in [s, p] {
                 fsutil::remove_file(&f)
                     .map_err(|e| KeyStoreError::backend("remove the key blob", e.to_string()))?;
@@ -456,13 +449,13 @@ impl KeyStore for TpmKeyStore {
     /// the one in the slot's public blob (written by that run beside the key).
     fn prove(&mut self, uri: &KeyUri) -> Result<Option<OwnedKey>, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let Some((role, staged)) = self.slot_of(h) else {
+        let Some(slot) = self.slot_of(h) else {
             return Ok(None);
         };
         let Some((object, public)) = self.read_persistent(h)? else {
             return Ok(None);
         };
-        let blob = self.read_public_blob(&self.host_blobs(role, staged).0);
+        let blob = self.read_public_blob(&self.host_blobs(slot).0);
         let proven = matches!(&blob, Ok(Some(b)) if *b == public);
         let name = if proven {
             Some(self.name_of(object))
@@ -534,12 +527,12 @@ mod tests {
 
     #[test]
     fn occupied_names_the_flag() {
-        let e = occupied(0x8100_0011, Role::Secondary, false).to_string();
+        let e = occupied(0x8100_0011, Slot::live(Role::Secondary)).to_string();
         assert!(
             e.contains("0x81000011") && e.contains("--tpm-secondary-handle"),
             "{e}"
         );
-        let e = occupied(0x8100_0110, Role::Primary, true).to_string();
+        let e = occupied(0x8100_0110, Slot::staged(Role::Primary)).to_string();
         assert!(e.contains("--tpm-primary-handle"), "{e}");
     }
 
