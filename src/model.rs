@@ -219,6 +219,24 @@ impl Slot {
     }
 }
 
+/// What `rotate` does before it makes a fresh secondary (`--promote`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// Only replace the secondary; the primary stays.
+    NewSecondary,
+    /// The secondary becomes the primary first (the old primary goes).
+    Promote,
+}
+
+/// Whether `reset` may remove the identity without asking (`--yes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmation {
+    /// Ask on a terminal; refuse without one.
+    Ask,
+    /// Given on the command line.
+    Given,
+}
+
 /// A staged TPM key sits at its live handle + this offset.
 pub const STAGED_OFFSET: u32 = 0x100;
 

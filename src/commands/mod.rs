@@ -419,7 +419,12 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
     // The config file first, so the manifest never names a file that is not there.
     let config_changed =
         write_connector_config(ctx, crate::manifest::connector_config(&new, &want))?;
-    let wrote = m.save(&new, cloud.has_secret())?;
+    let mode = if cloud.has_secret() {
+        fsutil::SECRET
+    } else {
+        fsutil::PUBLIC
+    };
+    let wrote = m.save(&new, mode)?;
     if let Some(theirs) = crate::manifest::foreign_connector_config(&m.base) {
         ctx.out.warn(format!(
             "the connector manifest sets CLOUD_CONNECTOR_CONFIG={theirs}, a file of its own, \

@@ -10,11 +10,12 @@ use crate::connector::Change;
 use crate::error::{Error, Result};
 use crate::identity::{Identity, State};
 use crate::keystore::Role;
+use crate::model::Rotation;
 use crate::txn::{Journal, Plan};
 
 use super::{build_keys, commit, converge, recover, report, Ctx, Settings};
 
-pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
+pub fn run(ctx: &Ctx, rotation: Rotation, days: u32) -> Result<i32> {
     let _lock = ctx.lock()?;
     recover(ctx)?;
     let id = Identity::load(&ctx.layout)?;
@@ -35,7 +36,7 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
     crate::manifest::Manifest::load(&ctx.layout)?;
     let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
     let mut state = state;
-    if promote {
+    if rotation == Rotation::Promote {
         let journal = Journal::promote(&state)?;
         ctx.out.say("- Promoting the secondary identity to primary");
         journal.save(&ctx.layout)?;
@@ -67,7 +68,7 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
         Settings::Keep,
     )?;
     drop(ks);
-    if promote {
+    if rotation == Rotation::Promote {
         // The primary changed: DPS learns it, the manifest follows and the
         // connector restarts.
         state = super::register::refresh(ctx, &state, &cloud)?;
