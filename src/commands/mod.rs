@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::cli::{Cli, Command, KeystoreChoice};
 use crate::cloud::Cloud;
 use crate::connector::{self, Change};
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::fsutil::{self, RunLock};
 use crate::identity::{self, State};
 use crate::keystore::{self, KeyStore, KeystoreConfig, KeystoreKind, Role};
@@ -227,12 +227,9 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
-    for role in Role::ALL {
-        for slot in [Slot::live(role), Slot::staged(role)] {
-            let s = slot.stem();
-            for ext in ["crt", "key", "tpm.pub", "tpm.priv"] {
-                names.push(format!("{s}.{ext}"));
-            }
+    for slot in Role::ALL.map(|r| [Slot::live(r), Slot::staged(r)]).concat() {
+        for ext in ["crt", "key", "tpm.pub", "tpm.priv"] {
+            names.push(format!("{}.{ext}", slot.stem()));
         }
     }
     for name in names {
@@ -419,12 +416,7 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
     // The config file first, so the manifest never names a file that is not there.
     let config_changed =
         write_connector_config(ctx, crate::manifest::connector_config(&new, &want))?;
-    let mode = if cloud.has_secret() {
-        fsutil::SECRET
-    } else {
-        fsutil::PUBLIC
-    };
-    let wrote = m.save(&new, mode)?;
+    let wrote = m.save(&new, cloud.file_mode())?;
     if let Some(theirs) = crate::manifest::foreign_connector_config(&m.base) {
         ctx.out.warn(format!(
             "the connector manifest sets CLOUD_CONNECTOR_CONFIG={theirs}, a file of its own, \
@@ -601,6 +593,6 @@ pub fn existing_state(id: &identity::Identity) -> Result<State> {
     }
     Err(Error::input(
         "this device is not provisioned",
-        "run `sdv-provision` (provision) first",
+        Fix::ProvisionFirst,
     ))
 }

@@ -12,7 +12,7 @@ use crate::cli::ProvisionArgs;
 use crate::cloud::{self, Cloud};
 use crate::connector::Change;
 use crate::device_id::{self, Source};
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::{self, file::FileKeyStore, Algorithm, KeyStore, KeyUri, KeystoreKind, Role};
@@ -321,7 +321,7 @@ fn check_same_token(ctx: &Ctx, old: Option<&State>, kind: KeystoreKind) -> Resul
         if o != t {
             return Err(Error::input(
                 format!("this identity's keys are in PKCS#11 token {o}; --force cannot move it to token {t} in one run"),
-                format!("run `sdv-provision reset --yes` first (it removes the keys from {o}), then provision with --pkcs11-token {t}"),
+                format!("{} first (it removes the keys from {o}), then provision with --pkcs11-token {t}", Fix::Reset),
             ));
         }
     }
@@ -400,7 +400,7 @@ fn resolve_device_id(
                     "the existing {} cannot be adopted: its CN is not a valid device id ({why})",
                     view.cert_path.display()
                 ),
-                "run `sdv-provision provision --force` to build a new identity",
+                Fix::BuildNewIdentity,
             )
         })?;
         Some(cn)
@@ -472,14 +472,20 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
         let cert = view.cert.as_ref().map_err(|e| {
             Error::input(
                 format!("cannot adopt the existing {role} identity: {e}"),
-                "restore the file, or run `sdv-provision provision --force` to build a new identity",
+                format!("restore the file, or {}", Fix::BuildNewIdentity),
             )
         })?;
         let key = ks.open(&uri)?;
         if !crate::cert::key_matches(key.as_ref(), &cert.spki)? {
             return Err(Error::input(
-                format!("{} does not belong to {}", ctx.layout.host(keystore::file::key_path(Slot::live(role))).display(), view.cert_path.display()),
-                "restore the matching pair, or run `sdv-provision provision --force` to build a new identity",
+                format!(
+                    "{} does not belong to {}",
+                    ctx.layout
+                        .host(keystore::file::key_path(Slot::live(role)))
+                        .display(),
+                    view.cert_path.display()
+                ),
+                format!("restore the matching pair, or {}", Fix::BuildNewIdentity),
             ));
         }
         let s = state.get_or_insert_with(|| {
@@ -494,7 +500,7 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
                     s.algorithm,
                     key.alg()
                 ),
-                "run `sdv-provision provision --force` to build a new identity",
+                Fix::BuildNewIdentity,
             ));
         }
         s.keys.insert(role, uri);
@@ -531,14 +537,17 @@ fn check_certificates(
                             view.cert_path.display(),
                             state.device_id
                         ),
-                        "restore the right certificate (or `sdv-provision import-cert`), or run `sdv-provision provision --force`",
+                        format!(
+                            "restore the right certificate (or `sdv-provision import-cert`), or {}",
+                            Fix::Force
+                        ),
                     ));
                 }
             }
             Err(e) if fsutil::exists_nofollow(&view.cert_path) => {
                 return Err(Error::input(
                     e.clone(),
-                    "restore the file, or run `sdv-provision provision --force`",
+                    format!("restore the file, or {}", Fix::Force),
                 ));
             }
             Err(_) => {

@@ -7,7 +7,7 @@
 //! finishes the move (and `provision` then makes the missing secondary).
 
 use crate::connector::Change;
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::identity::{Identity, State};
 use crate::keystore::Role;
 use crate::model::Rotation;
@@ -22,15 +22,13 @@ pub fn run(ctx: &Ctx, rotation: Rotation, days: u32) -> Result<i32> {
     let state = id.state.clone().ok_or_else(|| {
         Error::input(
             "this device has no sdv-provision identity",
-            "run `sdv-provision` (provision) first",
+            Fix::ProvisionFirst,
         )
     })?;
-    let cloud = id.cloud.clone().ok_or_else(|| {
-        Error::input(
-            "no cloud backend is configured",
-            "run `sdv-provision` first",
-        )
-    })?;
+    let cloud = id
+        .cloud
+        .clone()
+        .ok_or_else(|| Error::input("no cloud backend is configured", Fix::RunFirst))?;
     // Parse (and so validate) the manifest before making anything: a broken one
     // would otherwise stop the run after the new keys were made.
     crate::manifest::Manifest::load(&ctx.layout)?;

@@ -13,6 +13,7 @@ use super::{
     Algorithm, DeviceKey, Hash, KeyStore, KeyStoreError, KeyUri, KeystoreKind, OwnedKey, Role,
     TlsScheme,
 };
+use crate::error::Fix;
 use crate::fsutil;
 use crate::model::Slot;
 use crate::paths::Layout;
@@ -89,11 +90,11 @@ impl KeyStore for FileKeyStore {
             })?;
         let text = std::str::from_utf8(&pem).map_err(|_| KeyStoreError::Rejected {
             what: format!("{} is not a PEM private key", path.display()),
-            hint: "restore the key file or run `sdv-provision provision --force`".into(),
+            hint: Fix::RestoreKeyFile.into(),
         })?;
         let pair = KeyPair::from_pem(text).map_err(|e| KeyStoreError::Rejected {
             what: format!("{} is not a usable private key ({e})", path.display()),
-            hint: "restore the key file or run `sdv-provision provision --force`".into(),
+            hint: Fix::RestoreKeyFile.into(),
         })?;
         let alg = Algorithm::from_spki(&pair.subject_public_key_info()).ok_or_else(|| {
             KeyStoreError::Rejected {
@@ -101,7 +102,7 @@ impl KeyStore for FileKeyStore {
                     "{} holds a key type or size sdv-provision does not support",
                     path.display()
                 ),
-                hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384".into(),
+                hint: Fix::Supported.into(),
             }
         })?;
         // An RSA key parsed from PEM gets rcgen's default RSA algorithm; pin it to ours

@@ -35,6 +35,7 @@ use super::{
     Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
     KeystoreKind, OwnedKey, Pkcs11Uri, Role,
 };
+use crate::error::Fix;
 use crate::model::Slot;
 use crate::paths::Layout;
 
@@ -154,7 +155,7 @@ impl Pkcs11KeyStore {
                     "PKCS#11 token {token} is write-protected ({})",
                     describe(&e)
                 ),
-                hint: "make the token writable, or choose another one with --pkcs11-token".into(),
+                hint: Fix::TokenWritable.into(),
             },
             e => ck(format!("open a session on PKCS#11 token {token}"), e),
         })?;
@@ -327,7 +328,7 @@ impl KeyStore for Pkcs11KeyStore {
                         "token {} has the private key of {uri} but not its public key object",
                         u.token
                     ),
-                    hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                    hint: Fix::NewIdentity.into(),
                 })
             }
         };

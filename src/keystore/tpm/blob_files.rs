@@ -51,7 +51,7 @@ impl TpmKeyStore {
             .map(Some)
             .map_err(|e| KeyStoreError::Rejected {
                 what: format!("{} is not a TPM2B_PUBLIC blob ({e})", path.display()),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                hint: Fix::NewIdentity.into(),
             })
     }
 
@@ -60,11 +60,11 @@ impl TpmKeyStore {
             .map_err(|e| KeyStoreError::backend("read the key blob", e.to_string()))?
             .ok_or_else(|| KeyStoreError::Rejected {
                 what: format!("{} is missing", path.display()),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                hint: Fix::NewIdentity.into(),
             })?;
         blob::decode_private(&bytes).map_err(|e| KeyStoreError::Rejected {
             what: format!("{} is not a TPM2B_PRIVATE blob ({e})", path.display()),
-            hint: "run `sdv-provision provision --force` to make a new identity".into(),
+            hint: Fix::NewIdentity.into(),
         })
     }
 }

@@ -9,9 +9,10 @@ impl TpmKeyStore {
         let (pub_path, priv_path) = self.host_blobs(self.configured_slot(h)?);
         let stale = |what: String| KeyStoreError::Rejected {
             what,
-            hint: "today's connector would load another key than the handle's; run \
-                   `sdv-provision provision --force` to make a new identity"
-                .into(),
+            hint: format!(
+                "today's connector would load another key than the handle's; {}",
+                Fix::NewIdentity
+            ),
         };
         let Some((object, handle_public)) = self.read_persistent(h)? else {
             return Err(KeyStoreError::NotFound {

@@ -35,6 +35,7 @@ use super::{
     Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
     KeystoreKind, OwnedKey, Role, TpmName,
 };
+use crate::error::Fix;
 use crate::fsutil;
 use crate::model::Slot;
 use crate::paths::Layout;
@@ -329,9 +330,7 @@ impl KeyStore for TpmKeyStore {
                 what: format!(
                     "TPM handle 0x{h:08x} does not hold a signing key sdv-provision can use"
                 ),
-                hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384; run \
-                       `sdv-provision provision --force` to make a new identity"
-                    .into(),
+                hint: format!("{}; {}", Fix::Supported, Fix::NewIdentity),
             });
         };
         match key::public_der(&public, alg) {
@@ -348,7 +347,7 @@ impl KeyStore for TpmKeyStore {
         if h == self.srk {
             return Err(KeyStoreError::Rejected {
                 what: format!("refusing to remove the storage root key 0x{h:08x}"),
-                hint: "only device keys are removed".into(),
+                hint: Fix::OnlyDeviceKeys.into(),
             });
         }
         let present = self.read_persistent(h)?;
@@ -425,7 +424,7 @@ impl KeyStore for TpmKeyStore {
                 if h == self.srk {
                     return Err(KeyStoreError::Rejected {
                         what: format!("refusing to remove the storage root key 0x{h:08x}"),
-                        hint: "only device keys are removed".into(),
+                        hint: Fix::OnlyDeviceKeys.into(),
                     });
                 }
                 if let Some((object, _)) = self.read_persistent(h)? {

@@ -47,7 +47,7 @@ impl TpmKeyStore {
                             "{} does not hold the key at TPM handle 0x{from_h:08x}",
                             staged_pub.display()
                         ),
-                        hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                        hint: Fix::NewIdentity.into(),
                     });
                 }
                 let private = self.read_private_blob(&staged_priv)?;
@@ -104,7 +104,7 @@ impl TpmKeyStore {
                         "{} does not hold the key at TPM handle 0x{to_h:08x}",
                         staged_pub.display()
                     ),
-                    hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                    hint: Fix::NewIdentity.into(),
                 });
             }
             let mv = |e: crate::Error| KeyStoreError::backend("move the key blobs", e.to_string());
@@ -120,7 +120,7 @@ impl TpmKeyStore {
                     "the key blobs for TPM handle 0x{to_h:08x} ({}) are missing or stale",
                     live_pub.display()
                 ),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                hint: Fix::NewIdentity.into(),
             }),
         }
     }
