@@ -107,8 +107,13 @@ impl State {
                 role: *role,
                 staged: false,
             };
-            crate::keystore::check_recorded_key(self.keystore, Some(slot), &key, false)
-                .map_err(|e| format!("{role} key: {e}"))?;
+            crate::keystore::check_recorded_key(
+                self.keystore,
+                Some(slot),
+                &key,
+                crate::keystore::NameRule::Optional,
+            )
+            .map_err(|e| format!("{role} key: {e}"))?;
             match uri {
                 KeyUri::TpmHandle(h) if *h != live_handle(b, *role) => {
                     return Err(format!(

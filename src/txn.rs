@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::identity::State;
-use crate::keystore::{self, Algorithm, KeyStore, KeyUri, KeystoreKind, OwnedKey, Role};
+use crate::keystore::{self, Algorithm, KeyStore, KeyUri, KeystoreKind, NameRule, OwnedKey, Role};
 use crate::paths::{self, Layout};
 
 pub use crate::paths::JOURNAL_FILE;
@@ -150,7 +150,12 @@ impl Journal {
                     if !p.planned.contains(&m.slot) {
                         return Err(format!("key {} is in no planned slot", m.key.uri));
                     }
-                    keystore::check_recorded_key(p.keystore, Some(m.slot), &m.key, true)?;
+                    keystore::check_recorded_key(
+                        p.keystore,
+                        Some(m.slot),
+                        &m.key,
+                        NameRule::Required,
+                    )?;
                 }
                 Ok(())
             }
@@ -158,10 +163,15 @@ impl Journal {
                 check_version(c.version)?;
                 let old_kind = c.old_keystore.unwrap_or(c.keystore);
                 for k in &c.old_keys {
-                    keystore::check_recorded_key(old_kind, None, k, false)?;
+                    keystore::check_recorded_key(old_kind, None, k, NameRule::Optional)?;
                 }
                 for (m, _) in &c.moves {
-                    keystore::check_recorded_key(c.keystore, Some(m.slot), &m.key, false)?;
+                    keystore::check_recorded_key(
+                        c.keystore,
+                        Some(m.slot),
+                        &m.key,
+                        NameRule::Optional,
+                    )?;
                 }
                 let own = identity_files();
                 if let Some(f) = c.remove_files.iter().find(|f| !own.contains(f)) {

@@ -52,12 +52,16 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     } else {
         out.say("- Creating the certificates directory");
     }
-    let rebuild = args.force && (id.state.is_some() || id.legacy);
+    let old = if args.force && (id.state.is_some() || id.legacy) {
+        Old::Replace
+    } else {
+        Old::Keep
+    };
 
     drop(load_step);
     // 1. Device id.
     out.say("Checking Device ID");
-    let device_id = resolve_device_id(ctx, args, &id, rebuild, &mut warnings)?;
+    let device_id = resolve_device_id(ctx, args, &id, old, &mut warnings)?;
     out.say(format!("- Device ID: {device_id}"));
 
     // 2. Cloud backend.
@@ -69,10 +73,10 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     // 3. Keys and certificates.
     let keys_step = crate::progress::step("keys and certificates");
     let mut change = Change::Nothing;
-    let state = match (&id.state, id.legacy, rebuild) {
-        (Some(s), _, false) => keep(ctx, args, s, &id, &device_id, &mut change)?,
-        (None, true, false) => adopt_script_files(ctx, args, &id, &device_id, &mut change)?,
-        (_, _, _) => build_new(ctx, args, &id, &device_id, rebuild, &cloud, &mut change)?,
+    let state = match (&id.state, id.legacy, old) {
+        (Some(s), _, Old::Keep) => keep(ctx, args, s, &id, &device_id, &mut change)?,
+        (None, true, Old::Keep) => adopt_script_files(ctx, args, &id, &device_id, &mut change)?,
+        (_, _, _) => build_new(ctx, args, &id, &device_id, old, &cloud, &mut change)?,
     };
 
     drop(keys_step);
@@ -163,6 +167,13 @@ fn choose_cloud(
     Ok(cloud)
 }
 
+/// Keep (or adopt) the device's identity, or replace it (`--force`; see [`build_new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Old {
+    Keep,
+    Replace,
+}
+
 /// Step 3, keep the existing identity: its keys must still match their certificates
 /// (a missing certificate is re-issued); a missing slot is made and committed.
 fn keep(
@@ -239,7 +250,7 @@ fn build_new(
     args: &ProvisionArgs,
     id: &Identity,
     device_id: &str,
-    rebuild: bool,
+    existing: Old,
     cloud: &Cloud,
     change: &mut Change,
 ) -> Result<State> {
@@ -261,7 +272,7 @@ fn build_new(
     let mut ks = ctx.open_keystore_to_provision(kind, old.filter(|s| s.keystore == kind))?;
     let plan = Plan {
         roles: &Role::ALL,
-        staged: rebuild,
+        staged: existing == Old::Replace,
         alg,
         device_id,
         days: args.days,
@@ -271,7 +282,7 @@ fn build_new(
     // The DPS endpoint and trust carry over; the assignment was the old key's and is
     // dropped by the registration step.
     next.dps = old.and_then(|o| o.dps.clone());
-    if !rebuild {
+    if existing == Old::Keep {
         // A new identity: the manifest is written before the commit, so a
         // failure there removes the new keys again (no orphans in a token or
         // TPM). A rebuild keeps the old identity live until its commit, and
@@ -379,10 +390,10 @@ fn resolve_device_id(
     ctx: &Ctx,
     args: &ProvisionArgs,
     id: &Identity,
-    rebuild: bool,
+    old: Old,
     warnings: &mut Vec<String>,
 ) -> Result<String> {
-    let existing = if rebuild {
+    let existing = if old == Old::Replace {
         None
     } else if let Some(s) = &id.state {
         Some(s.device_id.clone())

@@ -403,14 +403,22 @@ pub struct BackendRecord {
 
 pub use crate::error::KeyStoreError;
 
+/// Whether a recorded TPM key must carry its Name ([`OwnedKey::tpm_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NameRule {
+    /// Made by this version, which records the Name as it makes the key.
+    Required,
+    /// May come from an older run, which recorded none.
+    Optional,
+}
+
 /// A key named in a journal or state: of `kind`'s backend; in `slot` when one is
-/// given (file name, label, handle range); a TPM key made by this version carries
-/// its Name (`need_name`).
+/// given (file name, label, handle range); with its Name as `names` says.
 pub(crate) fn check_recorded_key(
     kind: KeystoreKind,
     slot: Option<Slot>,
     key: &OwnedKey,
-    need_name: bool,
+    names: NameRule,
 ) -> std::result::Result<(), String> {
     let slots: Vec<Slot> = match slot {
         Some(s) => vec![s],
@@ -420,7 +428,8 @@ pub(crate) fn check_recorded_key(
     let fits = match (kind, uri) {
         (KeystoreKind::File, KeyUri::File(p)) => slots.iter().any(|s| *p == file::key_path(*s)),
         (KeystoreKind::Tpm, KeyUri::TpmHandle(h)) => {
-            (0x8100_0000..=0x817F_FFFF).contains(h) && (key.tpm_name.is_some() || !need_name)
+            (0x8100_0000..=0x817F_FFFF).contains(h)
+                && (key.tpm_name.is_some() || names == NameRule::Optional)
         }
         #[cfg(feature = "pkcs11")]
         (KeystoreKind::Pkcs11, KeyUri::Pkcs11(u)) => {
