@@ -3,13 +3,14 @@
 //! cloud backend is rendered through [`Cloud`]'s masked forms.
 
 use std::io::Write;
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::cloud::Cloud;
 use crate::identity::{Identity, RoleView};
 use crate::keystore::{KeyUri, KeystoreKind};
-use crate::paths::{Layout, MANIFEST};
+use crate::paths::Layout;
 
 /// Prints human lines (stdout) and warnings (stderr), honouring `--json`/`--quiet`.
 #[derive(Debug, Clone, Copy)]
@@ -153,10 +154,11 @@ pub fn host_uri(layout: &Layout, uri: &KeyUri) -> String {
 }
 
 impl Report {
+    /// `manifest`: the connector manifest's host path, if there is one.
     pub fn new(
         layout: &Layout,
         id: &Identity,
-        manifest_exists: bool,
+        manifest: Option<&Path>,
         problems: Vec<String>,
     ) -> Report {
         Report {
@@ -172,7 +174,7 @@ impl Report {
                 .as_ref()
                 .map(|c| CloudReport::new(c, assignment(id))),
             certificates: id.roles.iter().map(|r| cert_report(layout, r)).collect(),
-            manifest: manifest_exists.then(|| layout.host(MANIFEST).display().to_string()),
+            manifest: manifest.map(|m| m.display().to_string()),
             problems,
         }
     }

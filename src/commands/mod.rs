@@ -522,9 +522,10 @@ pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
 pub fn report(ctx: &Ctx) -> Result<Vec<String>> {
     let id = identity::Identity::load(&ctx.layout)?;
     let problems = status::problems(ctx, &id)?;
-    let manifest_exists = fsutil::exists_nofollow(&ctx.layout.host(crate::paths::MANIFEST));
+    let manifest =
+        Some(ctx.layout.host(crate::paths::MANIFEST)).filter(|m| fsutil::exists_nofollow(m));
     if ctx.json {
-        crate::output::Report::new(&ctx.layout, &id, manifest_exists, problems.clone())
+        crate::output::Report::new(&ctx.layout, &id, manifest.as_deref(), problems.clone())
             .print_json();
     } else {
         crate::output::print_identity(&ctx.out, &ctx.layout, &id);

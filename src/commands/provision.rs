@@ -82,18 +82,11 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     drop(keys_step);
     // 4. Device id and cloud files.
     let files_step = crate::progress::step("device id and cloud files");
-    let cloud_changed = write_id_and_cloud(ctx, &id, &device_id, &cloud)?;
+    write_id_and_cloud(ctx, &id, &device_id, &cloud)?;
 
     drop(files_step);
     // DPS registration through the device key (DESIGN §3b).
-    let state = super::register::provision_step(
-        ctx,
-        state,
-        &cloud,
-        &args.dps,
-        args.no_register,
-        cloud_changed,
-    )?;
+    let state = super::register::provision_step(ctx, state, &cloud, id.cloud.as_ref(), args)?;
     // 5 and 6. Manifest and connector.
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
@@ -340,8 +333,7 @@ fn check_same_token(ctx: &Ctx, old: Option<&State>, kind: KeystoreKind) -> Resul
 }
 
 /// Step 4: `/etc/deviceid` (a failure is a warning) and the cloud backend's file.
-/// Returns whether the cloud backend changed.
-fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) -> Result<bool> {
+fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) -> Result<()> {
     let id_path = ctx.layout.host(DEVICE_ID_FILE);
     if fsutil::read_optional_string(&id_path)
         .ok()
@@ -367,7 +359,7 @@ fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) 
     if cloud_changed {
         cloud::save(&ctx.layout, cloud)?;
     }
-    Ok(cloud_changed)
+    Ok(())
 }
 
 /// A re-run's PKCS#11 store may have chosen another connector PIN file than the

@@ -9,7 +9,7 @@ use rustls::pki_types::CertificateDer;
 
 use super::{converge, existing_state, recover, Ctx};
 use crate::cert::CertInfo;
-use crate::cli::DpsArgs;
+use crate::cli::{DpsArgs, ProvisionArgs};
 use crate::cloud::Cloud;
 use crate::dps::{self, Assignment, DpsError, Settings};
 use crate::error::{Error, Result};
@@ -171,32 +171,32 @@ fn primary_thumbprint(ctx: &Ctx) -> Result<Option<String>> {
 }
 
 /// `provision`'s step: record the DPS settings, forget an assignment that no longer
-/// fits (another ID scope, another primary certificate) and, for a hardware key,
-/// register unless `no_register`. Not enrolled yet, offline, a DPS error: the
-/// identity stays complete, and the next step is printed.
+/// fits (another ID scope than the `previous` cloud's, another primary certificate)
+/// and, for a hardware key, register unless `--no-register`. Not enrolled yet,
+/// offline, a DPS error: the identity stays complete, and the next step is printed.
 pub fn provision_step(
     ctx: &Ctx,
     state: State,
     cloud: &Cloud,
-    args: &DpsArgs,
-    no_register: bool,
-    scope_changed: bool,
+    previous: Option<&Cloud>,
+    args: &ProvisionArgs,
 ) -> Result<State> {
     let Cloud::Dps { id_scope } = cloud else {
         return Ok(state);
     };
-    let settings = settings(args, Some(&state))?;
+    let scope_kept = matches!(previous, Some(Cloud::Dps { id_scope: p }) if p == id_scope);
+    let settings = settings(&args.dps, Some(&state))?;
     let thumb = primary_thumbprint(ctx)?;
     let kept = state
         .dps
         .as_ref()
         .and_then(|d| d.assignment.clone())
-        .filter(|a| !scope_changed && Some(&a.thumbprint) == thumb.as_ref());
+        .filter(|a| scope_kept && Some(&a.thumbprint) == thumb.as_ref());
     let state = save_assignment(ctx, &state, &settings, kept.clone())?;
     if kept.is_some() || !needs_registration(&state, cloud) {
         return Ok(state);
     }
-    if no_register {
+    if args.no_register {
         ctx.out.say("- DPS registration skipped (--no-register); run `sdv-provision register` once the device is enrolled");
         return Ok(state);
     }
