@@ -9,7 +9,7 @@ use sha1::Digest;
 use time::OffsetDateTime;
 use x509_cert::Certificate;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::keystore::{Algorithm, DeviceKey};
 
 /// How far back `notBefore` goes, so a device whose clock is a little behind (no RTC,
@@ -56,7 +56,7 @@ fn params(device_id: &str, days: u32) -> Result<rcgen::CertificateParams> {
     p.not_after = now + time::Duration::days(i64::from(days));
     let mut serial = [0u8; 16];
     aws_lc_rs::rand::fill(&mut serial)
-        .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
+        .map_err(|_| Error::input("no randomness available", Fix::KernelRng))?;
     serial[0] &= 0x7f; // positive INTEGER
     serial[0] |= 0x01; // and no leading zero byte to strip
     p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
@@ -228,7 +228,7 @@ pub fn verify_signature(spki_der: &[u8], alg: Algorithm, msg: &[u8], sig: &[u8])
 pub fn key_matches(key: &dyn DeviceKey, spki: &[u8]) -> Result<bool> {
     let mut challenge = [0u8; 32];
     aws_lc_rs::rand::fill(&mut challenge)
-        .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
+        .map_err(|_| Error::input("no randomness available", Fix::KernelRng))?;
     let sig = key.sign(&challenge).map_err(|e| sign_failure(key, e))?;
     Ok(verify_signature(spki, key.alg(), &challenge, &sig))
 }

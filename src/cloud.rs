@@ -301,10 +301,7 @@ pub fn load(layout: &Layout) -> Result<Option<Cloud>> {
         (Some(s), None) => {
             let s = s.trim();
             check_id_scope(s).map_err(|e| {
-                Error::input(
-                    format!("{}: {e}", scope_path.display()),
-                    "fix the file or remove it and run sdv-provision again",
-                )
+                Error::input(format!("{}: {e}", scope_path.display()), Fix::FixCloudFile)
             })?;
             Ok(Some(Cloud::Dps {
                 id_scope: s.to_owned(),
@@ -312,10 +309,7 @@ pub fn load(layout: &Layout) -> Result<Option<Cloud>> {
         }
         (None, Some(s)) => {
             let cs = ConnectionString::parse(&s).map_err(|e| {
-                Error::input(
-                    format!("{}: {e}", cs_path.display()),
-                    "fix the file or remove it and run sdv-provision again",
-                )
+                Error::input(format!("{}: {e}", cs_path.display()), Fix::FixCloudFile)
             })?;
             Ok(Some(Cloud::Hub(cs)))
         }

@@ -40,6 +40,10 @@ pub enum Fix {
     TokenWritable,
     /// A removal aimed at something that is not a device key (the SRK).
     OnlyDeviceKeys,
+    /// A cloud settings file of ours that does not parse.
+    FixCloudFile,
+    /// The kernel gave no random bytes (serial numbers, CKA_IDs).
+    KernelRng,
 }
 
 impl std::fmt::Display for Fix {
@@ -68,6 +72,10 @@ impl std::fmt::Display for Fix {
                 f.write_str("make the token writable, or choose another one with --pkcs11-token")
             }
             Fix::OnlyDeviceKeys => f.write_str("only device keys are removed"),
+            Fix::FixCloudFile => {
+                f.write_str("fix the file or remove it and run sdv-provision again")
+            }
+            Fix::KernelRng => f.write_str("check the kernel RNG"),
         }
     }
 }
@@ -329,6 +337,11 @@ mod tests {
             "make the token writable, or choose another one with --pkcs11-token"
         );
         assert_eq!(words(Fix::OnlyDeviceKeys), "only device keys are removed");
+        assert_eq!(
+            words(Fix::FixCloudFile),
+            "fix the file or remove it and run sdv-provision again"
+        );
+        assert_eq!(words(Fix::KernelRng), "check the kernel RNG");
         assert_eq!(
             KeyStoreError::NotFound { uri: "handle:0x81000010".into() }.to_string(),
             "key handle:0x81000010 not found; run `sdv-provision provision --force` to make a new identity"
