@@ -3,8 +3,9 @@
 //! Every variant renders as one line that says what went wrong and, where one exists,
 //! how to fix it (age-plugin-yubikey style). Backend causes are kept as `source` so
 //! `-v` logging can show the full chain; the one-line message never includes secrets.
-//! [`KeyStoreError`] lives here too (re-exported as `keystore::KeyStoreError`), so
-//! this module depends on no other of the tool's but `model`.
+//! [`KeyStoreError`] and [`DpsError`] live here too (re-exported as
+//! `keystore::KeyStoreError` and `dps::DpsError`), so this module depends on no
+//! other of the tool's but `model`.
 
 use std::path::PathBuf;
 
@@ -44,6 +45,8 @@ pub enum Fix {
     FixCloudFile,
     /// The kernel gave no random bytes (serial numbers, CKA_IDs).
     KernelRng,
+    /// Register with DPS, after the fix a DPS error names.
+    Register,
 }
 
 impl std::fmt::Display for Fix {
@@ -76,6 +79,7 @@ impl std::fmt::Display for Fix {
                 f.write_str("fix the file or remove it and run sdv-provision again")
             }
             Fix::KernelRng => f.write_str("check the kernel RNG"),
+            Fix::Register => f.write_str("run `sdv-provision register`"),
         }
     }
 }
@@ -137,7 +141,7 @@ pub enum Error {
     Certificate { path: PathBuf, detail: String },
 
     #[error("{0}")]
-    Dps(#[from] crate::dps::DpsError),
+    Dps(#[from] DpsError),
 
     #[error("cannot build certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -264,6 +268,61 @@ impl KeyStoreError {
     }
 }
 
+/// Why a DPS registration did not succeed (re-exported as `dps::DpsError`). Each renders as one line with what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DpsError {
+    #[error("DPS at {endpoint} does not know registration id {registration_id} with this certificate (401): the device is not enrolled (yet); enroll it, then {}", Fix::Register)]
+    NotEnrolled {
+        endpoint: String,
+        registration_id: String,
+    },
+    #[error("the DPS server {endpoint} presented a certificate that is not trusted ({detail}); check --dps-endpoint, or pass --dps-ca-file for a private CA")]
+    Untrusted { endpoint: String, detail: String },
+    #[error("DPS at {endpoint} refused the device certificate in the TLS handshake (alert {alert}); the enrollment must hold this device's primary certificate (see `sdv-provision status`), then {}", Fix::Register)]
+    CertificateRefused { endpoint: String, alert: String },
+    #[error(
+        "cannot reach DPS at {endpoint} ({detail}); check the network and --dps-endpoint, then {}",
+        Fix::Register
+    )]
+    Unreachable { endpoint: String, detail: String },
+    #[error(
+        "DPS at {endpoint} did not finish the registration within {secs} s; {} again later",
+        Fix::Register
+    )]
+    Timeout { endpoint: String, secs: u64 },
+    #[error("DPS at {endpoint} answered {status}{message}; check the enrollment and the ID scope, then {}", Fix::Register)]
+    Refused {
+        endpoint: String,
+        status: u16,
+        message: String,
+    },
+    #[error(
+        "DPS at {endpoint} answered {status}{message} (a service problem); {} again later",
+        Fix::Register
+    )]
+    Server {
+        endpoint: String,
+        status: u16,
+        message: String,
+    },
+    #[error("DPS {status} the registration{message}; check the enrollment in the portal or with `az iot dps enrollment show`, then {}", Fix::Register)]
+    Failed { status: String, message: String },
+    #[error("DPS at {endpoint} sent a reply that is not a registration result ({detail}); check --dps-endpoint")]
+    Malformed { endpoint: String, detail: String },
+    #[error("the device key could not sign the TLS handshake ({0}); run `sdv-provision verify`")]
+    Key(String),
+    #[error("cannot set up TLS for DPS: {0}")]
+    Setup(String),
+}
+
+impl DpsError {
+    /// A not-enrolled device or an unreachable DPS: `provision` completes anyway
+    /// and prints the next step.
+    pub fn is_pending(&self) -> bool {
+        !matches!(self, DpsError::Key(_) | DpsError::Setup(_))
+    }
+}
+
 /// `C_Login: CKR_PIN_INCORRECT` — short, and greppable against the PKCS#11 spec.
 #[cfg(feature = "pkcs11")]
 pub fn describe_ck(e: &cryptoki::error::Error) -> String {
@@ -342,6 +401,32 @@ mod tests {
             "fix the file or remove it and run sdv-provision again"
         );
         assert_eq!(words(Fix::KernelRng), "check the kernel RNG");
+        assert_eq!(words(Fix::Register), "run `sdv-provision register`");
+        let dps = [
+            DpsError::NotEnrolled {
+                endpoint: "e".into(),
+                registration_id: "r".into(),
+            }
+            .to_string(),
+            DpsError::Timeout {
+                endpoint: "e".into(),
+                secs: 9,
+            }
+            .to_string(),
+            DpsError::Failed {
+                status: "failed".into(),
+                message: "".into(),
+            }
+            .to_string(),
+        ];
+        assert_eq!(
+            dps,
+            [
+                "DPS at e does not know registration id r with this certificate (401): the device is not enrolled (yet); enroll it, then run `sdv-provision register`",
+                "DPS at e did not finish the registration within 9 s; run `sdv-provision register` again later",
+                "DPS failed the registration; check the enrollment in the portal or with `az iot dps enrollment show`, then run `sdv-provision register`",
+            ]
+        );
         assert_eq!(
             KeyStoreError::NotFound { uri: "handle:0x81000010".into() }.to_string(),
             "key handle:0x81000010 not found; run `sdv-provision provision --force` to make a new identity"
