@@ -383,7 +383,7 @@ impl KeyStore for TpmKeyStore {
             };
             if foreign {
                 self.close(object);
-                crate::output::warning(&format!(
+                crate::console::warning(&format!(
                     "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
                      left in place (evict it yourself if it is not needed)"
                 ));
@@ -433,7 +433,7 @@ impl KeyStore for TpmKeyStore {
                 self.remove_slot_blobs(h).map(|()| true)
             }
             Some(_) => {
-                crate::output::warning(&format!(
+                crate::console::warning(&format!(
                     "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
                      left in place (evict it yourself if it is not needed)"
                 ));
