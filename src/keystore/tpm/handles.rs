@@ -45,6 +45,22 @@ pub(super) fn occupied(h: u32, slot: Slot) -> KeyStoreError {
     }
 }
 
+/// A removal aimed at the SRK: never done.
+pub(super) fn srk_refused(h: u32) -> KeyStoreError {
+    KeyStoreError::Rejected {
+        what: format!("refusing to remove the storage root key 0x{h:08x}"),
+        hint: Fix::OnlyDeviceKeys.into(),
+    }
+}
+
+/// A handle that holds someone else's key is left alone, and the user told so.
+pub(super) fn warn_foreign(h: u32) {
+    crate::console::warning(&format!(
+        "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
+         left in place (evict it yourself if it is not needed)"
+    ));
+}
+
 /// Handles must be owner persistent handles, distinct, and not the SRK, staging slots
 /// included.
 pub(super) fn check_handles(srk: u32, primary: u32, secondary: u32) -> Result<(), KeyStoreError> {

@@ -52,7 +52,7 @@ mod tcti;
 
 pub use tcti::{DEFAULT_TCTI, OWNER_AUTH_ENV, OWNER_AUTH_FILE_ENV};
 
-use handles::{check_handles, occupied, persistent, tpm_handle};
+use handles::{check_handles, occupied, persistent, srk_refused, tpm_handle, warn_foreign};
 use key::TpmKey;
 
 /// Where the storage root key lives unless the state file recorded another.
@@ -345,10 +345,7 @@ impl KeyStore for TpmKeyStore {
     fn remove(&mut self, uri: &KeyUri) -> Result<(), KeyStoreError> {
         let h = tpm_handle(uri)?;
         if h == self.srk {
-            return Err(KeyStoreError::Rejected {
-                what: format!("refusing to remove the storage root key 0x{h:08x}"),
-                hint: Fix::OnlyDeviceKeys.into(),
-            });
+            return Err(srk_refused(h));
         }
         let present = self.read_persistent(h)?;
         // The blobs follow the handle. A handle outside the configured slots (chosen
@@ -383,10 +380,7 @@ impl KeyStore for TpmKeyStore {
             };
             if foreign {
                 self.close(object);
-                crate::console::warning(&format!(
-                    "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
-                     left in place (evict it yourself if it is not needed)"
-                ));
+                warn_foreign(h);
             } else {
                 self.evict(object, h)?;
             }
@@ -422,10 +416,7 @@ impl KeyStore for TpmKeyStore {
             // persisting and writing the blobs has none).
             Some(now) if &now == recorded => {
                 if h == self.srk {
-                    return Err(KeyStoreError::Rejected {
-                        what: format!("refusing to remove the storage root key 0x{h:08x}"),
-                        hint: Fix::OnlyDeviceKeys.into(),
-                    });
+                    return Err(srk_refused(h));
                 }
                 if let Some((object, _)) = self.read_persistent(h)? {
                     self.evict(object, h)?;
@@ -433,10 +424,7 @@ impl KeyStore for TpmKeyStore {
                 self.remove_slot_blobs(h).map(|()| true)
             }
             Some(_) => {
-                crate::console::warning(&format!(
-                    "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
-                     left in place (evict it yourself if it is not needed)"
-                ));
+                warn_foreign(h);
                 self.remove_slot_blobs(h)?;
                 Ok(false)
             }
