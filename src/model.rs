@@ -1,7 +1,8 @@
 //! The domain's words, without clap or a backend in them: the two roles, the key
 //! algorithms, the keystore kinds, and the four key slots with the names each backend
-//! gives a slot (files, PKCS#11 labels, TPM handles and blobs). `cli.rs` maps its
-//! flags onto these; the keystores and the transaction use them.
+//! gives a slot (files, PKCS#11 labels, TPM handles and blobs), and the choices two
+//! switches make (`rotate --promote`, `reset --yes`). `cli.rs` maps its flags onto
+//! these; the keystores, the commands and the transaction use them.
 
 use std::fmt;
 use std::str::FromStr;
