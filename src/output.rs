@@ -1,12 +1,14 @@
 //! What the user sees: the human transcript (after the original script's), warnings,
-//! and the `--json` document (DESIGN §5). Nothing here ever receives a secret: the
-//! cloud backend is rendered through [`Cloud`]'s masked forms.
+//! and the `--json` document (DESIGN §5), printed through [`crate::console`]. Nothing
+//! here ever receives a secret: the cloud backend is rendered through [`Cloud`]'s
+//! masked forms.
 
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::cloud::Cloud;
+use crate::error::Fix;
 use crate::identity::{Identity, RoleView};
 use crate::keystore::{KeyUri, KeystoreKind};
 use crate::paths::Layout;
@@ -147,9 +149,9 @@ fn print_keystore_and_assignment(out: &Out, id: &Identity) {
             "- DPS assignment: device {} on hub {}",
             a.device_id, a.assigned_hub
         )),
-        (Some(Cloud::Dps { .. }), None, Some(s)) if s.keystore != KeystoreKind::File => {
-            out.say("- DPS assignment: not registered yet (run `sdv-provision register`)")
-        }
+        (Some(Cloud::Dps { .. }), None, Some(s)) if s.keystore != KeystoreKind::File => out.say(
+            format!("- DPS assignment: not registered yet ({})", Fix::Register),
+        ),
         _ => {}
     }
 }

@@ -12,7 +12,7 @@ use crate::cert::CertInfo;
 use crate::cli::{DpsArgs, ProvisionArgs};
 use crate::cloud::Cloud;
 use crate::dps::{self, Assignment, DpsError, Settings};
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::{KeystoreKind, Role};
@@ -197,7 +197,10 @@ pub fn provision_step(
         return Ok(state);
     }
     if args.no_register {
-        ctx.out.say("- DPS registration skipped (--no-register); run `sdv-provision register` once the device is enrolled");
+        ctx.out.say(format!(
+            "- DPS registration skipped (--no-register); {} once the device is enrolled",
+            Fix::Register
+        ));
         return Ok(state);
     }
     loop {
@@ -228,10 +231,11 @@ pub fn next_step(ctx: &Ctx, state: &State, id_scope: &str, e: &DpsError) {
     ctx.out.say(format!(
         "- Next: enroll the device in DPS (ID scope {id_scope}): `az iot dps enrollment create \
          --dps-name <your-dps> -g <resource-group> --enrollment-id {} --attestation-type x509 \
-         --certificate-path {} --secondary-certificate-path {}`, then run `sdv-provision register`",
+         --certificate-path {} --secondary-certificate-path {}`, then {}",
         state.device_id,
         cert(Role::Primary).display(),
         cert(Role::Secondary).display(),
+        Fix::Register,
     ));
 }
 
