@@ -21,7 +21,8 @@ use crate::cloud::{self, Cloud};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keystore::{
-    file::key_path, Algorithm, BackendRecord, KeyUri, KeystoreKind, OwnedKey, Role, TpmName,
+    file::key_path, Algorithm, Backend, KeyUri, KeystoreKind, OwnedKey, Pkcs11Settings, Role,
+    TpmName, TpmSettings,
 };
 use crate::model::Slot;
 use crate::paths::{Layout, STATE_FILE};
@@ -29,9 +30,10 @@ use crate::paths::{Layout, STATE_FILE};
 pub use crate::paths::JOURNAL_FILE;
 const VERSION: u32 = 1;
 
-/// The committed identity.
+/// The committed identity. On disk it is [`StateFile`]: the backend settings flat,
+/// as every version wrote them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "StateFile", into = "StateFile")]
 pub struct State {
     pub version: u32,
     pub device_id: String,
@@ -41,16 +43,13 @@ pub struct State {
     pub keys: BTreeMap<Role, KeyUri>,
     /// Ownership proof of each TPM key: its Name, recorded when it was made (or, for
     /// a key an older version made, once its public blob showed it is ours).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tpm_names: BTreeMap<Role, TpmName>,
-    #[serde(default)]
-    pub backend: BackendRecord,
+    /// The keystore's settings; its variant is `keystore`'s.
+    pub backend: Backend,
     /// The keys were made by the original shell script and adopted as they were.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopted: bool,
     /// DPS endpoint, trust and assignment (DESIGN §3b); absent until `register` or
     /// `provision --dps-*` records them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dps: Option<crate::dps::DpsRecord>,
 }
 
@@ -63,7 +62,7 @@ impl State {
             algorithm,
             keys: BTreeMap::new(),
             tpm_names: BTreeMap::new(),
-            backend: BackendRecord::default(),
+            backend: Backend::empty(keystore),
             adopted: false,
             dps: None,
         }
@@ -97,7 +96,15 @@ impl State {
         if let Some(d) = &self.dps {
             d.validate().map_err(|e| format!("dps: {e}"))?;
         }
-        let b = &self.backend;
+        if self.backend.kind() != self.keystore {
+            return Err(format!(
+                "backend settings of a {} keystore for a {} identity",
+                self.backend.kind(),
+                self.keystore
+            ));
+        }
+        let tpm = self.backend.tpm().cloned().unwrap_or_default();
+        let token = self.backend.pkcs11().and_then(|p| p.token.as_ref());
         for (role, uri) in &self.keys {
             let key = OwnedKey {
                 uri: uri.clone(),
@@ -115,13 +122,13 @@ impl State {
             )
             .map_err(|e| format!("{role} key: {e}"))?;
             match uri {
-                KeyUri::TpmHandle(h) if *h != live_handle(b, *role) => {
+                KeyUri::TpmHandle(h) if *h != tpm.live_handle(*role) => {
                     return Err(format!(
                         "{role} key {uri} is not the {role} handle configured (0x{:08x})",
-                        live_handle(b, *role)
+                        tpm.live_handle(*role)
                     ))
                 }
-                KeyUri::Pkcs11(u) if b.pkcs11_token.as_ref().is_some_and(|t| *t != u.token) => {
+                KeyUri::Pkcs11(u) if token.is_some_and(|t| *t != u.token) => {
                     return Err(format!("{role} key {uri} is not on the recorded token"))
                 }
                 _ => {}
@@ -130,7 +137,7 @@ impl State {
         if let Some(role) = self.tpm_names.keys().find(|r| !self.keys.contains_key(r)) {
             return Err(format!("a TPM Name for the {role} key, which is not there"));
         }
-        for h in [b.tpm_srk, b.tpm_primary_handle, b.tpm_secondary_handle]
+        for h in [tpm.srk, tpm.primary_handle, tpm.secondary_handle]
             .into_iter()
             .flatten()
         {
@@ -138,8 +145,9 @@ impl State {
                 return Err(format!("0x{h:08x} is not an owner persistent TPM handle"));
             }
         }
-        let paths = [&b.pkcs11_module, &b.pkcs11_pin_file];
-        for p in paths.into_iter().flatten().chain(&b.mounts) {
+        let pkcs11 = self.backend.pkcs11().cloned().unwrap_or_default();
+        let paths = [&pkcs11.module, &pkcs11.pin_file];
+        for p in paths.into_iter().flatten().chain(&pkcs11.mounts) {
             let clean = p.is_absolute()
                 && p.parent().is_some()
                 && p.components()
@@ -195,6 +203,141 @@ impl State {
 
     pub fn is_complete(&self) -> bool {
         Role::ALL.iter().all(|r| self.keys.contains_key(r))
+    }
+}
+
+/// The state file as JSON. Kept apart from [`State`] so the file stays what every
+/// version wrote (and devices in the field have) while the code sees typed settings.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    device_id: String,
+    keystore: KeystoreKind,
+    algorithm: Algorithm,
+    keys: BTreeMap<Role, KeyUri>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    tpm_names: BTreeMap<Role, TpmName>,
+    #[serde(default)]
+    backend: BackendRecord,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    adopted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dps: Option<crate::dps::DpsRecord>,
+}
+
+/// [`Backend`] on disk: one flat object, a field per setting, absent when unset.
+#[derive(Default, Serialize, Deserialize)]
+struct BackendRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tpm_srk: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tpm_primary_handle: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tpm_secondary_handle: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pkcs11_module: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pkcs11_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pkcs11_pin_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mounts: Vec<PathBuf>,
+}
+
+impl BackendRecord {
+    /// The settings of a `kind` keystore; a setting of another backend is refused
+    /// (no version writes one: a state holding one was edited).
+    fn typed(self, kind: KeystoreKind) -> std::result::Result<Backend, String> {
+        let tpm = [
+            ("tpm_srk", self.tpm_srk.is_some()),
+            ("tpm_primary_handle", self.tpm_primary_handle.is_some()),
+            ("tpm_secondary_handle", self.tpm_secondary_handle.is_some()),
+        ];
+        let pkcs11 = [
+            ("pkcs11_module", self.pkcs11_module.is_some()),
+            ("pkcs11_token", self.pkcs11_token.is_some()),
+            ("pkcs11_pin_file", self.pkcs11_pin_file.is_some()),
+            ("mounts", !self.mounts.is_empty()),
+        ];
+        let foreign: Vec<_> = match kind {
+            KeystoreKind::File => tpm.iter().chain(&pkcs11).collect(),
+            KeystoreKind::Tpm => pkcs11.iter().collect(),
+            KeystoreKind::Pkcs11 => tpm.iter().collect(),
+        };
+        if let Some((name, _)) = foreign.into_iter().find(|(_, set)| *set) {
+            return Err(format!(
+                "backend: {name} is not a setting of a {kind} keystore"
+            ));
+        }
+        Ok(match kind {
+            KeystoreKind::File => Backend::File,
+            KeystoreKind::Tpm => Backend::Tpm(TpmSettings {
+                srk: self.tpm_srk,
+                primary_handle: self.tpm_primary_handle,
+                secondary_handle: self.tpm_secondary_handle,
+            }),
+            KeystoreKind::Pkcs11 => Backend::Pkcs11(Pkcs11Settings {
+                module: self.pkcs11_module,
+                token: self.pkcs11_token,
+                pin_file: self.pkcs11_pin_file,
+                mounts: self.mounts,
+            }),
+        })
+    }
+}
+
+impl From<Backend> for BackendRecord {
+    fn from(b: Backend) -> BackendRecord {
+        match b {
+            Backend::File => BackendRecord::default(),
+            Backend::Tpm(t) => BackendRecord {
+                tpm_srk: t.srk,
+                tpm_primary_handle: t.primary_handle,
+                tpm_secondary_handle: t.secondary_handle,
+                ..BackendRecord::default()
+            },
+            Backend::Pkcs11(p) => BackendRecord {
+                pkcs11_module: p.module,
+                pkcs11_token: p.token,
+                pkcs11_pin_file: p.pin_file,
+                mounts: p.mounts,
+                ..BackendRecord::default()
+            },
+        }
+    }
+}
+
+impl TryFrom<StateFile> for State {
+    type Error = String;
+    fn try_from(f: StateFile) -> std::result::Result<State, String> {
+        Ok(State {
+            backend: f.backend.typed(f.keystore)?,
+            version: f.version,
+            device_id: f.device_id,
+            keystore: f.keystore,
+            algorithm: f.algorithm,
+            keys: f.keys,
+            tpm_names: f.tpm_names,
+            adopted: f.adopted,
+            dps: f.dps,
+        })
+    }
+}
+
+impl From<State> for StateFile {
+    fn from(s: State) -> StateFile {
+        StateFile {
+            version: s.version,
+            device_id: s.device_id,
+            keystore: s.keystore,
+            algorithm: s.algorithm,
+            keys: s.keys,
+            tpm_names: s.tpm_names,
+            backend: s.backend.into(),
+            adopted: s.adopted,
+            dps: s.dps,
+        }
     }
 }
 
@@ -300,19 +443,20 @@ pub fn key_ref(state: &State, role: Role) -> Option<crate::keystore::KeyRef> {
         },
         KeyUri::TpmHandle(h) => KeyRef::Tpm {
             handle: *h,
-            srk: state.backend.tpm_srk.unwrap_or(DEFAULT_SRK),
+            srk: state.backend.tpm().map_or(DEFAULT_SRK, |t| t.srk()),
             pub_blob: Layout::cert_file(&format!("{stem}.tpm.pub")),
             priv_blob: Layout::cert_file(&format!("{stem}.tpm.priv")),
         },
         KeyUri::Pkcs11(u) => {
-            let module = state.backend.pkcs11_module.clone()?;
+            let settings = state.backend.pkcs11()?;
+            let module = settings.module.clone()?;
             KeyRef::Pkcs11 {
                 uri: u.clone(),
                 // What the module needs, derived from its configuration every run;
                 // never the state's record of it (DESIGN §6).
                 mounts: pkcs11_mounts(&module)?,
                 module,
-                pin_file: state.backend.pkcs11_pin_file.clone()?,
+                pin_file: settings.pin_file.clone()?,
             }
         }
     })
@@ -330,17 +474,7 @@ fn pkcs11_mounts(_module: &std::path::Path) -> Option<Vec<PathBuf>> {
     Some(Vec::new())
 }
 
-/// `role`'s live TPM handle as the state records it (the default unless a flag chose
-/// another).
-fn live_handle(b: &BackendRecord, role: Role) -> u32 {
-    match role {
-        Role::Primary => b.tpm_primary_handle.unwrap_or(0x8100_0010),
-        Role::Secondary => b.tpm_secondary_handle.unwrap_or(0x8100_0011),
-    }
-}
-
-/// The storage root key's persistent handle (TCG provisioning guidance).
-pub const DEFAULT_SRK: u32 = 0x8100_0001;
+pub use crate::keystore::DEFAULT_SRK;
 
 #[cfg(test)]
 mod tests {
@@ -423,6 +557,88 @@ mod tests {
         ];
         for b in &bad {
             assert!(State::parse(b.as_bytes()).is_err(), "accepted: {b}");
+        }
+    }
+
+    /// The state file is the flat JSON every version wrote: read into typed settings
+    /// and written back byte for byte; a setting of another backend is refused.
+    #[test]
+    fn state_file_json_is_unchanged_by_typed_settings() {
+        let states = [
+            r#"{
+  "version": 1,
+  "device_id": "d",
+  "keystore": "tpm",
+  "algorithm": "rsa-2048",
+  "keys": {
+    "primary": "handle:0x81000020"
+  },
+  "backend": {
+    "tpm_srk": 2164260865,
+    "tpm_primary_handle": 2164260896
+  }
+}"#,
+            r#"{
+  "version": 1,
+  "device_id": "d",
+  "keystore": "pkcs11",
+  "algorithm": "ecdsa-p256",
+  "keys": {
+    "primary": "pkcs11:token=leda;object=device-primary;id=%01;type=private"
+  },
+  "backend": {
+    "pkcs11_module": "/usr/lib/softhsm/libsofthsm2.so",
+    "pkcs11_token": "leda",
+    "pkcs11_pin_file": "/data/var/certificates/pkcs11.pin",
+    "mounts": [
+      "/var/lib/softhsm/tokens"
+    ]
+  }
+}"#,
+            r#"{
+  "version": 1,
+  "device_id": "d",
+  "keystore": "file",
+  "algorithm": "rsa-2048",
+  "keys": {},
+  "backend": {}
+}"#,
+        ];
+        for text in states {
+            let s = State::parse(text.as_bytes()).unwrap_or_else(|e| panic!("{e}: {text}"));
+            assert_eq!(s.backend.kind(), s.keystore);
+            assert_eq!(serde_json::to_string_pretty(&s).unwrap(), text);
+        }
+        let tpm = State::parse(states[0].as_bytes()).unwrap();
+        assert_eq!(
+            tpm.backend.tpm().unwrap().live_handle(Role::Primary),
+            0x8100_0020
+        );
+        assert_eq!(
+            tpm.backend.tpm().unwrap().live_handle(Role::Secondary),
+            0x8100_0011
+        );
+        let foreign = [
+            (
+                states[0],
+                r#""tpm_srk": 2164260865,"#,
+                r#""pkcs11_token": "leda","#,
+            ),
+            (
+                states[1],
+                r#""pkcs11_token": "leda","#,
+                r#""pkcs11_token": "leda", "tpm_srk": 2164260865,"#,
+            ),
+            (
+                states[2],
+                r#""backend": {}"#,
+                r#""backend": {"mounts": ["/usr/lib"]}"#,
+            ),
+        ];
+        for (text, from, to) in foreign {
+            let edited = text.replace(from, to);
+            let e = State::parse(edited.as_bytes()).unwrap_err();
+            assert!(e.contains("is not a setting of a"), "{e}: {edited}");
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::connector::{self, Change};
 use crate::error::{Error, Fix, Result};
 use crate::fsutil::{self, RunLock};
 use crate::identity::{self, State};
-use crate::keystore::{self, KeyStore, KeystoreConfig, KeystoreKind, Role};
+use crate::keystore::{self, KeyStore, KeystoreConfig, KeystoreKind, Purpose, Role};
 use crate::manifest::{Desired, Manifest};
 use crate::model::Slot;
 use crate::output::Out;
@@ -61,17 +61,29 @@ impl Ctx {
                 KeystoreChoice::File => Some(KeystoreKind::File),
             },
             ks_config: KeystoreConfig {
-                tcti,
-                primary_handle: g.tpm_primary_handle,
-                secondary_handle: g.tpm_secondary_handle,
-                pkcs11_module: g.pkcs11_module.clone(),
-                pkcs11_token: g.pkcs11_token.clone(),
-                pkcs11_pin_file: g.pkcs11_pin_file.clone(),
-                pkcs11_init_token: g.pkcs11_init_token,
-                interactive,
-                read_only: false,
-                manage_pin_file: false,
-                recorded: Default::default(),
+                tpm: keystore::TpmConfig {
+                    tcti,
+                    primary_handle: g.tpm_primary_handle,
+                    secondary_handle: g.tpm_secondary_handle,
+                    recorded: Default::default(),
+                },
+                pkcs11: keystore::Pkcs11Config {
+                    module: g.pkcs11_module.clone(),
+                    token: g.pkcs11_token.clone(),
+                    pin_file: g.pkcs11_pin_file.clone(),
+                    blank_token: if g.pkcs11_init_token {
+                        keystore::BlankToken::Initialise
+                    } else {
+                        keystore::BlankToken::Refuse
+                    },
+                    prompt: if interactive {
+                        keystore::Prompt::Allowed
+                    } else {
+                        keystore::Prompt::Never
+                    },
+                    purpose: Purpose::Change,
+                    recorded: Default::default(),
+                },
             },
             json: g.json,
             interactive,
@@ -160,26 +172,16 @@ impl Ctx {
         purpose: Purpose,
     ) -> Result<Box<dyn KeyStore>> {
         let mut cfg = self.ks_config.clone();
-        cfg.read_only = purpose == Purpose::Read;
-        cfg.manage_pin_file = purpose == Purpose::Provision;
+        cfg.pkcs11.purpose = purpose;
         if let Some(s) = state {
-            cfg.recorded = s.backend.clone();
+            cfg.set_recorded(&s.backend);
         }
-        tracing::info!(keystore = %kind, tcti = ?cfg.tcti, module = ?cfg.pkcs11_module, "opening keystore");
-        Ok(keystore::open(kind, &cfg, &self.layout)?)
+        tracing::info!(keystore = %kind, tcti = ?cfg.tpm.tcti, module = ?cfg.pkcs11.module, "opening keystore");
+        let mut ks = keystore::open(kind, &cfg, &self.layout)?;
+        // Right after the login: the connector's PIN file, as the command may have it.
+        keystore::choose_pin_file(ks.as_mut(), &cfg.pkcs11, &self.layout)?;
+        Ok(ks)
     }
-}
-
-/// What a command opens a keystore for (see [`KeystoreConfig::read_only`] and
-/// [`KeystoreConfig::manage_pin_file`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Purpose {
-    /// A command that changes the identity but not the connector's PIN file.
-    Change,
-    /// `provision`: may choose the connector's PIN file.
-    Provision,
-    /// `verify`, `csr`: nothing is written while opening.
-    Read,
 }
 
 /// Whether a commit records the store's settings in the next state.
@@ -287,23 +289,17 @@ pub fn recover(ctx: &Ctx) -> Result<()> {
 /// TPM handles a journal names must be the configured slots (live or staged), as
 /// the flags or the state set them: a journal naming any other handle was edited.
 fn check_slots(ctx: &Ctx, journal: &Journal, state: Option<&State>) -> Result<()> {
-    let rec = state.map(|s| s.backend.clone()).unwrap_or_default();
-    let next = journal
-        .next_state()
-        .map(|s| s.backend.clone())
-        .unwrap_or_default();
     let mut allowed = Vec::new();
-    for r in [&rec, &next] {
-        let p = ctx
-            .ks_config
-            .primary_handle
-            .or(r.tpm_primary_handle)
-            .unwrap_or(0x8100_0010);
-        let s = ctx
-            .ks_config
-            .secondary_handle
-            .or(r.tpm_secondary_handle)
-            .unwrap_or(0x8100_0011);
+    for recorded in [state, journal.next_state()] {
+        let mut tpm = ctx.ks_config.tpm.clone();
+        tpm.recorded = recorded
+            .and_then(|s| s.backend.tpm())
+            .cloned()
+            .unwrap_or_default();
+        let (p, s) = (
+            tpm.live_handle(Role::Primary),
+            tpm.live_handle(Role::Secondary),
+        );
         allowed.extend([p, s, p + 0x100, s + 0x100]);
     }
     let bad = |detail: String| Error::InvalidState {
@@ -385,7 +381,7 @@ pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
         key,
         // Only to take away mounts an earlier run added; what is mounted comes from
         // the configuration (`key`).
-        previously_owned: state.backend.mounts.clone(),
+        previously_owned: state.backend.mounts().to_vec(),
     })
 }
 

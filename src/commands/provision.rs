@@ -15,7 +15,9 @@ use crate::device_id::{self, Source};
 use crate::error::{Error, Fix, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
-use crate::keystore::{self, file::FileKeyStore, Algorithm, KeyStore, KeyUri, KeystoreKind, Role};
+use crate::keystore::{
+    self, file::FileKeyStore, Algorithm, Backend, KeyStore, KeyUri, KeystoreKind, Role,
+};
 use crate::manifest::Manifest;
 use crate::model::Slot;
 use crate::paths::{Layout, DEVICE_ID_FILE};
@@ -319,8 +321,8 @@ fn build_new(
 fn check_same_token(ctx: &Ctx, old: Option<&State>, kind: KeystoreKind) -> Result<()> {
     if let (Some(o), Some(t)) = (
         old.filter(|s| s.keystore == kind)
-            .and_then(|s| s.backend.pkcs11_token.as_deref()),
-        ctx.ks_config.pkcs11_token.as_deref(),
+            .and_then(|s| s.backend.pkcs11()?.token.as_deref()),
+        ctx.ks_config.pkcs11.token.as_deref(),
     ) {
         if o != t {
             return Err(Error::input(
@@ -362,18 +364,22 @@ fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) 
     Ok(())
 }
 
-/// A re-run's PKCS#11 store may have chosen another connector PIN file than the
-/// identity records (the recorded user file went missing or no longer holds the PIN
-/// the token accepts, so the tool wrote its own copy): the state follows, and with it
+/// A re-run may have chosen another connector PIN file than the identity records
+/// (`keystore::choose_pin_file`, when the store was opened: the recorded user file
+/// went missing or no longer holds the PIN the token accepts, so the tool wrote its
+/// own copy): the state follows, and with it
 /// the manifest (converged later in this run; a run stopped in between is repaired by
 /// the next, since the state then names a file that exists).
 fn refresh_pin_file(layout: &Layout, state: &State, ks: &dyn KeyStore) -> Result<State> {
-    let chosen = ks.record().pkcs11_pin_file;
-    if state.keystore != KeystoreKind::Pkcs11 || chosen == state.backend.pkcs11_pin_file {
-        return Ok(state.clone());
-    }
     let mut next = state.clone();
-    next.backend.pkcs11_pin_file = chosen;
+    let (Backend::Pkcs11(chosen), Backend::Pkcs11(recorded)) = (ks.record(), &mut next.backend)
+    else {
+        return Ok(next);
+    };
+    if chosen.pin_file == recorded.pin_file {
+        return Ok(next);
+    }
+    recorded.pin_file = chosen.pin_file;
     next.save(layout)?;
     Ok(next)
 }

@@ -60,12 +60,7 @@ pub fn run(ctx: &Ctx, confirmation: Confirmation) -> Result<i32> {
     };
     let manifest_changed = match manifest {
         Some(m) => {
-            let clean = m.stripped(
-                state
-                    .as_ref()
-                    .map(|s| s.backend.mounts.as_slice())
-                    .unwrap_or(&[]),
-            )?;
+            let clean = m.stripped(state.as_ref().map(|s| s.backend.mounts()).unwrap_or(&[]))?;
             m.save(&clean, crate::fsutil::PUBLIC)?
         }
         None => false,

@@ -14,10 +14,15 @@ use serde::{Deserialize, Serialize};
 pub mod file;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+mod settings;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 mod uri;
 
+pub use settings::{
+    Backend, BlankToken, ConnectorPin, KeystoreConfig, PinFile, Pkcs11Config, Pkcs11Settings,
+    Prompt, Purpose, TpmConfig, TpmSettings, DEFAULT_PRIMARY, DEFAULT_SECONDARY, DEFAULT_SRK,
+};
 pub use uri::{KeyUri, Pkcs11Uri};
 
 use crate::model::Slot;
@@ -255,8 +260,14 @@ pub trait KeyStore {
 
     /// Backend settings to record in the state file, so later runs and `status` find
     /// the keys without flags.
-    fn record(&self) -> BackendRecord {
-        BackendRecord::default()
+    fn record(&self) -> Backend {
+        Backend::File
+    }
+
+    /// PKCS#11: the PIN the token accepted and the connector's PIN file, which the
+    /// command chooses right after opening ([`choose_pin_file`]); `None` elsewhere.
+    fn connector_pin(&mut self) -> Option<&mut ConnectorPin> {
+        None
     }
 
     /// Check what consumers need from the store itself, for `verify`: the check's
@@ -377,30 +388,6 @@ pub enum KeyRef {
     },
 }
 
-/// Backend settings kept in the state file (device paths): everything needed to
-/// name the keys to a consumer without opening the keystore.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendRecord {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm_srk: Option<u32>,
-    /// TPM key handles chosen with `--tpm-primary-handle` / `--tpm-secondary-handle`,
-    /// so later runs (rotate, reset) use them without the flags.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm_primary_handle: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm_secondary_handle: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pkcs11_module: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pkcs11_token: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pkcs11_pin_file: Option<PathBuf>,
-    /// Host paths mounted into the connector for this backend (outside the
-    /// certificates directory); the tool owns those mounts.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mounts: Vec<PathBuf>,
-}
-
 pub use crate::error::KeyStoreError;
 
 /// Whether a recorded TPM key must carry its Name ([`OwnedKey::tpm_name`]).
@@ -454,42 +441,38 @@ pub fn sign_error(e: KeyStoreError) -> rcgen::Error {
     rcgen::Error::RemoteKeyError
 }
 
-/// Settings that pick and configure a keystore; filled from flags and environment.
-#[derive(Debug, Clone, Default)]
-pub struct KeystoreConfig {
-    pub tcti: Option<String>,
-    pub primary_handle: Option<u32>,
-    pub secondary_handle: Option<u32>,
-    pub pkcs11_module: Option<PathBuf>,
-    pub pkcs11_token: Option<String>,
-    pub pkcs11_pin_file: Option<PathBuf>,
-    pub pkcs11_init_token: bool,
-    /// May we prompt (PIN)? False with `--non-interactive`, `--json` or no TTY.
-    pub interactive: bool,
-    /// The command only reads (`verify`, `csr`): opening the keystore writes nothing,
-    /// not even the connector's PIN file (those commands run without the lock); a
-    /// PKCS#11 token gets a read-only session and is never initialised.
-    pub read_only: bool,
-    /// Provisioning: the store may choose (and write) the connector's PIN file.
-    /// Every other command keeps the one the identity records, so the state and the
-    /// manifest never drift apart behind a command that does not converge them.
-    pub manage_pin_file: bool,
-    /// What an earlier run recorded; used where no flag or env var says otherwise.
-    pub recorded: BackendRecord,
-}
-
 /// `--keystore auto`: a TPM if a TCTI is configured or `/dev/tpmrm0` exists; else
 /// PKCS#11 if a module is configured; else plain files (the caller warns).
 pub fn select_auto(config: &KeystoreConfig) -> KeystoreKind {
     if cfg!(feature = "tpm")
-        && (config.tcti.is_some() || std::path::Path::new("/dev/tpmrm0").exists())
+        && (config.tpm.tcti.is_some() || std::path::Path::new("/dev/tpmrm0").exists())
     {
         KeystoreKind::Tpm
-    } else if cfg!(feature = "pkcs11") && config.pkcs11_module.is_some() {
+    } else if cfg!(feature = "pkcs11") && config.pkcs11.module.is_some() {
         KeystoreKind::Pkcs11
     } else {
         KeystoreKind::File
     }
+}
+
+/// The commands' step right after [`open`]: a PKCS#11 store's connector PIN file, as
+/// `pkcs11::pin_file::choose` decides for `config.purpose` (written where it says
+/// so, see `pkcs11::pin_file::settle`). The store only logged in and kept the
+/// accepted PIN; other stores have no PIN file.
+#[cfg_attr(not(feature = "pkcs11"), allow(unused_variables))]
+pub fn choose_pin_file(
+    ks: &mut dyn KeyStore,
+    config: &Pkcs11Config,
+    layout: &crate::paths::Layout,
+) -> Result<(), KeyStoreError> {
+    #[cfg(feature = "pkcs11")]
+    if let Some(login) = ks.connector_pin() {
+        if let Some(pin) = login.accepted() {
+            let file = pkcs11::pin_file::settle(config, layout, pin)?;
+            login.chosen(file);
+        }
+    }
+    Ok(())
 }
 
 /// Open the backend.
@@ -502,9 +485,12 @@ pub fn open(
     match kind {
         KeystoreKind::File => Ok(Box::new(file::FileKeyStore::new(layout.clone()))),
         #[cfg(feature = "tpm")]
-        KeystoreKind::Tpm => Ok(Box::new(tpm::TpmKeyStore::open(config, layout)?)),
+        KeystoreKind::Tpm => Ok(Box::new(tpm::TpmKeyStore::open(&config.tpm, layout)?)),
         #[cfg(feature = "pkcs11")]
-        KeystoreKind::Pkcs11 => Ok(Box::new(pkcs11::Pkcs11KeyStore::open(config, layout)?)),
+        KeystoreKind::Pkcs11 => Ok(Box::new(pkcs11::Pkcs11KeyStore::open(
+            &config.pkcs11,
+            layout,
+        )?)),
         #[allow(unreachable_patterns)]
         other => Err(KeyStoreError::Unavailable {
             what: format!("this build of sdv-provision has no {other} keystore"),

@@ -19,7 +19,8 @@ use cryptoki::session::Session;
 use sdv_provision::cert::{self, CertInfo};
 use sdv_provision::keystore::pkcs11::Pkcs11KeyStore;
 use sdv_provision::keystore::{
-    Algorithm, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig, Pkcs11Uri, Role,
+    self, Algorithm, BlankToken, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
+    Pkcs11Config, Pkcs11Uri, Role,
 };
 use sdv_provision::model::Slot;
 use sdv_provision::paths::Layout;
@@ -27,8 +28,12 @@ use sdv_provision::paths::Layout;
 /// DER namedCurve prime256v1, for foreign keys the tests make themselves.
 const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
-fn open(hsm: &SoftHsm, config: &KeystoreConfig) -> Result<Pkcs11KeyStore, KeyStoreError> {
-    Pkcs11KeyStore::open(config, &Layout::new(hsm.root()))
+/// Open as the commands do: log in, then the connector's PIN file for the purpose.
+fn open(hsm: &SoftHsm, config: &Pkcs11Config) -> Result<Pkcs11KeyStore, KeyStoreError> {
+    let layout = Layout::new(hsm.root());
+    let mut ks = Pkcs11KeyStore::open(config, &layout)?;
+    keystore::choose_pin_file(&mut ks, config, &layout)?;
+    Ok(ks)
 }
 
 fn pk(uri: &KeyUri) -> &Pkcs11Uri {
@@ -178,10 +183,10 @@ fn full_cycle(alg: Algorithm) {
             mounts,
             vec![hsm.store.tokendir.clone(), hsm.store.conf.clone()]
         );
-        let rec = ks.record();
-        assert_eq!(rec.pkcs11_module.as_ref(), Some(&hsm.store.module));
-        assert_eq!(rec.pkcs11_token.as_deref(), Some(hsm.label.as_str()));
-        assert_eq!(rec.pkcs11_pin_file.as_ref(), Some(&pin_file));
+        let rec = ks.record().pkcs11().cloned().unwrap();
+        assert_eq!(rec.module.as_ref(), Some(&hsm.store.module));
+        assert_eq!(rec.token.as_deref(), Some(hsm.label.as_str()));
+        assert_eq!(rec.pin_file.as_ref(), Some(&pin_file));
         assert_eq!(rec.mounts, mounts);
     }
 
@@ -283,6 +288,34 @@ tests_of!(full_cycle:
     ecdsa_p384_full_cycle => (Algorithm::EcdsaP384),
 );
 
+/// Opening only logs in and keeps the PIN the token accepted; the connector's PIN
+/// file is the command's step after it (`keystore::choose_pin_file`).
+#[test]
+fn open_only_logs_in_and_the_command_writes_the_pin_file() {
+    use secrecy::ExposeSecret;
+    require_tools!(SoftHsm);
+    let hsm = SoftHsm::new("open-logs-in");
+    let layout = Layout::new(hsm.root());
+    let config = hsm.config();
+    let mut ks = Pkcs11KeyStore::open(&config, &layout).unwrap();
+    let ours = layout.host_cert_file("pkcs11.pin");
+    assert!(
+        !ours.exists(),
+        "opening the token wrote the connector's PIN file"
+    );
+    assert_eq!(ks.record().pkcs11().unwrap().pin_file, None);
+    let login = ks.connector_pin().expect("a PKCS#11 store keeps its login");
+    assert_eq!(login.accepted().unwrap().expose_secret(), USER_PIN);
+    keystore::choose_pin_file(&mut ks, &config, &layout).unwrap();
+    // Chosen: the PIN itself is forgotten (the session stays logged in).
+    assert!(ks.connector_pin().unwrap().accepted().is_none());
+    assert_eq!(std::fs::read_to_string(&ours).unwrap(), USER_PIN);
+    assert_eq!(
+        ks.record().pkcs11().unwrap().pin_file,
+        Some(PathBuf::from("/data/var/certificates/pkcs11.pin"))
+    );
+}
+
 #[test]
 fn wrong_pin_is_one_clear_error_and_does_not_lock() {
     require_tools!(SoftHsm);
@@ -290,7 +323,7 @@ fn wrong_pin_is_one_clear_error_and_does_not_lock() {
     let bad = hsm.dir.path().join("bad.pin");
     std::fs::write(&bad, "0000-wrong\n").unwrap();
     let mut config = hsm.config();
-    config.pkcs11_pin_file = Some(bad);
+    config.pin_file = Some(bad);
     let Err(e) = open(&hsm, &config) else {
         panic!("a wrong PIN was accepted")
     };
@@ -318,7 +351,7 @@ fn missing_token_lists_the_labels_found() {
     require_tools!(SoftHsm);
     let hsm = SoftHsm::new("present-token");
     let mut config = hsm.config();
-    config.pkcs11_token = Some("no-such-token".into());
+    config.token = Some("no-such-token".into());
     let Err(e) = open(&hsm, &config) else {
         panic!("opened a missing token")
     };
@@ -339,7 +372,7 @@ fn missing_or_bogus_module_is_named() {
     let hsm = SoftHsm::new("bogus-module");
     let mut config = hsm.config();
 
-    config.pkcs11_module = None;
+    config.module = None;
     let Err(e) = open(&hsm, &config) else {
         panic!("opened without a module")
     };
@@ -347,7 +380,7 @@ fn missing_or_bogus_module_is_named() {
     assert_one_line(&e, &["--pkcs11-module", "PKCS11_MODULE_PATH"]);
 
     let missing = hsm.dir.path().join("libmissing.so");
-    config.pkcs11_module = Some(missing.clone());
+    config.module = Some(missing.clone());
     let Err(e) = open(&hsm, &config) else {
         panic!("opened a missing module")
     };
@@ -362,7 +395,7 @@ fn missing_or_bogus_module_is_named() {
 
     let text = hsm.dir.path().join("not-a-module.so");
     std::fs::write(&text, "this is not a shared library\n").unwrap();
-    config.pkcs11_module = Some(text.clone());
+    config.module = Some(text.clone());
     let Err(e) = open(&hsm, &config) else {
         panic!("opened a text file as a module")
     };
@@ -381,7 +414,7 @@ fn no_pin_source_names_the_flag_and_env() {
     require_tools!(SoftHsm);
     let hsm = SoftHsm::new("no-pin");
     let mut config = hsm.config();
-    config.pkcs11_pin_file = None;
+    config.pin_file = None;
     let Err(e) = open(&hsm, &config) else {
         panic!("opened without a PIN")
     };
@@ -400,10 +433,10 @@ fn default_token_label_is_leda() {
     require_tools!(SoftHsm);
     let store = common::softhsm::store();
     let dir = tempfile::tempdir().unwrap();
-    let config = KeystoreConfig {
-        pkcs11_module: Some(store.module.clone()),
-        pkcs11_pin_file: Some(store.dir.join("user.pin")),
-        ..KeystoreConfig::default()
+    let config = Pkcs11Config {
+        module: Some(store.module.clone()),
+        pin_file: Some(store.dir.join("user.pin")),
+        ..Pkcs11Config::default()
     };
     let ks = Pkcs11KeyStore::open(&config, &Layout::new(dir.path())).unwrap();
     assert_eq!(ks.token(), "leda");
@@ -415,11 +448,9 @@ fn recorded_settings_are_used_without_flags() {
     let hsm = SoftHsm::new("recorded");
     let record = open(&hsm, &hsm.config()).unwrap().record();
     // A later run (status, verify) with no PKCS#11 flags at all.
-    let config = KeystoreConfig {
-        recorded: record,
-        ..KeystoreConfig::default()
-    };
-    let ks = open(&hsm, &config).unwrap();
+    let mut config = KeystoreConfig::default();
+    config.set_recorded(&record);
+    let ks = open(&hsm, &config.pkcs11).unwrap();
     assert_eq!(ks.token(), hsm.label);
 }
 
@@ -432,7 +463,7 @@ fn pin_file_inside_the_certificates_directory_is_used_as_is() {
     std::fs::create_dir_all(own.parent().unwrap()).unwrap();
     std::fs::write(&own, format!("{USER_PIN}\n")).unwrap();
     let mut config = hsm.config();
-    config.pkcs11_pin_file = Some(own);
+    config.pin_file = Some(own);
     let mut ks = open(&hsm, &config).unwrap();
     let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     let KeyRef::Pkcs11 { pin_file, .. } = ks.key_ref(&uri).unwrap() else {
@@ -450,16 +481,16 @@ fn init_token_initialises_a_blank_slot_once() {
     let dir = tempfile::tempdir().unwrap();
     let pin_file = dir.path().join("pin");
     std::fs::write(&pin_file, "4321-new\n").unwrap();
-    let mut config = KeystoreConfig {
-        pkcs11_module: Some(store.module.clone()),
-        pkcs11_token: Some("initialised-by-us".into()),
-        pkcs11_pin_file: Some(pin_file),
-        ..KeystoreConfig::default()
+    let mut config = Pkcs11Config {
+        module: Some(store.module.clone()),
+        token: Some("initialised-by-us".into()),
+        pin_file: Some(pin_file),
+        ..Pkcs11Config::default()
     };
     let layout = Layout::new(dir.path().join("root"));
     // Without the flag: the token is missing.
     assert!(Pkcs11KeyStore::open(&config, &layout).is_err());
-    config.pkcs11_init_token = true;
+    config.blank_token = BlankToken::Initialise;
     let uri = {
         let _blank = common::softhsm::blank_slot_lock();
         let mut ks = Pkcs11KeyStore::open(&config, &layout).unwrap();

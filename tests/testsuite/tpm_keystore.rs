@@ -13,7 +13,7 @@ use common::swtpm::{cert_file, Abrmd, Swtpm};
 use sdv_provision::cert::{self, CertInfo};
 use sdv_provision::keystore::tpm::TpmKeyStore;
 use sdv_provision::keystore::{
-    Algorithm, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig, Role,
+    Algorithm, KeyRef, KeyStore, KeyStoreError, KeyUri, Role, TpmConfig,
 };
 use sdv_provision::model::Slot;
 use sdv_provision::paths::Layout;
@@ -23,10 +23,10 @@ const PRIMARY: u32 = 0x8100_0010;
 const SECONDARY: u32 = 0x8100_0011;
 const PRIMARY_STAGED: u32 = 0x8100_0110;
 
-fn config(tcti: &str) -> KeystoreConfig {
-    KeystoreConfig {
+fn config(tcti: &str) -> TpmConfig {
+    TpmConfig {
         tcti: Some(tcti.into()),
-        ..KeystoreConfig::default()
+        ..TpmConfig::default()
     }
 }
 
@@ -102,7 +102,7 @@ fn algorithm_round_trip(alg: Algorithm) {
             priv_blob: "/data/var/certificates/device.tpm.priv".into(),
         }
     );
-    assert_eq!(ks.record().tpm_srk, Some(SRK));
+    assert_eq!(ks.record().tpm().unwrap().srk, Some(SRK));
     // Both slots are ours now: planning them again is refused.
     assert!(matches!(
         ks.plan(Slot::live(Role::Primary)),
@@ -465,7 +465,7 @@ fn remove_finds_the_blobs_of_a_handle_outside_the_configured_slots() {
         false,
         Algorithm::EcdsaP256,
     );
-    assert_eq!(ks.record().tpm_primary_handle, Some(0x8100_0030));
+    assert_eq!(ks.record().tpm().unwrap().primary_handle, Some(0x8100_0030));
     drop(ks);
     let mut ks = open(&tpm, root.path());
     ks.remove(&uri).unwrap();

@@ -32,8 +32,9 @@ use cryptoki::object::{Attribute, AttributeType, CertificateType, ObjectClass, O
 use cryptoki::session::Session;
 
 use super::{
-    Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
-    KeystoreKind, OwnedKey, Pkcs11Uri, Role,
+    Algorithm, Backend, BlankToken, ConnectorPin, DeviceKey, KeyRef, KeyStore, KeyStoreError,
+    KeyUri, KeystoreKind, OwnedKey, PinFile, Pkcs11Config, Pkcs11Settings, Pkcs11Uri, Purpose,
+    Role,
 };
 use crate::error::Fix;
 use crate::model::Slot;
@@ -49,7 +50,6 @@ pub(crate) use errors::describe;
 use errors::{ck, write_error};
 use key::{ec_params, key_algorithm, public_der, Pkcs11Key};
 use pin::{check_user_pin_state, login, user_pin};
-use pin_file::connector_pin_file;
 use token::{consumer_mounts, find_token, init_token, load_module, not_found, MODULE_HINT};
 
 /// Token label used when neither a flag nor an earlier run names one.
@@ -84,11 +84,9 @@ pub struct Pkcs11KeyStore {
     /// operation at a time (`Session` is `Send` but not `Sync`; parsec's PKCS#11
     /// provider guards its sessions the same way).
     session: Mutex<Session>,
-    /// Device path of the PIN file the connector reads.
-    pin_file: PathBuf,
-    /// Does that file hold the PIN the token accepted? (Read-only commands do not
-    /// rewrite it; `verify` reports a stale one.)
-    pin_file_current: bool,
+    /// The PIN the token accepted, and the connector's PIN file the command chose
+    /// from it ([`super::choose_pin_file`]).
+    login: ConnectorPin,
     /// Extra host paths a containerised consumer needs (SoftHSM's token store and
     /// config); the module itself is added by the manifest code.
     mounts: Vec<PathBuf>,
@@ -96,33 +94,22 @@ pub struct Pkcs11KeyStore {
 
 impl Pkcs11KeyStore {
     /// Load the module, find the token by label (initialising a blank one with
-    /// `--pkcs11-init-token`), log in, and make sure the connector's PIN file holds
-    /// the PIN the token just accepted.
-    ///
-    /// The PIN file is written here, right after a successful login, because:
-    /// - only a PIN the token has accepted ever reaches a file, so a typo never ends
-    ///   up in the connector's configuration and a wrong PIN writes nothing;
-    /// - it is in place before any key exists, so a run killed at any later step never
-    ///   leaves a manifest whose `pin-source` names a missing file;
-    /// - it is rewritten only when its content differs, so a re-run changes nothing,
-    ///   while a PIN changed on the token is picked up by the next run.
-    ///
-    /// It is not written when the user's `--pkcs11-pin-file` already lies inside the
-    /// certificates directory (the connector then reads that file), nor by commands
-    /// that only read ([`KeystoreConfig::read_only`]: `verify`, `csr`).
-    pub fn open(config: &KeystoreConfig, layout: &Layout) -> Result<Pkcs11KeyStore, KeyStoreError> {
+    /// `--pkcs11-init-token`) and log in, keeping the PIN the token accepted. Nothing
+    /// is written here: which PIN file the connector gets is the command's to decide
+    /// right after this ([`super::choose_pin_file`]).
+    pub fn open(config: &Pkcs11Config, layout: &Layout) -> Result<Pkcs11KeyStore, KeyStoreError> {
         let module = config
-            .pkcs11_module
+            .module
             .clone()
-            .or_else(|| config.recorded.pkcs11_module.clone())
+            .or_else(|| config.recorded.module.clone())
             .ok_or_else(|| KeyStoreError::Unavailable {
                 what: "no PKCS#11 module configured".into(),
                 hint: MODULE_HINT.into(),
             })?;
         let token = config
-            .pkcs11_token
+            .token
             .clone()
-            .or_else(|| config.recorded.pkcs11_token.clone())
+            .or_else(|| config.recorded.token.clone())
             .unwrap_or_else(|| DEFAULT_TOKEN.to_owned());
         let ctx = load_module(&module)?;
 
@@ -133,7 +120,10 @@ impl Pkcs11KeyStore {
                 check_user_pin_state(&ctx, slot, &token)?;
                 (slot, user_pin(config, layout, &token)?)
             }
-            Err(_) if config.pkcs11_init_token && !config.read_only => {
+            Err(_)
+                if config.blank_token == BlankToken::Initialise
+                    && config.purpose != Purpose::Read =>
+            {
                 let pin = user_pin(config, layout, &token)?;
                 init_token(&ctx, &module, &token, &pin)?;
                 let slot = find_token(&ctx, &module, &token)?
@@ -144,7 +134,7 @@ impl Pkcs11KeyStore {
         };
         // Commands that only read get a read-only session: they work on a
         // write-protected token and cannot change one by mistake.
-        let session = if config.read_only {
+        let session = if config.purpose == Purpose::Read {
             ctx.open_ro_session(slot)
         } else {
             ctx.open_rw_session(slot)
@@ -160,15 +150,12 @@ impl Pkcs11KeyStore {
             e => ck(format!("open a session on PKCS#11 token {token}"), e),
         })?;
         login(&session, &token, &pin)?;
-
-        let (pin_file, pin_file_current) = connector_pin_file(config, layout, &pin)?;
         let mounts = consumer_mounts(&ctx);
         Ok(Pkcs11KeyStore {
             module,
             token,
             session: Mutex::new(session),
-            pin_file,
-            pin_file_current,
+            login: ConnectorPin::new(pin),
             mounts,
         })
     }
@@ -184,8 +171,18 @@ impl Pkcs11KeyStore {
         Ok(KeyRef::Pkcs11 {
             uri: self.uri(uri)?.clone(),
             module: self.module.clone(),
-            pin_file: self.pin_file.clone(),
+            pin_file: self.pin_file()?.path.clone(),
             mounts: self.mounts.clone(),
+        })
+    }
+
+    /// The connector's PIN file, once the command chose it.
+    fn pin_file(&self) -> Result<&PinFile, KeyStoreError> {
+        self.login.file().ok_or_else(|| {
+            KeyStoreError::backend(
+                "name the connector's PIN file",
+                "none was chosen after logging in to the token",
+            )
         })
     }
 
@@ -473,17 +470,21 @@ impl KeyStore for Pkcs11KeyStore {
     /// The connector's PIN file must hold the PIN the token accepted, or its login
     /// fails (and uses up the token's retries).
     fn check_store(&self) -> Option<(&'static str, Result<String, KeyStoreError>)> {
-        let outcome = if self.pin_file_current {
+        let (pin_file, current) = match self.pin_file() {
+            Ok(f) => (&f.path, f.holds_pin),
+            Err(e) => return Some(("pin_file", Err(e))),
+        };
+        let outcome = if current {
             Ok(format!(
                 "{} holds the PIN token {} accepted",
-                self.pin_file.display(),
+                pin_file.display(),
                 self.token
             ))
         } else {
             Err(KeyStoreError::Rejected {
                 what: format!(
                     "{} does not hold the PIN token {} accepted; the connector's login would fail",
-                    self.pin_file.display(),
+                    pin_file.display(),
                     self.token
                 ),
                 hint: "run sdv-provision with the current PIN to update it".into(),
@@ -492,14 +493,17 @@ impl KeyStore for Pkcs11KeyStore {
         Some(("pin_file", outcome))
     }
 
-    fn record(&self) -> BackendRecord {
-        BackendRecord {
-            pkcs11_module: Some(self.module.clone()),
-            pkcs11_token: Some(self.token.clone()),
-            pkcs11_pin_file: Some(self.pin_file.clone()),
+    fn record(&self) -> Backend {
+        Backend::Pkcs11(Pkcs11Settings {
+            module: Some(self.module.clone()),
+            token: Some(self.token.clone()),
+            pin_file: self.login.file().map(|f| f.path.clone()),
             mounts: self.mounts.clone(),
-            ..BackendRecord::default()
-        }
+        })
+    }
+
+    fn connector_pin(&mut self) -> Option<&mut ConnectorPin> {
+        Some(&mut self.login)
     }
 }
 

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use super::{ck, describe, PIN_ENV, SO_PIN_ENV, SO_PIN_FILE_ENV};
 use crate::fsutil;
-use crate::keystore::{KeyStoreError, KeystoreConfig};
+use crate::keystore::{KeyStoreError, Pkcs11Config, Prompt};
 use crate::paths::{Layout, CERT_DIR};
 
 /// A locked or unset user PIN is reported before any PIN is asked for or tried.
@@ -91,11 +91,11 @@ fn pin_locked(token: &str) -> KeyStoreError {
 /// The user PIN: `--pkcs11-pin-file`, else `SDV_PROVISION_PKCS11_PIN`, else the PIN
 /// file an earlier run recorded, else a hidden prompt (interactive runs only).
 pub(super) fn user_pin(
-    config: &KeystoreConfig,
+    config: &Pkcs11Config,
     layout: &Layout,
     token: &str,
 ) -> Result<SecretString, KeyStoreError> {
-    if let Some(path) = &config.pkcs11_pin_file {
+    if let Some(path) = &config.pin_file {
         return read_pin_file(path, "--pkcs11-pin-file");
     }
     if let Some(pin) = std::env::var_os(PIN_ENV) {
@@ -114,13 +114,13 @@ pub(super) fn user_pin(
         }
         return Ok(SecretString::from(pin));
     }
-    if let Some(recorded) = &config.recorded.pkcs11_pin_file {
+    if let Some(recorded) = &config.recorded.pin_file {
         let host = layout.host(recorded);
         if host.is_file() {
             return read_pin_file(&host, "--pkcs11-pin-file");
         }
     }
-    if config.interactive {
+    if config.prompt == Prompt::Allowed {
         let pin = Zeroizing::new(
             dialoguer::Password::new()
                 .with_prompt(format!("User PIN of PKCS#11 token {token}"))

@@ -1,5 +1,7 @@
 //! Which PIN file the connector gets: one pure rule ([`choose`]) with a table test,
-//! and [`connector_pin_file`], which gathers its inputs and writes what it decides.
+//! and [`settle`], which gathers its inputs and writes what it decides. Opening the
+//! token only logs in ([`super::Pkcs11KeyStore::open`]); the commands call
+//! [`settle`] right after, through [`crate::keystore::choose_pin_file`].
 //!
 //! The connector reads a PIN file of the user's in the certificates directory when
 //! it may (the `--pkcs11-pin-file` given, or the one an earlier run recorded while it
@@ -8,6 +10,14 @@
 //! with the next run of any command that logs in. Only provisioning chooses; every
 //! other command keeps the file the identity records (the one the manifest names),
 //! and `verify` and `csr` write nothing at all.
+//!
+//! Written right after a successful login, before anything else happens, because:
+//! - only a PIN the token has accepted ever reaches a file, so a typo never ends up
+//!   in the connector's configuration and a wrong PIN writes nothing;
+//! - it is in place before any key exists, so a run killed at any later step never
+//!   leaves a manifest whose `pin-source` names a missing file;
+//! - it is rewritten only when its content differs, so a re-run changes nothing,
+//!   while a PIN changed on the token is picked up by the next run.
 
 use std::path::{Path, PathBuf};
 
@@ -16,31 +26,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::pin::{inside_cert_dir, pin_file_holds};
 use super::PIN_FILE_NAME;
 use crate::fsutil;
-use crate::keystore::{KeyStoreError, KeystoreConfig};
+use crate::keystore::{KeyStoreError, PinFile, Pkcs11Config, Purpose};
 use crate::paths::Layout;
-
-/// The command that opens the token, as far as the PIN file goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    /// `verify`, `csr`: nothing is written.
-    ReadOnly,
-    /// `provision`: may choose another file (and then converges the manifest).
-    Provision,
-    /// Every other command: keeps the recorded file.
-    Other,
-}
-
-impl Command {
-    fn of(config: &KeystoreConfig) -> Command {
-        if config.read_only {
-            Command::ReadOnly
-        } else if config.manage_pin_file {
-            Command::Provision
-        } else {
-            Command::Other
-        }
-    }
-}
 
 /// `--pkcs11-pin-file`, as the rule sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,60 +50,67 @@ pub enum Choice {
 }
 
 /// The rule. `recorded` is the file an earlier run recorded, `recorded_holds_pin`
-/// whether it holds the PIN the token just accepted.
+/// whether it holds the PIN the token just accepted, `command` what the command
+/// opened the store for: `verify` and `csr` ([`Purpose::Read`]) write nothing,
+/// `provision` may choose another file (and then converges the manifest), every
+/// other command ([`Purpose::Change`]) keeps the recorded file.
 pub fn choose(
     flag: Flag<'_>,
     recorded: Option<&Path>,
     recorded_holds_pin: bool,
-    command: Command,
+    command: Purpose,
 ) -> Choice {
     let ours = Layout::cert_file(PIN_FILE_NAME);
     let users = recorded.filter(|r| *r != ours).map(Path::to_path_buf);
     match (command, flag, users) {
-        (Command::ReadOnly, _, Some(file)) | (Command::Other, _, Some(file)) => Choice::Users {
+        (Purpose::Read, _, Some(file)) | (Purpose::Change, _, Some(file)) => Choice::Users {
             file,
             holds_pin: recorded_holds_pin,
         },
-        (Command::ReadOnly, _, None) => Choice::Ours { write: false },
-        (Command::Provision, Flag::InCertDir(file), _) => Choice::Users {
+        (Purpose::Read, _, None) => Choice::Ours { write: false },
+        (Purpose::Provision, Flag::InCertDir(file), _) => Choice::Users {
             file: file.to_path_buf(),
             holds_pin: true,
         },
-        (Command::Provision, Flag::None, Some(file)) if recorded_holds_pin => Choice::Users {
+        (Purpose::Provision, Flag::None, Some(file)) if recorded_holds_pin => Choice::Users {
             file,
             holds_pin: true,
         },
-        (Command::Provision, _, _) | (Command::Other, _, None) => Choice::Ours { write: true },
+        (Purpose::Provision, _, _) | (Purpose::Change, _, None) => Choice::Ours { write: true },
     }
 }
 
-/// Device path of the PIN file the connector reads, and whether it holds `pin` (the
-/// PIN the token just accepted): [`choose`], then `<certdir>/pkcs11.pin` written
-/// (atomically, only when it differs) where the rule says so.
-pub(super) fn connector_pin_file(
-    config: &KeystoreConfig,
+/// The PIN file the connector reads (device path), and whether it holds `pin` (the
+/// PIN the token just accepted): [`choose`] for `config.purpose`, then
+/// `<certdir>/pkcs11.pin` written (atomically, 0600, only when it differs) where the
+/// rule says so.
+pub fn settle(
+    config: &Pkcs11Config,
     layout: &Layout,
     pin: &SecretString,
-) -> Result<(PathBuf, bool), KeyStoreError> {
-    let command = Command::of(config);
-    let in_cert_dir = match (&config.pkcs11_pin_file, command) {
-        (Some(user), Command::Provision) => inside_cert_dir(layout, user),
+) -> Result<PinFile, KeyStoreError> {
+    let command = config.purpose;
+    let in_cert_dir = match (&config.pin_file, command) {
+        (Some(user), Purpose::Provision) => inside_cert_dir(layout, user),
         _ => None,
     };
-    let flag = match (&config.pkcs11_pin_file, &in_cert_dir) {
+    let flag = match (&config.pin_file, &in_cert_dir) {
         (_, Some(device)) => Flag::InCertDir(device),
         (Some(_), None) => Flag::Elsewhere,
         (None, None) => Flag::None,
     };
-    let recorded = config.recorded.pkcs11_pin_file.as_deref();
+    let recorded = config.recorded.pin_file.as_deref();
     let recorded_holds_pin = recorded.is_some_and(|r| pin_file_holds(layout, r, pin));
     let ours = Layout::cert_file(PIN_FILE_NAME);
     match choose(flag, recorded, recorded_holds_pin, command) {
-        Choice::Users { file, holds_pin } => Ok((file, holds_pin)),
-        Choice::Ours { write: false } => {
-            let holds = pin_file_holds(layout, &ours, pin);
-            Ok((ours, holds))
-        }
+        Choice::Users { file, holds_pin } => Ok(PinFile {
+            path: file,
+            holds_pin,
+        }),
+        Choice::Ours { write: false } => Ok(PinFile {
+            holds_pin: pin_file_holds(layout, &ours, pin),
+            path: ours,
+        }),
         Choice::Ours { write: true } => {
             if !pin_file_holds(layout, &ours, pin) {
                 fsutil::atomic_write(
@@ -128,7 +122,10 @@ pub(super) fn connector_pin_file(
                     KeyStoreError::backend("write the connector's PIN file", e.to_string())
                 })?;
             }
-            Ok((ours, true))
+            Ok(PinFile {
+                path: ours,
+                holds_pin: true,
+            })
         }
     }
 }
@@ -147,9 +144,9 @@ mod tests {
             holds_pin,
         };
         let write = Choice::Ours { write: true };
-        use Command::*;
+        use Purpose::*;
         // (flag, recorded, recorded holds the PIN, command) -> choice
-        let table: [(Flag, Option<&Path>, bool, Command, Choice); 14] = [
+        let table: [(Flag, Option<&Path>, bool, Purpose, Choice); 14] = [
             // provision: a flag in the certificates directory wins
             (
                 Flag::InCertDir(user),
@@ -177,28 +174,22 @@ mod tests {
                 Flag::InCertDir(user),
                 Some(old),
                 false,
-                Other,
+                Change,
                 users(old, false),
             ),
-            (Flag::None, Some(old), true, Other, users(old, true)),
-            (Flag::None, Some(&ours), true, Other, write.clone()),
-            (Flag::None, None, false, Other, write.clone()),
+            (Flag::None, Some(old), true, Change, users(old, true)),
+            (Flag::None, Some(&ours), true, Change, write.clone()),
+            (Flag::None, None, false, Change, write.clone()),
             // read-only commands report and write nothing
-            (Flag::None, Some(old), false, ReadOnly, users(old, false)),
+            (Flag::None, Some(old), false, Read, users(old, false)),
             (
                 Flag::InCertDir(user),
                 Some(&ours),
                 true,
-                ReadOnly,
+                Read,
                 Choice::Ours { write: false },
             ),
-            (
-                Flag::None,
-                None,
-                false,
-                ReadOnly,
-                Choice::Ours { write: false },
-            ),
+            (Flag::None, None, false, Read, Choice::Ours { write: false }),
         ];
         for (flag, recorded, holds, command, want) in table {
             assert_eq!(

@@ -32,8 +32,8 @@ use tss_esapi::structures::{CapabilityData, Private, Public};
 use tss_esapi::Context;
 
 use super::{
-    Algorithm, BackendRecord, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
-    KeystoreKind, OwnedKey, Role, TpmName,
+    Algorithm, Backend, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreKind, OwnedKey,
+    Role, TpmConfig, TpmName, TpmSettings,
 };
 use crate::error::Fix;
 use crate::fsutil;
@@ -55,10 +55,7 @@ pub use tcti::{DEFAULT_TCTI, OWNER_AUTH_ENV, OWNER_AUTH_FILE_ENV};
 use handles::{check_handles, occupied, persistent, srk_refused, tpm_handle, warn_foreign};
 use key::TpmKey;
 
-/// Where the storage root key lives unless the state file recorded another.
-pub const DEFAULT_SRK: u32 = 0x8100_0001;
-pub const DEFAULT_PRIMARY: u32 = 0x8100_0010;
-pub const DEFAULT_SECONDARY: u32 = 0x8100_0011;
+pub use super::{DEFAULT_PRIMARY, DEFAULT_SECONDARY, DEFAULT_SRK};
 pub use crate::model::STAGED_OFFSET;
 
 pub struct TpmKeyStore {
@@ -149,19 +146,13 @@ impl TpmKeyStore {
     ///
     /// Nothing is created here: read-only commands (`status`, `verify`) must not change
     /// the TPM. The SRK is checked or made when the first key is.
-    pub fn open(config: &KeystoreConfig, layout: &Layout) -> Result<TpmKeyStore, KeyStoreError> {
+    pub fn open(config: &TpmConfig, layout: &Layout) -> Result<TpmKeyStore, KeyStoreError> {
         let tcti_str = config.tcti.clone().unwrap_or_else(|| DEFAULT_TCTI.into());
         let conf = tcti::parse(&tcti_str)?;
-        let srk = config.recorded.tpm_srk.unwrap_or(DEFAULT_SRK);
+        let srk = config.recorded.srk();
         // A flag wins; else what an earlier run chose; else the defaults.
-        let primary = config
-            .primary_handle
-            .or(config.recorded.tpm_primary_handle)
-            .unwrap_or(DEFAULT_PRIMARY);
-        let secondary = config
-            .secondary_handle
-            .or(config.recorded.tpm_secondary_handle)
-            .unwrap_or(DEFAULT_SECONDARY);
+        let primary = config.live_handle(Role::Primary);
+        let secondary = config.live_handle(Role::Secondary);
         check_handles(srk, primary, secondary)?;
         let owner_auth = tcti::owner_auth()?;
 
@@ -478,15 +469,14 @@ impl KeyStore for TpmKeyStore {
         Some(self.check_no_da(uri))
     }
 
-    fn record(&self) -> BackendRecord {
+    fn record(&self) -> Backend {
         // Non-default handles only, so a state file stays minimal in the common case.
         let chosen = |h: u32, default: u32| (h != default).then_some(h);
-        BackendRecord {
-            tpm_srk: Some(self.srk),
-            tpm_primary_handle: chosen(self.primary, DEFAULT_PRIMARY),
-            tpm_secondary_handle: chosen(self.secondary, DEFAULT_SECONDARY),
-            ..BackendRecord::default()
-        }
+        Backend::Tpm(TpmSettings {
+            srk: Some(self.srk),
+            primary_handle: chosen(self.primary, DEFAULT_PRIMARY),
+            secondary_handle: chosen(self.secondary, DEFAULT_SECONDARY),
+        })
     }
 }
 

@@ -33,7 +33,7 @@ use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use sdv_provision::keystore::KeystoreConfig;
+use sdv_provision::keystore::{Pkcs11Config, Purpose};
 use tempfile::TempDir;
 
 pub const USER_PIN: &str = "1234-user";
@@ -328,15 +328,14 @@ impl SoftHsm {
     }
 
     /// Flags as the CLI would merge them: module, token, PIN file, non-interactive.
-    /// (A provisioning run's: the store may write the connector's PIN file.)
-    pub fn config(&self) -> KeystoreConfig {
-        KeystoreConfig {
-            pkcs11_module: Some(self.store.module.clone()),
-            pkcs11_token: Some(self.label.clone()),
-            pkcs11_pin_file: Some(self.pin_file.clone()),
-            interactive: false,
-            manage_pin_file: true,
-            ..KeystoreConfig::default()
+    /// (A provisioning run's: it may choose and write the connector's PIN file.)
+    pub fn config(&self) -> Pkcs11Config {
+        Pkcs11Config {
+            module: Some(self.store.module.clone()),
+            token: Some(self.label.clone()),
+            pin_file: Some(self.pin_file.clone()),
+            purpose: Purpose::Provision,
+            ..Pkcs11Config::default()
         }
     }
 
