@@ -9,7 +9,7 @@ use sha1::Digest;
 use time::OffsetDateTime;
 use x509_cert::Certificate;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::keystore::{Algorithm, DeviceKey};
 
 /// How far back `notBefore` goes, so a device whose clock is a little behind (no RTC,
@@ -56,7 +56,7 @@ fn params(device_id: &str, days: u32) -> Result<rcgen::CertificateParams> {
     p.not_after = now + time::Duration::days(i64::from(days));
     let mut serial = [0u8; 16];
     aws_lc_rs::rand::fill(&mut serial)
-        .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
+        .map_err(|_| Error::input("no randomness available", Fix::KernelRng))?;
     serial[0] &= 0x7f; // positive INTEGER
     serial[0] |= 0x01; // and no leading zero byte to strip
     p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
@@ -228,7 +228,7 @@ pub fn verify_signature(spki_der: &[u8], alg: Algorithm, msg: &[u8], sig: &[u8])
 pub fn key_matches(key: &dyn DeviceKey, spki: &[u8]) -> Result<bool> {
     let mut challenge = [0u8; 32];
     aws_lc_rs::rand::fill(&mut challenge)
-        .map_err(|_| Error::input("no randomness available", "check the kernel RNG"))?;
+        .map_err(|_| Error::input("no randomness available", Fix::KernelRng))?;
     let sig = key.sign(&challenge).map_err(|e| sign_failure(key, e))?;
     Ok(verify_signature(spki, key.alg(), &challenge, &sig))
 }
@@ -237,6 +237,7 @@ pub fn key_matches(key: &dyn DeviceKey, spki: &[u8]) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::keystore::{file::FileKeyStore, KeyStore, Role};
+    use crate::model::Slot;
     use crate::paths::Layout;
 
     #[test]
@@ -244,7 +245,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut ks = FileKeyStore::new(Layout::new(d.path()));
         for alg in Algorithm::ALL {
-            let uri = ks.plan(Role::Primary, false).unwrap();
+            let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
             let key = ks.generate(&uri, alg).unwrap();
             let pem = self_signed(key.as_ref(), "dev-1", 30).unwrap();
             let info = CertInfo::from_pem(Path::new("x"), pem.as_bytes()).unwrap();
@@ -281,7 +282,7 @@ mod tests {
     fn pem_chains_keep_their_order_and_ignore_text_around_them() {
         let d = tempfile::tempdir().unwrap();
         let mut ks = FileKeyStore::new(Layout::new(d.path()));
-        let uri = ks.plan(Role::Primary, false).unwrap();
+        let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
         let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
         let a = self_signed(key.as_ref(), "dev-a", 30).unwrap();
         let b = self_signed(key.as_ref(), "dev-b", 30).unwrap();
@@ -308,7 +309,7 @@ mod tests {
         let mut ks = FileKeyStore::new(Layout::new(d.path()));
         let mut ids = Vec::new();
         for role in Role::ALL {
-            let uri = ks.plan(role, false).unwrap();
+            let uri = ks.plan(Slot::live(role)).unwrap();
             let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
             let pem = self_signed(key.as_ref(), "dev-1", 30).unwrap();
             let cert = Certificate::load_pem_chain(pem.as_bytes())

@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 
 use clap::builder::PossibleValue;
 
-use crate::model::{Algorithm, Role};
+use crate::model::{Algorithm, Confirmation, Role, Rotation};
 
 // The domain types (crate::model) carry no clap; their flag values are their names.
 impl clap::ValueEnum for Role {
@@ -29,6 +29,16 @@ impl clap::ValueEnum for Algorithm {
     fn to_possible_value(&self) -> Option<PossibleValue> {
         Some(PossibleValue::new(self.as_str()))
     }
+}
+
+/// A switch (`--promote`, `--yes`) read as the domain value it stands for: `off`
+/// when absent, `on` when given.
+fn flag<T>(off: T, on: T) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: Copy + Send + Sync + Clone + 'static,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::BoolValueParser::new().map(move |given| if given { on } else { off })
 }
 
 /// Give this Eclipse Leda device its Azure IoT identity.
@@ -268,8 +278,8 @@ pub enum Command {
         /// Make the secondary the primary (manifest updated, connector restarted),
         /// remove the old primary, then create a fresh secondary (register its
         /// thumbprint).
-        #[arg(long)]
-        promote: bool,
+        #[arg(long, action = ArgAction::SetTrue, value_parser = flag(Rotation::NewSecondary, Rotation::Promote))]
+        promote: Rotation,
         /// Validity of the new secondary certificate, in days.
         #[arg(long, default_value_t = ProvisionArgs::DEFAULT_DAYS, value_parser = clap::value_parser!(u32).range(1..=36500))]
         days: u32,
@@ -295,8 +305,8 @@ pub enum Command {
     /// Remove the identity: certificates, keys, token objects, TPM handles, manifest entries.
     Reset {
         /// Do not ask for confirmation (required when not on a terminal).
-        #[arg(long)]
-        yes: bool,
+        #[arg(long, action = ArgAction::SetTrue, value_parser = flag(Confirmation::Ask, Confirmation::Given))]
+        yes: Confirmation,
     },
 }
 
@@ -371,6 +381,38 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn switches_read_as_what_they_ask_for() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap().command;
+        assert!(matches!(
+            parse(&["sdv-provision", "rotate"]),
+            Some(Command::Rotate {
+                promote: Rotation::NewSecondary,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["sdv-provision", "rotate", "--promote"]),
+            Some(Command::Rotate {
+                promote: Rotation::Promote,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["sdv-provision", "reset"]),
+            Some(Command::Reset {
+                yes: Confirmation::Ask
+            })
+        ));
+        assert!(matches!(
+            parse(&["sdv-provision", "reset", "--yes"]),
+            Some(Command::Reset {
+                yes: Confirmation::Given
+            })
+        ));
+        assert!(Cli::try_parse_from(["sdv-provision", "reset", "--yes=maybe"]).is_err());
     }
 
     #[test]

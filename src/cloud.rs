@@ -5,7 +5,7 @@ use std::fmt;
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::fsutil;
 use crate::paths::{Layout, CONNECTION_STRING_FILE, ID_SCOPE_FILE};
 
@@ -34,9 +34,13 @@ impl Cloud {
         }
     }
 
-    /// Does the configuration hold a secret (a SharedAccessKey)?
-    pub fn has_secret(&self) -> bool {
-        matches!(self, Cloud::Hub(cs) if cs.shared_access_key)
+    /// The mode of a file that holds this configuration: [`fsutil::SECRET`] when
+    /// it holds a secret (a SharedAccessKey), else [`fsutil::PUBLIC`].
+    pub fn file_mode(&self) -> u32 {
+        match self {
+            Cloud::Hub(cs) if cs.shared_access_key => fsutil::SECRET,
+            _ => fsutil::PUBLIC,
+        }
     }
 }
 
@@ -292,15 +296,12 @@ pub fn load(layout: &Layout) -> Result<Option<Cloud>> {
                 scope_path.display(),
                 cs_path.display()
             ),
-            "remove the one you do not want, or run `sdv-provision reset --yes`",
+            format!("remove the one you do not want, or {}", Fix::Reset),
         )),
         (Some(s), None) => {
             let s = s.trim();
             check_id_scope(s).map_err(|e| {
-                Error::input(
-                    format!("{}: {e}", scope_path.display()),
-                    "fix the file or remove it and run sdv-provision again",
-                )
+                Error::input(format!("{}: {e}", scope_path.display()), Fix::FixCloudFile)
             })?;
             Ok(Some(Cloud::Dps {
                 id_scope: s.to_owned(),
@@ -308,10 +309,7 @@ pub fn load(layout: &Layout) -> Result<Option<Cloud>> {
         }
         (None, Some(s)) => {
             let cs = ConnectionString::parse(&s).map_err(|e| {
-                Error::input(
-                    format!("{}: {e}", cs_path.display()),
-                    "fix the file or remove it and run sdv-provision again",
-                )
+                Error::input(format!("{}: {e}", cs_path.display()), Fix::FixCloudFile)
             })?;
             Ok(Some(Cloud::Hub(cs)))
         }

@@ -24,7 +24,8 @@ use crate::keystore::{
     file::key_path, Algorithm, Backend, KeyUri, KeystoreKind, OwnedKey, Pkcs11Settings, Role,
     TpmName, TpmSettings,
 };
-use crate::paths::{self, Layout, STATE_FILE};
+use crate::model::Slot;
+use crate::paths::{Layout, STATE_FILE};
 
 pub use crate::paths::JOURNAL_FILE;
 const VERSION: u32 = 1;
@@ -113,8 +114,13 @@ impl State {
                 role: *role,
                 staged: false,
             };
-            crate::keystore::check_recorded_key(self.keystore, Some(slot), &key, false)
-                .map_err(|e| format!("{role} key: {e}"))?;
+            crate::keystore::check_recorded_key(
+                self.keystore,
+                Some(slot),
+                &key,
+                crate::keystore::NameRule::Optional,
+            )
+            .map_err(|e| format!("{role} key: {e}"))?;
             match uri {
                 KeyUri::TpmHandle(h) if *h != tpm.live_handle(*role) => {
                     return Err(format!(
@@ -373,7 +379,7 @@ impl Identity {
             .map(|&role| {
                 let key_uri = match (&state, legacy) {
                     (Some(s), _) => s.keys.get(&role).cloned(),
-                    (None, true) => Some(KeyUri::File(key_path(role, false))),
+                    (None, true) => Some(KeyUri::File(key_path(Slot::live(role)))),
                     (None, false) => None,
                 };
                 role_view(layout, role, key_uri)
@@ -394,7 +400,7 @@ impl Identity {
 }
 
 pub fn role_view(layout: &Layout, role: Role, key_uri: Option<KeyUri>) -> RoleView {
-    let cert_path = layout.host_cert_file(&paths::cert_name(role, false));
+    let cert_path = layout.host_cert_file(&Slot::live(role).cert_file());
     let cert = match fsutil::read_optional(&cert_path) {
         Ok(Some(pem)) => CertInfo::from_pem(&cert_path, &pem).map_err(|e| e.to_string()),
         Ok(None) => Err(format!("{} is missing", cert_path.display())),
@@ -412,7 +418,8 @@ pub fn role_view(layout: &Layout, role: Role, key_uri: Option<KeyUri>) -> RoleVi
 pub fn legacy_state(device_id: &str) -> State {
     let mut s = State::new(device_id, KeystoreKind::File, Algorithm::Rsa2048);
     for role in Role::ALL {
-        s.keys.insert(role, KeyUri::File(key_path(role, false)));
+        s.keys
+            .insert(role, KeyUri::File(key_path(Slot::live(role))));
     }
     s.adopted = true;
     s
@@ -420,8 +427,8 @@ pub fn legacy_state(device_id: &str) -> State {
 
 /// The original script's files: `device.crt` + `device.key`.
 pub fn legacy_files_present(layout: &Layout) -> bool {
-    let crt = layout.host_cert_file(&paths::cert_name(Role::Primary, false));
-    let key = layout.host(key_path(Role::Primary, false));
+    let crt = layout.host_cert_file(&Slot::live(Role::Primary).cert_file());
+    let key = layout.host(key_path(Slot::live(Role::Primary)));
     fsutil::exists_nofollow(&crt) && fsutil::exists_nofollow(&key)
 }
 
@@ -429,7 +436,7 @@ pub fn legacy_files_present(layout: &Layout) -> bool {
 pub fn key_ref(state: &State, role: Role) -> Option<crate::keystore::KeyRef> {
     use crate::keystore::KeyRef;
     let uri = state.keys.get(&role)?;
-    let stem = paths::stem(role, false);
+    let stem = Slot::live(role).stem();
     Some(match uri {
         KeyUri::File(p) => KeyRef::File {
             key_file: p.clone(),
@@ -478,8 +485,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let layout = Layout::new(d.path());
         let mut s = State::new("dev-1", KeystoreKind::File, Algorithm::Rsa2048);
-        s.keys
-            .insert(Role::Primary, KeyUri::File(key_path(Role::Primary, false)));
+        s.keys.insert(
+            Role::Primary,
+            KeyUri::File(key_path(Slot::live(Role::Primary))),
+        );
         s.save(&layout).unwrap();
         assert_eq!(State::load(&layout).unwrap(), Some(s.clone()));
 

@@ -20,6 +20,7 @@ pub use error::{Error, Result};
 pub mod cli;
 pub mod commands;
 pub mod connector;
+pub mod console;
 pub mod identity;
 pub mod interactive;
 pub mod output;

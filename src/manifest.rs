@@ -139,21 +139,15 @@ impl Manifest {
         Ok(v)
     }
 
-    /// Write `new` if it differs from the current content. Returns whether it wrote.
-    pub fn save(&self, new: &Value, secret: bool) -> Result<bool> {
+    /// Write `new` with file `mode` ([`fsutil::SECRET`] when it holds a
+    /// SharedAccessKey, else [`fsutil::PUBLIC`]) if it differs from the current
+    /// content. Returns whether it wrote.
+    pub fn save(&self, new: &Value, mode: u32) -> Result<bool> {
         if self.current.as_ref() == Some(new) {
             return Ok(false);
         }
         // The bytes may hold the SharedAccessKey: wiped once written.
-        fsutil::atomic_write(
-            &self.path,
-            &zeroize::Zeroizing::new(to_bytes(new)),
-            if secret {
-                fsutil::SECRET
-            } else {
-                fsutil::PUBLIC
-            },
-        )?;
+        fsutil::atomic_write(&self.path, &zeroize::Zeroizing::new(to_bytes(new)), mode)?;
         Ok(true)
     }
 }

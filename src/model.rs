@@ -1,7 +1,8 @@
 //! The domain's words, without clap or a backend in them: the two roles, the key
 //! algorithms, the keystore kinds, and the four key slots with the names each backend
-//! gives a slot (files, PKCS#11 labels, TPM handles and blobs). `cli.rs` maps its
-//! flags onto these; the keystores and the transaction use them.
+//! gives a slot (files, PKCS#11 labels, TPM handles and blobs), and the choices two
+//! switches make (`rotate --promote`, `reset --yes`). `cli.rs` maps its flags onto
+//! these; the keystores, the commands and the transaction use them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -217,6 +218,24 @@ impl Slot {
             (Role::Secondary, true) => "device-secondary.next",
         }
     }
+}
+
+/// What `rotate` does before it makes a fresh secondary (`--promote`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// Only replace the secondary; the primary stays.
+    NewSecondary,
+    /// The secondary becomes the primary first (the old primary goes).
+    Promote,
+}
+
+/// Whether `reset` may remove the identity without asking (`--yes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmation {
+    /// Ask on a terminal; refuse without one.
+    Ask,
+    /// Given on the command line.
+    Given,
 }
 
 /// A staged TPM key sits at its live handle + this offset.

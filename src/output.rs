@@ -1,92 +1,19 @@
 //! What the user sees: the human transcript (after the original script's), warnings,
-//! and the `--json` document (DESIGN §5). Nothing here ever receives a secret: the
-//! cloud backend is rendered through [`Cloud`]'s masked forms.
+//! and the `--json` document (DESIGN §5), printed through [`crate::console`]. Nothing
+//! here ever receives a secret: the cloud backend is rendered through [`Cloud`]'s
+//! masked forms.
 
-use std::io::Write;
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::cloud::Cloud;
+use crate::error::Fix;
 use crate::identity::{Identity, RoleView};
 use crate::keystore::{KeyUri, KeystoreKind};
-use crate::paths::{Layout, MANIFEST};
+use crate::paths::Layout;
 
-/// Prints human lines (stdout) and warnings (stderr), honouring `--json`/`--quiet`.
-#[derive(Debug, Clone, Copy)]
-pub struct Out {
-    /// Human lines on stdout? (not with `--json` or `--quiet`)
-    pub human: bool,
-    /// Warnings on stderr? (not with `--quiet`)
-    pub warnings: bool,
-}
-
-impl Out {
-    pub fn say(&self, line: impl AsRef<str>) {
-        if self.human {
-            stdout(&format!("{}\n", line.as_ref()));
-        }
-    }
-
-    pub fn warn(&self, line: impl AsRef<str>) {
-        if self.warnings {
-            warning(line.as_ref());
-        }
-    }
-}
-
-/// Which stream failed first, and why (for the one `error:` line at the end).
-static FAILED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// Write `text` to stdout. Every byte the tool prints goes through [`stdout`],
-/// [`stderr`] or [`write_to`]: a failed write (a full disk, a closed pipe) never
-/// panics. It is recorded and the run carries on, so a transaction in flight still
-/// finishes; `main` then exits 1 ([`failure`]). Returns whether the write worked.
-pub fn stdout(text: &str) -> bool {
-    write_to("stdout", |w| w.write_all(text.as_bytes()))
-}
-
-/// Write `text` to stderr (see [`stdout`]).
-pub fn stderr(text: &str) -> bool {
-    let mut e = std::io::stderr().lock();
-    record(
-        "stderr",
-        e.write_all(text.as_bytes()).and_then(|()| e.flush()),
-    )
-}
-
-static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// `--quiet`: [`warning`] prints nothing (set once, when the run's context is made).
-pub fn set_quiet(quiet: bool) {
-    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// One `warning: …` line on stderr unless `--quiet`, for code without an [`Out`]
-/// (see [`stdout`]).
-pub fn warning(line: &str) -> bool {
-    QUIET.load(std::sync::atomic::Ordering::Relaxed) || stderr(&format!("warning: {line}\n"))
-}
-
-/// Run `f` on a locked, flushed stdout (a `--json` document): see [`stdout`].
-pub fn write_to(name: &'static str, f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> bool {
-    let mut o = std::io::stdout().lock();
-    record(name, f(&mut o).and_then(|()| o.flush()))
-}
-
-fn record(name: &str, r: std::io::Result<()>) -> bool {
-    match r {
-        Ok(()) => true,
-        Err(e) => {
-            let _ = FAILED.set(format!("cannot write to {name} ({e})"));
-            false
-        }
-    }
-}
-
-/// The first failed write of this run, if any: the run's exit code is then 1.
-pub fn failure() -> Option<&'static str> {
-    FAILED.get().map(String::as_str)
-}
+pub use crate::console::{failure, set_quiet, stderr, stdout, warning, write_to, Out};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -153,10 +80,11 @@ pub fn host_uri(layout: &Layout, uri: &KeyUri) -> String {
 }
 
 impl Report {
+    /// `manifest`: the connector manifest's host path, if there is one.
     pub fn new(
         layout: &Layout,
         id: &Identity,
-        manifest_exists: bool,
+        manifest: Option<&Path>,
         problems: Vec<String>,
     ) -> Report {
         Report {
@@ -172,7 +100,7 @@ impl Report {
                 .as_ref()
                 .map(|c| CloudReport::new(c, assignment(id))),
             certificates: id.roles.iter().map(|r| cert_report(layout, r)).collect(),
-            manifest: manifest_exists.then(|| layout.host(MANIFEST).display().to_string()),
+            manifest: manifest.map(|m| m.display().to_string()),
             problems,
         }
     }
@@ -221,9 +149,9 @@ fn print_keystore_and_assignment(out: &Out, id: &Identity) {
             "- DPS assignment: device {} on hub {}",
             a.device_id, a.assigned_hub
         )),
-        (Some(Cloud::Dps { .. }), None, Some(s)) if s.keystore != KeystoreKind::File => {
-            out.say("- DPS assignment: not registered yet (run `sdv-provision register`)")
-        }
+        (Some(Cloud::Dps { .. }), None, Some(s)) if s.keystore != KeystoreKind::File => out.say(
+            format!("- DPS assignment: not registered yet ({})", Fix::Register),
+        ),
         _ => {}
     }
 }

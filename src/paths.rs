@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Error, Result};
-use crate::model::{Role, Slot};
 
 /// The certificates directory, as the device sees it.
 pub const CERT_DIR: &str = "/data/var/certificates";
@@ -147,16 +146,4 @@ fn unresolvable(root: &Path, device_path: &Path, reason: String) -> Error {
         ),
         "fix or remove the link (links are read as the device reads them, inside the root)",
     )
-}
-
-/// File-name stem for a role's files: `device` / `device2` as the original script named
-/// them, and `device.next` / `device2.next` for an identity being built while the old
-/// one is still in service (rotation, `--force`).
-pub fn stem(role: Role, staged: bool) -> &'static str {
-    Slot { role, staged }.stem()
-}
-
-/// `device.crt`, `device2.crt`, …
-pub fn cert_name(role: Role, staged: bool) -> String {
-    Slot { role, staged }.cert_file()
 }

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keystore::Role;
-use crate::paths::{stem, Layout, CONNECTION_STRING_FILE, MANIFEST, PKCS11_PIN_FILE};
+use crate::model::Slot;
+use crate::paths::{Layout, CONNECTION_STRING_FILE, MANIFEST, PKCS11_PIN_FILE};
 
 /// A secret file whose mode lets group or others in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +41,8 @@ impl Loose {
 fn candidates(layout: &Layout) -> Vec<PathBuf> {
     let mut names = vec![CONNECTION_STRING_FILE.to_string(), PKCS11_PIN_FILE.into()];
     for role in Role::ALL {
-        for staged in [false, true] {
-            let s = stem(role, staged);
+        for slot in [Slot::live(role), Slot::staged(role)] {
+            let s = slot.stem();
             names.push(format!("{s}.key"));
             names.push(format!("{s}.tpm.priv"));
         }

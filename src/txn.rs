@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::identity::State;
-use crate::keystore::{self, Algorithm, KeyStore, KeyUri, KeystoreKind, OwnedKey, Role};
+use crate::keystore::{self, Algorithm, KeyStore, KeyUri, KeystoreKind, NameRule, OwnedKey, Role};
 use crate::paths::{self, Layout};
 
 pub use crate::paths::JOURNAL_FILE;
@@ -150,7 +150,12 @@ impl Journal {
                     if !p.planned.contains(&m.slot) {
                         return Err(format!("key {} is in no planned slot", m.key.uri));
                     }
-                    keystore::check_recorded_key(p.keystore, Some(m.slot), &m.key, true)?;
+                    keystore::check_recorded_key(
+                        p.keystore,
+                        Some(m.slot),
+                        &m.key,
+                        NameRule::Required,
+                    )?;
                 }
                 Ok(())
             }
@@ -158,10 +163,15 @@ impl Journal {
                 check_version(c.version)?;
                 let old_kind = c.old_keystore.unwrap_or(c.keystore);
                 for k in &c.old_keys {
-                    keystore::check_recorded_key(old_kind, None, k, false)?;
+                    keystore::check_recorded_key(old_kind, None, k, NameRule::Optional)?;
                 }
                 for (m, _) in &c.moves {
-                    keystore::check_recorded_key(c.keystore, Some(m.slot), &m.key, false)?;
+                    keystore::check_recorded_key(
+                        c.keystore,
+                        Some(m.slot),
+                        &m.key,
+                        NameRule::Optional,
+                    )?;
                 }
                 let own = identity_files();
                 if let Some(f) = c.remove_files.iter().find(|f| !own.contains(f)) {
@@ -252,7 +262,7 @@ impl Journal {
         if p.keystore == KeystoreKind::File {
             // A key file's proof is its name: a planned one is ours, recorded or not.
             for s in &unrecorded {
-                let key = OwnedKey::new(KeyUri::File(keystore::file::key_path(s.role, s.staged)));
+                let key = OwnedKey::new(KeyUri::File(keystore::file::key_path(*s)));
                 ks.remove_owned(&key)?;
             }
         } else if let Some(slot) = unrecorded.first() {
@@ -313,7 +323,7 @@ impl Journal {
         };
         for (m, role) in &c.moves {
             let live = ks.promote(&m.key.uri, *role)?;
-            let live_cert = paths::cert_name(*role, false);
+            let live_cert = Slot::live(*role).cert_file();
             let cert_file = m.slot.cert_file();
             if cert_file != live_cert {
                 let src = layout.host_cert_file(&cert_file);
@@ -434,7 +444,7 @@ pub fn build_keys(
         .collect();
     let mut uris = Vec::new();
     for s in &slots {
-        uris.push(ks.plan(s.role, s.staged)?);
+        uris.push(ks.plan(*s)?);
     }
     let mut journal = Journal::prepare(ks.kind(), &slots);
     journal.save(layout)?;
@@ -552,14 +562,15 @@ mod tests {
         let mut s = State::new("dev", KeystoreKind::File, Algorithm::EcdsaP256);
         s.set_key(
             Role::Primary,
-            OwnedKey::new(KeyUri::File(keystore::file::key_path(Role::Primary, false))),
+            OwnedKey::new(KeyUri::File(keystore::file::key_path(Slot::live(
+                Role::Primary,
+            )))),
         );
         s.set_key(
             Role::Secondary,
-            OwnedKey::new(KeyUri::File(keystore::file::key_path(
+            OwnedKey::new(KeyUri::File(keystore::file::key_path(Slot::live(
                 Role::Secondary,
-                false,
-            ))),
+            )))),
         );
         for j in [
             Journal::prepare(KeystoreKind::File, &all_slots()),

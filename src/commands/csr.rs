@@ -18,7 +18,7 @@ pub fn run(ctx: &Ctx, role: Role, out: Option<&Path>) -> Result<i32> {
     let uri = state.keys.get(&role).ok_or_else(|| {
         crate::Error::input(
             format!("there is no {role} key"),
-            "run `sdv-provision` to complete the identity",
+            crate::error::Fix::CompleteIdentity,
         )
     })?;
     let mut ks = ctx.open_keystore_to_read(state.keystore, Some(&state))?;

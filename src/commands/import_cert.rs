@@ -9,11 +9,11 @@ use std::path::Path;
 
 use crate::cert::{key_matches, CertInfo};
 use crate::connector::Change;
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::Role;
-use crate::paths;
+use crate::model::Slot;
 
 use super::{converge, existing_state, recover, report, Ctx};
 
@@ -26,16 +26,14 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
     if state.adopted && id.state.is_none() {
         return Err(Error::input(
             "the identity left by the original script is not adopted yet",
-            "run `sdv-provision` first",
+            Fix::RunFirst,
         ));
     }
     check_subject_and_validity(file, &new, &state)?;
-    let uri = state.keys.get(&role).ok_or_else(|| {
-        Error::input(
-            format!("there is no {role} key"),
-            "run `sdv-provision` to complete the identity",
-        )
-    })?;
+    let uri = state
+        .keys
+        .get(&role)
+        .ok_or_else(|| Error::input(format!("there is no {role} key"), Fix::CompleteIdentity))?;
     let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
     {
         let key = ks.open(uri)?;
@@ -46,7 +44,7 @@ pub fn run(ctx: &Ctx, role: Role, file: &Path) -> Result<i32> {
             ));
         }
     }
-    let path = ctx.layout.host_cert_file(&paths::cert_name(role, false));
+    let path = ctx.layout.host_cert_file(&Slot::live(role).cert_file());
     // The keystore first (a token's certificate object; idempotent), the file last:
     // a run that stops in between is finished by the next one, and importing the file
     // already installed writes nothing and restarts nothing.

@@ -7,11 +7,12 @@ use std::time::Duration;
 use crate::cli::{Cli, Command, KeystoreChoice};
 use crate::cloud::Cloud;
 use crate::connector::{self, Change};
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::fsutil::{self, RunLock};
 use crate::identity::{self, State};
 use crate::keystore::{self, KeyStore, KeystoreConfig, KeystoreKind, Purpose, Role};
 use crate::manifest::{Desired, Manifest};
+use crate::model::Slot;
 use crate::output::Out;
 use crate::paths::{self, Layout};
 use crate::txn::{self, Journal};
@@ -217,7 +218,7 @@ pub fn run(cli: &Cli) -> Result<i32> {
 /// on one would roll back its half-made identity, and that removes the planted link
 /// (a file it did not make); `--force` would replace it.
 fn refuse_planted_links(layout: &Layout) -> Result<()> {
-    use crate::paths::{stem, CONNECTION_STRING_FILE, ID_SCOPE_FILE, PKCS11_PIN_FILE, STATE_FILE};
+    use crate::paths::{CONNECTION_STRING_FILE, ID_SCOPE_FILE, PKCS11_PIN_FILE, STATE_FILE};
     let mut names: Vec<String> = [
         STATE_FILE,
         crate::identity::JOURNAL_FILE,
@@ -228,12 +229,9 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
-    for role in Role::ALL {
-        for staged in [false, true] {
-            let s = stem(role, staged);
-            for ext in ["crt", "key", "tpm.pub", "tpm.priv"] {
-                names.push(format!("{s}.{ext}"));
-            }
+    for slot in Role::ALL.map(|r| [Slot::live(r), Slot::staged(r)]).concat() {
+        for ext in ["crt", "key", "tpm.pub", "tpm.priv"] {
+            names.push(format!("{}.{ext}", slot.stem()));
         }
     }
     for name in names {
@@ -379,7 +377,7 @@ pub fn desired_manifest(state: &State, cloud: &Cloud) -> Option<Desired> {
     let (k, v) = cloud_env(state, cloud);
     Some(Desired {
         cloud: (k, v),
-        cert: crate::paths::Layout::cert_file(&crate::paths::cert_name(Role::Primary, false)),
+        cert: crate::paths::Layout::cert_file(&Slot::live(Role::Primary).cert_file()),
         key,
         // Only to take away mounts an earlier run added; what is mounted comes from
         // the configuration (`key`).
@@ -414,7 +412,7 @@ pub fn update_manifest(ctx: &Ctx, state: &State, cloud: &Cloud) -> Result<Option
     // The config file first, so the manifest never names a file that is not there.
     let config_changed =
         write_connector_config(ctx, crate::manifest::connector_config(&new, &want))?;
-    let wrote = m.save(&new, cloud.has_secret())?;
+    let wrote = m.save(&new, cloud.file_mode())?;
     if let Some(theirs) = crate::manifest::foreign_connector_config(&m.base) {
         ctx.out.warn(format!(
             "the connector manifest sets CLOUD_CONNECTOR_CONFIG={theirs}, a file of its own, \
@@ -488,7 +486,7 @@ pub fn converge(ctx: &Ctx, state: &State, cloud: &Cloud, change: Change) -> Resu
 pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
     let cert = ctx
         .layout
-        .host_cert_file(&crate::paths::cert_name(Role::Primary, false));
+        .host_cert_file(&Slot::live(Role::Primary).cert_file());
     let cert_chain = fsutil::read_optional(&cert)
         .ok()
         .flatten()
@@ -520,9 +518,10 @@ pub fn compatibility_warnings(ctx: &Ctx, state: &State, cloud: &Cloud) {
 pub fn report(ctx: &Ctx) -> Result<Vec<String>> {
     let id = identity::Identity::load(&ctx.layout)?;
     let problems = status::problems(ctx, &id)?;
-    let manifest_exists = fsutil::exists_nofollow(&ctx.layout.host(crate::paths::MANIFEST));
+    let manifest =
+        Some(ctx.layout.host(crate::paths::MANIFEST)).filter(|m| fsutil::exists_nofollow(m));
     if ctx.json {
-        crate::output::Report::new(&ctx.layout, &id, manifest_exists, problems.clone())
+        crate::output::Report::new(&ctx.layout, &id, manifest.as_deref(), problems.clone())
             .print_json();
     } else {
         crate::output::print_identity(&ctx.out, &ctx.layout, &id);
@@ -591,6 +590,6 @@ pub fn existing_state(id: &identity::Identity) -> Result<State> {
     }
     Err(Error::input(
         "this device is not provisioned",
-        "run `sdv-provision` (provision) first",
+        Fix::ProvisionFirst,
     ))
 }

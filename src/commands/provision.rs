@@ -12,13 +12,14 @@ use crate::cli::ProvisionArgs;
 use crate::cloud::{self, Cloud};
 use crate::connector::Change;
 use crate::device_id::{self, Source};
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::{
     self, file::FileKeyStore, Algorithm, Backend, KeyStore, KeyUri, KeystoreKind, Role,
 };
 use crate::manifest::Manifest;
+use crate::model::Slot;
 use crate::paths::{Layout, DEVICE_ID_FILE};
 use crate::txn::Plan;
 
@@ -53,12 +54,16 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     } else {
         out.say("- Creating the certificates directory");
     }
-    let rebuild = args.force && (id.state.is_some() || id.legacy);
+    let old = if args.force && (id.state.is_some() || id.legacy) {
+        Old::Replace
+    } else {
+        Old::Keep
+    };
 
     drop(load_step);
     // 1. Device id.
     out.say("Checking Device ID");
-    let device_id = resolve_device_id(ctx, args, &id, rebuild, &mut warnings)?;
+    let device_id = resolve_device_id(ctx, args, &id, old, &mut warnings)?;
     out.say(format!("- Device ID: {device_id}"));
 
     // 2. Cloud backend.
@@ -70,27 +75,20 @@ pub fn run(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     // 3. Keys and certificates.
     let keys_step = crate::progress::step("keys and certificates");
     let mut change = Change::Nothing;
-    let state = match (&id.state, id.legacy, rebuild) {
-        (Some(s), _, false) => keep(ctx, args, s, &id, &device_id, &mut change)?,
-        (None, true, false) => adopt_script_files(ctx, args, &id, &device_id, &mut change)?,
-        (_, _, _) => build_new(ctx, args, &id, &device_id, rebuild, &cloud, &mut change)?,
+    let state = match (&id.state, id.legacy, old) {
+        (Some(s), _, Old::Keep) => keep(ctx, args, s, &id, &device_id, &mut change)?,
+        (None, true, Old::Keep) => adopt_script_files(ctx, args, &id, &device_id, &mut change)?,
+        (_, _, _) => build_new(ctx, args, &id, &device_id, old, &cloud, &mut change)?,
     };
 
     drop(keys_step);
     // 4. Device id and cloud files.
     let files_step = crate::progress::step("device id and cloud files");
-    let cloud_changed = write_id_and_cloud(ctx, &id, &device_id, &cloud)?;
+    write_id_and_cloud(ctx, &id, &device_id, &cloud)?;
 
     drop(files_step);
     // DPS registration through the device key (DESIGN §3b).
-    let state = super::register::provision_step(
-        ctx,
-        state,
-        &cloud,
-        &args.dps,
-        args.no_register,
-        cloud_changed,
-    )?;
+    let state = super::register::provision_step(ctx, state, &cloud, id.cloud.as_ref(), args)?;
     // 5 and 6. Manifest and connector.
     let _s = crate::progress::step("manifest and connector");
     compatibility_warnings(ctx, &state, &cloud);
@@ -162,6 +160,13 @@ fn choose_cloud(
         }
     }
     Ok(cloud)
+}
+
+/// Keep (or adopt) the device's identity, or replace it (`--force`; see [`build_new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Old {
+    Keep,
+    Replace,
 }
 
 /// Step 3, keep the existing identity: its keys must still match their certificates
@@ -240,7 +245,7 @@ fn build_new(
     args: &ProvisionArgs,
     id: &Identity,
     device_id: &str,
-    rebuild: bool,
+    existing: Old,
     cloud: &Cloud,
     change: &mut Change,
 ) -> Result<State> {
@@ -262,7 +267,7 @@ fn build_new(
     let mut ks = ctx.open_keystore_to_provision(kind, old.filter(|s| s.keystore == kind))?;
     let plan = Plan {
         roles: &Role::ALL,
-        staged: rebuild,
+        staged: existing == Old::Replace,
         alg,
         device_id,
         days: args.days,
@@ -272,7 +277,7 @@ fn build_new(
     // The DPS endpoint and trust carry over; the assignment was the old key's and is
     // dropped by the registration step.
     next.dps = old.and_then(|o| o.dps.clone());
-    if !rebuild {
+    if existing == Old::Keep {
         // A new identity: the manifest is written before the commit, so a
         // failure there removes the new keys again (no orphans in a token or
         // TPM). A rebuild keeps the old identity live until its commit, and
@@ -322,7 +327,7 @@ fn check_same_token(ctx: &Ctx, old: Option<&State>, kind: KeystoreKind) -> Resul
         if o != t {
             return Err(Error::input(
                 format!("this identity's keys are in PKCS#11 token {o}; --force cannot move it to token {t} in one run"),
-                format!("run `sdv-provision reset --yes` first (it removes the keys from {o}), then provision with --pkcs11-token {t}"),
+                format!("{} first (it removes the keys from {o}), then provision with --pkcs11-token {t}", Fix::Reset),
             ));
         }
     }
@@ -330,8 +335,7 @@ fn check_same_token(ctx: &Ctx, old: Option<&State>, kind: KeystoreKind) -> Resul
 }
 
 /// Step 4: `/etc/deviceid` (a failure is a warning) and the cloud backend's file.
-/// Returns whether the cloud backend changed.
-fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) -> Result<bool> {
+fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) -> Result<()> {
     let id_path = ctx.layout.host(DEVICE_ID_FILE);
     if fsutil::read_optional_string(&id_path)
         .ok()
@@ -357,7 +361,7 @@ fn write_id_and_cloud(ctx: &Ctx, id: &Identity, device_id: &str, cloud: &Cloud) 
     if cloud_changed {
         cloud::save(&ctx.layout, cloud)?;
     }
-    Ok(cloud_changed)
+    Ok(())
 }
 
 /// A re-run may have chosen another connector PIN file than the identity records
@@ -384,10 +388,10 @@ fn resolve_device_id(
     ctx: &Ctx,
     args: &ProvisionArgs,
     id: &Identity,
-    rebuild: bool,
+    old: Old,
     warnings: &mut Vec<String>,
 ) -> Result<String> {
-    let existing = if rebuild {
+    let existing = if old == Old::Replace {
         None
     } else if let Some(s) = &id.state {
         Some(s.device_id.clone())
@@ -405,7 +409,7 @@ fn resolve_device_id(
                     "the existing {} cannot be adopted: its CN is not a valid device id ({why})",
                     view.cert_path.display()
                 ),
-                "run `sdv-provision provision --force` to build a new identity",
+                Fix::BuildNewIdentity,
             )
         })?;
         Some(cn)
@@ -466,10 +470,10 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
     let mut state: Option<State> = None;
     let mut missing = Vec::new();
     for role in Role::ALL {
-        let uri = KeyUri::File(keystore::file::key_path(role, false));
+        let uri = KeyUri::File(keystore::file::key_path(Slot::live(role)));
         let view = id.role(role);
         let key_present =
-            fsutil::exists_nofollow(&ctx.layout.host(keystore::file::key_path(role, false)));
+            fsutil::exists_nofollow(&ctx.layout.host(keystore::file::key_path(Slot::live(role))));
         if !key_present && role == Role::Secondary {
             missing.push(role);
             continue;
@@ -477,14 +481,20 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
         let cert = view.cert.as_ref().map_err(|e| {
             Error::input(
                 format!("cannot adopt the existing {role} identity: {e}"),
-                "restore the file, or run `sdv-provision provision --force` to build a new identity",
+                format!("restore the file, or {}", Fix::BuildNewIdentity),
             )
         })?;
         let key = ks.open(&uri)?;
         if !crate::cert::key_matches(key.as_ref(), &cert.spki)? {
             return Err(Error::input(
-                format!("{} does not belong to {}", ctx.layout.host(keystore::file::key_path(role, false)).display(), view.cert_path.display()),
-                "restore the matching pair, or run `sdv-provision provision --force` to build a new identity",
+                format!(
+                    "{} does not belong to {}",
+                    ctx.layout
+                        .host(keystore::file::key_path(Slot::live(role)))
+                        .display(),
+                    view.cert_path.display()
+                ),
+                format!("restore the matching pair, or {}", Fix::BuildNewIdentity),
             ));
         }
         let s = state.get_or_insert_with(|| {
@@ -499,7 +509,7 @@ fn adopt(ctx: &Ctx, id: &Identity, device_id: &str) -> Result<(State, Vec<Role>)
                     s.algorithm,
                     key.alg()
                 ),
-                "run `sdv-provision provision --force` to build a new identity",
+                Fix::BuildNewIdentity,
             ));
         }
         s.keys.insert(role, uri);
@@ -536,14 +546,17 @@ fn check_certificates(
                             view.cert_path.display(),
                             state.device_id
                         ),
-                        "restore the right certificate (or `sdv-provision import-cert`), or run `sdv-provision provision --force`",
+                        format!(
+                            "restore the right certificate (or `sdv-provision import-cert`), or {}",
+                            Fix::Force
+                        ),
                     ));
                 }
             }
             Err(e) if fsutil::exists_nofollow(&view.cert_path) => {
                 return Err(Error::input(
                     e.clone(),
-                    "restore the file, or run `sdv-provision provision --force`",
+                    format!("restore the file, or {}", Fix::Force),
                 ));
             }
             Err(_) => {

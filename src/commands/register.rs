@@ -9,13 +9,14 @@ use rustls::pki_types::CertificateDer;
 
 use super::{converge, existing_state, recover, Ctx};
 use crate::cert::CertInfo;
-use crate::cli::DpsArgs;
+use crate::cli::{DpsArgs, ProvisionArgs};
 use crate::cloud::Cloud;
 use crate::dps::{self, Assignment, DpsError, Settings};
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::fsutil;
 use crate::identity::{Identity, State};
 use crate::keystore::{KeystoreKind, Role};
+use crate::model::Slot;
 
 pub fn run(ctx: &Ctx, args: &DpsArgs) -> Result<i32> {
     // Flags first: a bad value stops the run before anything is read.
@@ -86,7 +87,7 @@ pub fn register(
         })?;
     let path = ctx
         .layout
-        .host_cert_file(&crate::paths::cert_name(Role::Primary, false));
+        .host_cert_file(&Slot::live(Role::Primary).cert_file());
     let pem = fsutil::read_optional(&path)?.ok_or_else(|| {
         Error::input(
             format!("{} is missing", path.display()),
@@ -162,7 +163,7 @@ pub fn save_assignment(
 fn primary_thumbprint(ctx: &Ctx) -> Result<Option<String>> {
     let path = ctx
         .layout
-        .host_cert_file(&crate::paths::cert_name(Role::Primary, false));
+        .host_cert_file(&Slot::live(Role::Primary).cert_file());
     Ok(fsutil::read_optional(&path)?
         .map(|pem| CertInfo::from_pem(&path, &pem))
         .transpose()?
@@ -170,33 +171,36 @@ fn primary_thumbprint(ctx: &Ctx) -> Result<Option<String>> {
 }
 
 /// `provision`'s step: record the DPS settings, forget an assignment that no longer
-/// fits (another ID scope, another primary certificate) and, for a hardware key,
-/// register unless `no_register`. Not enrolled yet, offline, a DPS error: the
-/// identity stays complete, and the next step is printed.
+/// fits (another ID scope than the `previous` cloud's, another primary certificate)
+/// and, for a hardware key, register unless `--no-register`. Not enrolled yet,
+/// offline, a DPS error: the identity stays complete, and the next step is printed.
 pub fn provision_step(
     ctx: &Ctx,
     state: State,
     cloud: &Cloud,
-    args: &DpsArgs,
-    no_register: bool,
-    scope_changed: bool,
+    previous: Option<&Cloud>,
+    args: &ProvisionArgs,
 ) -> Result<State> {
     let Cloud::Dps { id_scope } = cloud else {
         return Ok(state);
     };
-    let settings = settings(args, Some(&state))?;
+    let scope_kept = matches!(previous, Some(Cloud::Dps { id_scope: p }) if p == id_scope);
+    let settings = settings(&args.dps, Some(&state))?;
     let thumb = primary_thumbprint(ctx)?;
     let kept = state
         .dps
         .as_ref()
         .and_then(|d| d.assignment.clone())
-        .filter(|a| !scope_changed && Some(&a.thumbprint) == thumb.as_ref());
+        .filter(|a| scope_kept && Some(&a.thumbprint) == thumb.as_ref());
     let state = save_assignment(ctx, &state, &settings, kept.clone())?;
     if kept.is_some() || !needs_registration(&state, cloud) {
         return Ok(state);
     }
-    if no_register {
-        ctx.out.say("- DPS registration skipped (--no-register); run `sdv-provision register` once the device is enrolled");
+    if args.no_register {
+        ctx.out.say(format!(
+            "- DPS registration skipped (--no-register); {} once the device is enrolled",
+            Fix::Register
+        ));
         return Ok(state);
     }
     loop {
@@ -223,17 +227,15 @@ pub fn provision_step(
 /// `rotate --promote`, `import-cert`): enroll, then `register`.
 pub fn next_step(ctx: &Ctx, state: &State, id_scope: &str, e: &DpsError) {
     ctx.out.warn(format!("DPS registration is pending: {e}"));
-    let cert = |r| {
-        ctx.layout
-            .host_cert_file(&crate::paths::cert_name(r, false))
-    };
+    let cert = |r| ctx.layout.host_cert_file(&Slot::live(r).cert_file());
     ctx.out.say(format!(
         "- Next: enroll the device in DPS (ID scope {id_scope}): `az iot dps enrollment create \
          --dps-name <your-dps> -g <resource-group> --enrollment-id {} --attestation-type x509 \
-         --certificate-path {} --secondary-certificate-path {}`, then run `sdv-provision register`",
+         --certificate-path {} --secondary-certificate-path {}`, then {}",
         state.device_id,
         cert(Role::Primary).display(),
         cert(Role::Secondary).display(),
+        Fix::Register,
     ));
 }
 

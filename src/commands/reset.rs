@@ -13,13 +13,14 @@ use crate::identity::Identity;
 use crate::keystore::file::FileKeyStore;
 use crate::keystore::KeyStore;
 use crate::manifest::Manifest;
+use crate::model::Confirmation;
 use crate::txn::Journal;
 
 use super::{existing_state, recover, Ctx};
 
-pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
+pub fn run(ctx: &Ctx, confirmation: Confirmation) -> Result<i32> {
     ctx.check_root()?;
-    if !yes {
+    if confirmation == Confirmation::Ask {
         if !ctx.interactive {
             return Err(Error::MissingAnswer {
                 what: "confirmation to remove the device identity".into(),
@@ -60,7 +61,7 @@ pub fn run(ctx: &Ctx, yes: bool) -> Result<i32> {
     let manifest_changed = match manifest {
         Some(m) => {
             let clean = m.stripped(state.as_ref().map(|s| s.backend.mounts()).unwrap_or(&[]))?;
-            m.save(&clean, false)?
+            m.save(&clean, crate::fsutil::PUBLIC)?
         }
         None => false,
     };

@@ -7,35 +7,34 @@
 //! finishes the move (and `provision` then makes the missing secondary).
 
 use crate::connector::Change;
-use crate::error::{Error, Result};
+use crate::error::{Error, Fix, Result};
 use crate::identity::{Identity, State};
 use crate::keystore::Role;
+use crate::model::Rotation;
 use crate::txn::{Journal, Plan};
 
 use super::{build_keys, commit, converge, recover, report, Ctx, Settings};
 
-pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
+pub fn run(ctx: &Ctx, rotation: Rotation, days: u32) -> Result<i32> {
     let _lock = ctx.lock()?;
     recover(ctx)?;
     let id = Identity::load(&ctx.layout)?;
     let state = id.state.clone().ok_or_else(|| {
         Error::input(
             "this device has no sdv-provision identity",
-            "run `sdv-provision` (provision) first",
+            Fix::ProvisionFirst,
         )
     })?;
-    let cloud = id.cloud.clone().ok_or_else(|| {
-        Error::input(
-            "no cloud backend is configured",
-            "run `sdv-provision` first",
-        )
-    })?;
+    let cloud = id
+        .cloud
+        .clone()
+        .ok_or_else(|| Error::input("no cloud backend is configured", Fix::RunFirst))?;
     // Parse (and so validate) the manifest before making anything: a broken one
     // would otherwise stop the run after the new keys were made.
     crate::manifest::Manifest::load(&ctx.layout)?;
     let mut ks = ctx.open_keystore(state.keystore, Some(&state))?;
     let mut state = state;
-    if promote {
+    if rotation == Rotation::Promote {
         let journal = Journal::promote(&state)?;
         ctx.out.say("- Promoting the secondary identity to primary");
         journal.save(&ctx.layout)?;
@@ -67,7 +66,7 @@ pub fn run(ctx: &Ctx, promote: bool, days: u32) -> Result<i32> {
         Settings::Keep,
     )?;
     drop(ks);
-    if promote {
+    if rotation == Rotation::Promote {
         // The primary changed: DPS learns it, the manifest follows and the
         // connector restarts.
         state = super::register::refresh(ctx, &state, &cloud)?;

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::keystore::DeviceKey;
 
+pub use crate::error::DpsError;
+
 pub mod tls;
 
 pub const DEFAULT_ENDPOINT: &str = "global.azure-devices-provisioning.net";
@@ -167,52 +169,6 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
             Err(format!("port {p:?} is not 1-65535"))
         }
         _ => Ok(()),
-    }
-}
-
-/// Why a registration did not succeed. Each renders as one line with what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum DpsError {
-    #[error("DPS at {endpoint} does not know registration id {registration_id} with this certificate (401): the device is not enrolled (yet); enroll it, then run `sdv-provision register`")]
-    NotEnrolled {
-        endpoint: String,
-        registration_id: String,
-    },
-    #[error("the DPS server {endpoint} presented a certificate that is not trusted ({detail}); check --dps-endpoint, or pass --dps-ca-file for a private CA")]
-    Untrusted { endpoint: String, detail: String },
-    #[error("DPS at {endpoint} refused the device certificate in the TLS handshake (alert {alert}); the enrollment must hold this device's primary certificate (see `sdv-provision status`), then run `sdv-provision register`")]
-    CertificateRefused { endpoint: String, alert: String },
-    #[error("cannot reach DPS at {endpoint} ({detail}); check the network and --dps-endpoint, then run `sdv-provision register`")]
-    Unreachable { endpoint: String, detail: String },
-    #[error("DPS at {endpoint} did not finish the registration within {secs} s; run `sdv-provision register` again later")]
-    Timeout { endpoint: String, secs: u64 },
-    #[error("DPS at {endpoint} answered {status}{message}; check the enrollment and the ID scope, then run `sdv-provision register`")]
-    Refused {
-        endpoint: String,
-        status: u16,
-        message: String,
-    },
-    #[error("DPS at {endpoint} answered {status}{message} (a service problem); run `sdv-provision register` again later")]
-    Server {
-        endpoint: String,
-        status: u16,
-        message: String,
-    },
-    #[error("DPS {status} the registration{message}; check the enrollment in the portal or with `az iot dps enrollment show`, then run `sdv-provision register`")]
-    Failed { status: String, message: String },
-    #[error("DPS at {endpoint} sent a reply that is not a registration result ({detail}); check --dps-endpoint")]
-    Malformed { endpoint: String, detail: String },
-    #[error("the device key could not sign the TLS handshake ({0}); run `sdv-provision verify`")]
-    Key(String),
-    #[error("cannot set up TLS for DPS: {0}")]
-    Setup(String),
-}
-
-impl DpsError {
-    /// A not-enrolled device or an unreachable DPS: `provision` completes anyway
-    /// and prints the next step.
-    pub fn is_pending(&self) -> bool {
-        !matches!(self, DpsError::Key(_) | DpsError::Setup(_))
     }
 }
 

@@ -13,7 +13,9 @@ use super::{
     Algorithm, DeviceKey, Hash, KeyStore, KeyStoreError, KeyUri, KeystoreKind, OwnedKey, Role,
     TlsScheme,
 };
+use crate::error::Fix;
 use crate::fsutil;
+use crate::model::Slot;
 use crate::paths::Layout;
 
 pub struct FileKeyStore {
@@ -36,9 +38,9 @@ impl FileKeyStore {
     }
 }
 
-/// Device path of a role's key file: `/data/var/certificates/device.key`, …
-pub fn key_path(role: Role, staged: bool) -> PathBuf {
-    Layout::cert_file(&crate::model::Slot { role, staged }.key_file())
+/// Device path of a slot's key file: `/data/var/certificates/device.key`, …
+pub fn key_path(slot: Slot) -> PathBuf {
+    Layout::cert_file(&slot.key_file())
 }
 
 impl KeyStore for FileKeyStore {
@@ -46,8 +48,8 @@ impl KeyStore for FileKeyStore {
         KeystoreKind::File
     }
 
-    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
-        Ok(KeyUri::File(key_path(role, staged)))
+    fn plan(&mut self, slot: Slot) -> Result<KeyUri, KeyStoreError> {
+        Ok(KeyUri::File(key_path(slot)))
     }
 
     fn generate_recorded(
@@ -88,11 +90,11 @@ impl KeyStore for FileKeyStore {
             })?;
         let text = std::str::from_utf8(&pem).map_err(|_| KeyStoreError::Rejected {
             what: format!("{} is not a PEM private key", path.display()),
-            hint: "restore the key file or run `sdv-provision provision --force`".into(),
+            hint: Fix::RestoreKeyFile.into(),
         })?;
         let pair = KeyPair::from_pem(text).map_err(|e| KeyStoreError::Rejected {
             what: format!("{} is not a usable private key ({e})", path.display()),
-            hint: "restore the key file or run `sdv-provision provision --force`".into(),
+            hint: Fix::RestoreKeyFile.into(),
         })?;
         let alg = Algorithm::from_spki(&pair.subject_public_key_info()).ok_or_else(|| {
             KeyStoreError::Rejected {
@@ -100,7 +102,7 @@ impl KeyStore for FileKeyStore {
                     "{} holds a key type or size sdv-provision does not support",
                     path.display()
                 ),
-                hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384".into(),
+                hint: Fix::Supported.into(),
             }
         })?;
         // An RSA key parsed from PEM gets rcgen's default RSA algorithm; pin it to ours
@@ -124,7 +126,7 @@ impl KeyStore for FileKeyStore {
     }
 
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
-        let to = KeyUri::File(key_path(role, false));
+        let to = KeyUri::File(key_path(Slot::live(role)));
         if from == &to {
             return Ok(to);
         }

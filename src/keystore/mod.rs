@@ -203,10 +203,10 @@ impl TlsScheme {
 pub trait KeyStore {
     fn kind(&self) -> KeystoreKind;
 
-    /// The URI a new key for `role` will get. `staged` keys are built beside the live
+    /// The URI a new key for `slot` will get. Staged keys are built beside the live
     /// ones while those stay in service (rotation, `--force`). Fails if the location is
     /// taken by something this tool did not make.
-    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError>;
+    fn plan(&mut self, slot: Slot) -> Result<KeyUri, KeyStoreError>;
 
     /// Make a key at a planned location. `record` is called with the key's ownership
     /// proof as soon as the key exists (TPM: before it is persisted, see the TPM
@@ -390,14 +390,22 @@ pub enum KeyRef {
 
 pub use crate::error::KeyStoreError;
 
+/// Whether a recorded TPM key must carry its Name ([`OwnedKey::tpm_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NameRule {
+    /// Made by this version, which records the Name as it makes the key.
+    Required,
+    /// May come from an older run, which recorded none.
+    Optional,
+}
+
 /// A key named in a journal or state: of `kind`'s backend; in `slot` when one is
-/// given (file name, label, handle range); a TPM key made by this version carries
-/// its Name (`need_name`).
+/// given (file name, label, handle range); with its Name as `names` says.
 pub(crate) fn check_recorded_key(
     kind: KeystoreKind,
     slot: Option<Slot>,
     key: &OwnedKey,
-    need_name: bool,
+    names: NameRule,
 ) -> std::result::Result<(), String> {
     let slots: Vec<Slot> = match slot {
         Some(s) => vec![s],
@@ -405,16 +413,15 @@ pub(crate) fn check_recorded_key(
     };
     let uri = &key.uri;
     let fits = match (kind, uri) {
-        (KeystoreKind::File, KeyUri::File(p)) => {
-            slots.iter().any(|s| *p == file::key_path(s.role, s.staged))
-        }
+        (KeystoreKind::File, KeyUri::File(p)) => slots.iter().any(|s| *p == file::key_path(*s)),
         (KeystoreKind::Tpm, KeyUri::TpmHandle(h)) => {
-            (0x8100_0000..=0x817F_FFFF).contains(h) && (key.tpm_name.is_some() || !need_name)
+            (0x8100_0000..=0x817F_FFFF).contains(h)
+                && (key.tpm_name.is_some() || names == NameRule::Optional)
         }
         #[cfg(feature = "pkcs11")]
-        (KeystoreKind::Pkcs11, KeyUri::Pkcs11(u)) => slots
-            .iter()
-            .any(|s| u.object == pkcs11::label(s.role, s.staged)),
+        (KeystoreKind::Pkcs11, KeyUri::Pkcs11(u)) => {
+            slots.iter().any(|s| u.object == s.pkcs11_label())
+        }
         _ => false,
     };
     if key.tpm_name.is_some() && kind != KeystoreKind::Tpm {

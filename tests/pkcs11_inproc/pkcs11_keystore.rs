@@ -22,7 +22,8 @@ use sdv_provision::keystore::{
     self, Algorithm, BlankToken, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreConfig,
     Pkcs11Config, Pkcs11Uri, Role,
 };
-use sdv_provision::paths::{self, Layout};
+use sdv_provision::model::Slot;
+use sdv_provision::paths::Layout;
 
 /// DER namedCurve prime256v1, for foreign keys the tests make themselves.
 const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -125,7 +126,7 @@ fn full_cycle(alg: Algorithm) {
     {
         let mut ks = open(&hsm, &hsm.config()).unwrap();
         for role in Role::ALL {
-            let uri = ks.plan(role, false).unwrap();
+            let uri = ks.plan(Slot::live(role)).unwrap();
             assert_eq!(pk(&uri).object, format!("device-{role}"));
             assert_eq!(pk(&uri).id.len(), 16);
             assert_eq!(pk(&uri).token, hsm.label);
@@ -133,7 +134,7 @@ fn full_cycle(alg: Algorithm) {
             assert_eq!(key.alg(), alg);
             assert_eq!(key.uri(), uri);
             let pem = cert::self_signed(key.as_ref(), "52-54-21-4c-f9-5a", 30).unwrap();
-            let path = layout.host_cert_file(&paths::cert_name(role, false));
+            let path = layout.host_cert_file(&Slot::live(role).cert_file());
             let info = CertInfo::from_pem(&path, pem.as_bytes()).unwrap();
             assert_eq!(info.algorithm(), Some(alg));
             assert!(cert::key_matches(key.as_ref(), &info.spki).unwrap());
@@ -470,7 +471,7 @@ fn pin_file_inside_the_certificates_directory_is_used_as_is() {
     let mut config = hsm.config();
     config.pin_file = Some(own);
     let mut ks = open(&hsm, &config).unwrap();
-    let uri = ks.plan(Role::Primary, false).unwrap();
+    let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     let KeyRef::Pkcs11 { pin_file, .. } = ks.key_ref(&uri).unwrap() else {
         panic!()
     };
@@ -499,7 +500,7 @@ fn init_token_initialises_a_blank_slot_once() {
     let uri = {
         let _blank = common::softhsm::blank_slot_lock();
         let mut ks = Pkcs11KeyStore::open(&config, &layout).unwrap();
-        let uri = ks.plan(Role::Primary, false).unwrap();
+        let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
         ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
         uri
     };
@@ -524,7 +525,7 @@ fn a_foreign_object_under_our_label_is_left_alone() {
         ])
         .unwrap();
     let mut ks = open(&hsm, &hsm.config()).unwrap();
-    let uri = ks.plan(Role::Primary, false).unwrap();
+    let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
     assert_eq!(hsm.objects(&s, "device-primary").len(), 3);
     ks.remove(&uri).unwrap();
@@ -537,9 +538,9 @@ fn remove_after_a_failed_step_leaves_no_orphans_and_spares_foreign_objects() {
     require_tools!(SoftHsm);
     let hsm = SoftHsm::new("cleanup");
     let mut ks = open(&hsm, &hsm.config()).unwrap();
-    let keep = ks.plan(Role::Secondary, false).unwrap();
+    let keep = ks.plan(Slot::live(Role::Secondary)).unwrap();
     ks.generate(&keep, Algorithm::EcdsaP256).unwrap();
-    let uri = ks.plan(Role::Primary, false).unwrap();
+    let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     ks.generate(&uri, Algorithm::Rsa2048).unwrap();
     // Injected failure after the key exists: the certificate step fails...
     let Err(e) = ks.attach_certificate(&uri, b"not a certificate") else {
@@ -586,7 +587,12 @@ fn promote_copies_and_is_idempotent() {
     let hsm = SoftHsm::new("promote");
     let mut ks = open(&hsm, &hsm.config()).unwrap();
     let make = |ks: &mut Pkcs11KeyStore, staged: bool| {
-        let uri = ks.plan(Role::Primary, staged).unwrap();
+        let uri = ks
+            .plan(Slot {
+                role: Role::Primary,
+                staged,
+            })
+            .unwrap();
         let key = ks.generate(&uri, Algorithm::EcdsaP256).unwrap();
         let pem = cert::self_signed(key.as_ref(), "dev", 1).unwrap();
         drop(key);
@@ -655,7 +661,7 @@ fn read_only_token_storage_fails_cleanly_without_orphans() {
     require_tools!(SoftHsm, Chattr);
     let hsm = SoftHsm::new("read-only");
     let mut ks = open(&hsm, &hsm.config()).unwrap();
-    let uri = ks.plan(Role::Primary, false).unwrap();
+    let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     let token_dir = hsm.token_dir();
 
     let Some(guard) = common::tools::immutable(&token_dir) else {

@@ -1471,9 +1471,34 @@ fn dps_import_cert_registers_the_new_primary(kind: Kind) {
     assert_eq!(dps.connections(), 0);
 }
 
+/// `provision` keeps the DPS assignment while the ID scope stays, and forgets it
+/// under another ID scope (it was made under the old one); a hardware key then
+/// registers again, here with a DPS that does not know the device yet.
+fn dps_another_id_scope_forgets_the_assignment(kind: Kind) {
+    let Some(d) = Device::start(kind) else { return };
+    d.provision("ecdsa-p256");
+    let dps = Dps::start(Mode::Assigned);
+    register_and_check(&d, &dps);
+    let r = d
+        .run_recorded(&["provision", "--id-scope", GOOD_SCOPE])
+        .ok();
+    assert_eq!(d.status()["cloud"]["assigned_hub"], HUB_A, "{r}");
+    assert_eq!(dps.connections(), 1, "kept, so not registered again: {r}");
+
+    dps.set_mode(Mode::NotEnrolled);
+    let r = d
+        .run_recorded(&["provision", "--id-scope", "0ne00ABCDEF"])
+        .ok();
+    assert_eq!(d.status()["cloud"]["assigned_hub"], Value::Null, "{r}");
+    assert_eq!(d.state_json()["dps"]["assignment"], Value::Null, "{r}");
+    let tried = if d.hardware() { 2 } else { 1 };
+    assert_eq!(dps.connections(), tried, "{r}");
+}
+
 mod dps {
     use super::*;
     on_every_keystore!(
+        dps_another_id_scope_forgets_the_assignment,
         dps_import_cert_registers_the_new_primary,
         dps_register_records_the_assignment,
         dps_register_rsa_2048_tls13_and_tls12,

@@ -18,6 +18,7 @@ mod crash;
 mod hardware_faults;
 mod hostile;
 mod interactive;
+mod layout;
 mod lifecycle;
 mod permissions;
 mod pkcs11_crash;

@@ -17,6 +17,7 @@ use sdv_provision::keystore::tpm::TpmKeyStore;
 use sdv_provision::keystore::{
     Algorithm, KeyRef, KeyStore, KeyStoreError, KeyUri, Role, TpmConfig,
 };
+use sdv_provision::model::Slot;
 use sdv_provision::paths::Layout;
 
 const SRK: u32 = 0x8100_0001;
@@ -50,7 +51,7 @@ fn provision(
     staged: bool,
     alg: Algorithm,
 ) -> (KeyUri, std::path::PathBuf) {
-    let uri = ks.plan(role, staged).expect("plan");
+    let uri = ks.plan(Slot { role, staged }).expect("plan");
     let key = ks.generate(&uri, alg).expect("generate");
     assert_eq!(key.uri(), uri);
     assert_eq!(key.alg(), alg);
@@ -58,7 +59,7 @@ fn provision(
     let info = CertInfo::from_pem(Path::new("new"), pem.as_bytes()).unwrap();
     assert_eq!(info.algorithm(), Some(alg));
     assert!(cert::key_matches(key.as_ref(), &info.spki).unwrap());
-    let stem = sdv_provision::paths::stem(role, staged);
+    let stem = Slot { role, staged }.stem();
     let path = cert_file(root, &format!("{stem}.crt"));
     std::fs::write(&path, pem).unwrap();
     (uri, path)
@@ -122,7 +123,7 @@ fn algorithm_round_trip(alg: Algorithm) {
     assert_eq!(ks.record().tpm().unwrap().srk, Some(SRK));
     // Both slots are ours now: planning them again is refused.
     assert!(matches!(
-        ks.plan(Role::Primary, false),
+        ks.plan(Slot::live(Role::Primary)),
         Err(KeyStoreError::Occupied { .. })
     ));
     drop(ks); // swtpm serves one client at a time
@@ -204,7 +205,7 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
     let before = tpm_pubkey_pem(tpm, PRIMARY);
     let root = &d.fr;
     let mut ks = open(tpm, root.path());
-    let err = ks.plan(Role::Primary, false).unwrap_err();
+    let err = ks.plan(Slot::live(Role::Primary)).unwrap_err();
     assert!(matches!(err, KeyStoreError::Occupied { .. }), "{err}");
     let msg = err.to_string();
     assert!(
@@ -218,7 +219,7 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
     ));
     // The other slot is free.
     assert_eq!(
-        ks.plan(Role::Secondary, false).unwrap(),
+        ks.plan(Slot::live(Role::Secondary)).unwrap(),
         KeyUri::TpmHandle(SECONDARY)
     );
     drop(ks);
@@ -237,7 +238,7 @@ fn a_non_storage_key_at_the_srk_handle_is_refused() {
     foreign_key_at(tpm, SRK, true);
     let root = &d.fr;
     let mut ks = open(tpm, root.path());
-    let uri = ks.plan(Role::Primary, false).unwrap();
+    let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     let msg = match ks.generate(&uri, Algorithm::EcdsaP256) {
         Err(e @ KeyStoreError::Rejected { .. }) => e.to_string(),
         Err(e) => panic!("wrong error: {e}"),
@@ -322,10 +323,10 @@ fn failure_after_create_leaves_no_orphans() {
     std::os::unix::fs::symlink("/dev/null", &trap).unwrap();
 
     let mut ks = open(tpm, root.path());
-    let uri = ks.plan(Role::Primary, false).unwrap();
+    let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     assert!(ks.generate(&uri, Algorithm::EcdsaP256).is_err());
     // The slot is free again: the key was evicted.
-    assert_eq!(ks.plan(Role::Primary, false).unwrap(), uri);
+    assert_eq!(ks.plan(Slot::live(Role::Primary)).unwrap(), uri);
     drop(ks);
     assert_eq!(
         tpm.persistent_handles(),

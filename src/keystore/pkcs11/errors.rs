@@ -4,6 +4,7 @@
 use cryptoki::error::{Error as CkError, RvError};
 
 use super::KeyStoreError;
+use crate::error::Fix;
 
 /// A failed PKCS#11 call, keeping cryptoki's cause (the function and return value).
 pub(super) fn ck(step: impl Into<String>, e: CkError) -> KeyStoreError {
@@ -24,7 +25,7 @@ pub(super) fn write_error(step: &str, token: &str, e: CkError) -> KeyStoreError 
         },
         CkError::Pkcs11(RvError::TokenWriteProtected, _) => KeyStoreError::Rejected {
             what: format!("PKCS#11 token {token} is write-protected: cannot {step} ({cause})"),
-            hint: "make the token writable, or choose another one with --pkcs11-token".into(),
+            hint: Fix::TokenWritable.into(),
         },
         CkError::Pkcs11(
             RvError::GeneralError | RvError::DeviceError | RvError::FunctionFailed,

@@ -11,6 +11,7 @@ use cryptoki::session::Session;
 use rcgen::{PublicKeyData, SigningKey};
 
 use super::ck;
+use crate::error::Fix;
 use crate::keystore::{
     ecdsa_raw_to_der, rsa_public_der, sign_error, Algorithm, DeviceKey, Hash, KeyStoreError,
     KeyUri, TlsScheme,
@@ -160,9 +161,7 @@ pub(super) fn key_algorithm(
     }
     let unsupported = || KeyStoreError::Rejected {
         what: "the key's type or size is not one sdv-provision supports".into(),
-        hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384; \
-               run `sdv-provision provision --force`"
-            .into(),
+        hint: format!("{}; {}", Fix::Supported, Fix::Force),
     };
     match kt {
         Some(KeyType::RSA) => {

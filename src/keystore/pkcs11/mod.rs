@@ -36,6 +36,8 @@ use super::{
     KeyUri, KeystoreKind, OwnedKey, PinFile, Pkcs11Config, Pkcs11Settings, Pkcs11Uri, Purpose,
     Role,
 };
+use crate::error::Fix;
+use crate::model::Slot;
 use crate::paths::Layout;
 
 mod errors;
@@ -71,11 +73,6 @@ const IDENTITY_CLASSES: [ObjectClass; 3] = [
 /// loading the module also proves the path is one.
 pub fn consumer_mounts_of(module: &std::path::Path) -> Result<Vec<PathBuf>, KeyStoreError> {
     Ok(consumer_mounts(&load_module(module)?))
-}
-
-/// The live (or staged) object label of a role.
-pub fn label(role: Role, staged: bool) -> &'static str {
-    crate::model::Slot { role, staged }.pkcs11_label()
 }
 
 /// Keys in a PKCS#11 token.
@@ -148,7 +145,7 @@ impl Pkcs11KeyStore {
                     "PKCS#11 token {token} is write-protected ({})",
                     describe(&e)
                 ),
-                hint: "make the token writable, or choose another one with --pkcs11-token".into(),
+                hint: Fix::TokenWritable.into(),
             },
             e => ck(format!("open a session on PKCS#11 token {token}"), e),
         })?;
@@ -206,10 +203,10 @@ impl KeyStore for Pkcs11KeyStore {
         KeystoreKind::Pkcs11
     }
 
-    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
+    fn plan(&mut self, slot: Slot) -> Result<KeyUri, KeyStoreError> {
         // A label is not a lock: objects someone else made under it stay and do not
         // block (ours are told apart by the random CKA_ID).
-        let label = label(role, staged);
+        let label = slot.pkcs11_label();
         let token = self.token.clone();
         let id = random_id()?;
         Ok(KeyUri::Pkcs11(Pkcs11Uri {
@@ -328,7 +325,7 @@ impl KeyStore for Pkcs11KeyStore {
                         "token {} has the private key of {uri} but not its public key object",
                         u.token
                     ),
-                    hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                    hint: Fix::NewIdentity.into(),
                 })
             }
         };
@@ -363,7 +360,7 @@ impl KeyStore for Pkcs11KeyStore {
     /// is removed by its own recorded CKA_ID before the move.
     fn promote(&mut self, from: &KeyUri, role: Role) -> Result<KeyUri, KeyStoreError> {
         let u = self.uri(from)?.clone();
-        let live = label(role, false);
+        let live = Slot::live(role).pkcs11_label();
         let to = KeyUri::Pkcs11(Pkcs11Uri {
             token: u.token.clone(),
             object: live.to_owned(),
@@ -594,7 +591,10 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(label(Role::Primary, false), "device-primary");
-        assert_eq!(label(Role::Secondary, true), "device-secondary.next");
+        assert_eq!(Slot::live(Role::Primary).pkcs11_label(), "device-primary");
+        assert_eq!(
+            Slot::staged(Role::Secondary).pkcs11_label(),
+            "device-secondary.next"
+        );
     }
 }

@@ -186,7 +186,7 @@ fn read_pin_file(path: &Path, flag: &str) -> Result<SecretString, KeyStoreError>
         return Err(refuse(format!("larger than {MAX_PIN_FILE} bytes")));
     }
     if meta.permissions().mode() & 0o044 != 0 {
-        crate::output::warning(&format!(
+        crate::console::warning(&format!(
             "PIN file {} can be read by group or others; chmod 600 it",
             path.display()
         ));

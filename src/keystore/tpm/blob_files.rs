@@ -7,10 +7,10 @@ impl TpmKeyStore {
     /// Remove the blobs of the slot handle `h` is (files of a closed set of names in
     /// the certificates directory: the tool's own).
     pub(super) fn remove_slot_blobs(&self, h: u32) -> Result<(), KeyStoreError> {
-        let Some((role, staged)) = self.slot_of(h) else {
+        let Some(slot) = self.slot_of(h) else {
             return Ok(());
         };
-        let (p, s) = self.host_blobs(role, staged);
+        let (p, s) = self.host_blobs(slot);
         for f in [s, p] {
             fsutil::remove_file(&f)
                 .map_err(|e| KeyStoreError::backend("remove the key blob", e.to_string()))?;
@@ -20,13 +20,12 @@ impl TpmKeyStore {
 
     pub(super) fn write_blobs(
         &self,
-        role: Role,
-        staged: bool,
+        slot: Slot,
         public: &Public,
         private: &Private,
         undo: &mut Undo,
     ) -> Result<(), KeyStoreError> {
-        let (pub_path, priv_path) = self.host_blobs(role, staged);
+        let (pub_path, priv_path) = self.host_blobs(slot);
         let encode = |e: String| KeyStoreError::backend("encode the key blobs", e);
         let pub_blob = blob::encode_public(public).map_err(encode)?;
         let priv_blob = blob::encode_private(private).map_err(encode)?;
@@ -52,7 +51,7 @@ impl TpmKeyStore {
             .map(Some)
             .map_err(|e| KeyStoreError::Rejected {
                 what: format!("{} is not a TPM2B_PUBLIC blob ({e})", path.display()),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                hint: Fix::NewIdentity.into(),
             })
     }
 
@@ -61,11 +60,11 @@ impl TpmKeyStore {
             .map_err(|e| KeyStoreError::backend("read the key blob", e.to_string()))?
             .ok_or_else(|| KeyStoreError::Rejected {
                 what: format!("{} is missing", path.display()),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                hint: Fix::NewIdentity.into(),
             })?;
         blob::decode_private(&bytes).map_err(|e| KeyStoreError::Rejected {
             what: format!("{} is not a TPM2B_PRIVATE blob ({e})", path.display()),
-            hint: "run `sdv-provision provision --force` to make a new identity".into(),
+            hint: Fix::NewIdentity.into(),
         })
     }
 }

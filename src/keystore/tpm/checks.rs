@@ -6,13 +6,13 @@ impl TpmKeyStore {
     /// See [`KeyStore::check_copies`].
     pub(super) fn check_blobs(&mut self, uri: &KeyUri) -> Result<String, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let (role, staged) = self.configured_slot(h)?;
-        let (pub_path, priv_path) = self.host_blobs(role, staged);
+        let (pub_path, priv_path) = self.host_blobs(self.configured_slot(h)?);
         let stale = |what: String| KeyStoreError::Rejected {
             what,
-            hint: "today's connector would load another key than the handle's; run \
-                   `sdv-provision provision --force` to make a new identity"
-                .into(),
+            hint: format!(
+                "today's connector would load another key than the handle's; {}",
+                Fix::NewIdentity
+            ),
         };
         let Some((object, handle_public)) = self.read_persistent(h)? else {
             return Err(KeyStoreError::NotFound {

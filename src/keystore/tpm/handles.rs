@@ -26,8 +26,9 @@ pub(super) fn handle_flag(role: Role) -> &'static str {
     }
 }
 
-pub(super) fn occupied(h: u32, role: Role, staged: bool) -> KeyStoreError {
-    let what = if staged {
+pub(super) fn occupied(h: u32, slot: Slot) -> KeyStoreError {
+    let role = slot.role;
+    let what = if slot.staged {
         format!(
             "TPM persistent handle 0x{h:08x} (where the new {role} key is staged: the {role} \
              handle + 0x{STAGED_OFFSET:x})"
@@ -42,6 +43,22 @@ pub(super) fn occupied(h: u32, role: Role, staged: bool) -> KeyStoreError {
             handle_flag(role)
         ),
     }
+}
+
+/// A removal aimed at the SRK: never done.
+pub(super) fn srk_refused(h: u32) -> KeyStoreError {
+    KeyStoreError::Rejected {
+        what: format!("refusing to remove the storage root key 0x{h:08x}"),
+        hint: Fix::OnlyDeviceKeys.into(),
+    }
+}
+
+/// A handle that holds someone else's key is left alone, and the user told so.
+pub(super) fn warn_foreign(h: u32) {
+    crate::console::warning(&format!(
+        "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
+         left in place (evict it yourself if it is not needed)"
+    ));
 }
 
 /// Handles must be owner persistent handles, distinct, and not the SRK, staging slots

@@ -35,6 +35,7 @@ use super::{
     Algorithm, Backend, DeviceKey, KeyRef, KeyStore, KeyStoreError, KeyUri, KeystoreKind, OwnedKey,
     Role, TpmConfig, TpmName, TpmSettings,
 };
+use crate::error::Fix;
 use crate::fsutil;
 use crate::model::Slot;
 use crate::paths::Layout;
@@ -51,7 +52,7 @@ mod tcti;
 
 pub use tcti::{DEFAULT_TCTI, OWNER_AUTH_ENV, OWNER_AUTH_FILE_ENV};
 
-use handles::{check_handles, occupied, persistent, tpm_handle};
+use handles::{check_handles, occupied, persistent, srk_refused, tpm_handle, warn_foreign};
 use key::TpmKey;
 
 pub use super::{DEFAULT_PRIMARY, DEFAULT_SECONDARY, DEFAULT_SRK};
@@ -190,21 +191,19 @@ impl TpmKeyStore {
         self.srk
     }
 
-    /// The persistent handle for `role`'s live or staged key.
-    pub fn handle_for(&self, role: Role, staged: bool) -> u32 {
-        Slot { role, staged }.tpm_handle(self.primary, self.secondary)
+    /// The persistent handle for a slot's key.
+    pub fn handle_for(&self, slot: Slot) -> u32 {
+        slot.tpm_handle(self.primary, self.secondary)
     }
 
-    /// Which of our four slots a handle is, if any.
-    fn slot_of(&self, h: u32) -> Option<(Role, bool)> {
-        Role::ALL
-            .into_iter()
-            .flat_map(|r| [(r, false), (r, true)])
-            .find(|&(r, s)| self.handle_for(r, s) == h)
+    /// Which of our four slots a handle is, if any (the four handles are distinct,
+    /// [`check_handles`]).
+    fn slot_of(&self, h: u32) -> Option<Slot> {
+        Slot::ALL.into_iter().find(|&s| self.handle_for(s) == h)
     }
 
     /// [`Self::slot_of`], or an error naming the flags that configure the handles.
-    fn configured_slot(&self, h: u32) -> Result<(Role, bool), KeyStoreError> {
+    fn configured_slot(&self, h: u32) -> Result<Slot, KeyStoreError> {
         self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
             what: format!(
                 "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
@@ -214,12 +213,8 @@ impl TpmKeyStore {
         })
     }
 
-    fn blob_names(role: Role, staged: bool) -> (String, String) {
-        Slot { role, staged }.tpm_blobs()
-    }
-
-    fn host_blobs(&self, role: Role, staged: bool) -> (PathBuf, PathBuf) {
-        let (p, s) = Self::blob_names(role, staged);
+    fn host_blobs(&self, slot: Slot) -> (PathBuf, PathBuf) {
+        let (p, s) = slot.tpm_blobs();
         (
             self.layout.host_cert_file(&p),
             self.layout.host_cert_file(&s),
@@ -230,8 +225,7 @@ impl TpmKeyStore {
     /// paths). The stem follows the handle, so a staged key names its `.next` blobs.
     pub fn key_ref(&self, uri: &KeyUri) -> Result<KeyRef, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let (role, staged) = self.configured_slot(h)?;
-        let (p, s) = Self::blob_names(role, staged);
+        let (p, s) = self.configured_slot(h)?.tpm_blobs();
         Ok(KeyRef::Tpm {
             handle: h,
             srk: self.srk,
@@ -257,10 +251,10 @@ impl KeyStore for TpmKeyStore {
         KeystoreKind::Tpm
     }
 
-    fn plan(&mut self, role: Role, staged: bool) -> Result<KeyUri, KeyStoreError> {
-        let h = self.handle_for(role, staged);
+    fn plan(&mut self, slot: Slot) -> Result<KeyUri, KeyStoreError> {
+        let h = self.handle_for(slot);
         if self.persistent_exists(h)? {
-            return Err(occupied(h, role, staged));
+            return Err(occupied(h, slot));
         }
         Ok(KeyUri::TpmHandle(h))
     }
@@ -272,14 +266,14 @@ impl KeyStore for TpmKeyStore {
         record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
     ) -> Result<Box<dyn DeviceKey + '_>, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let (role, staged) = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
+        let slot = self.slot_of(h).ok_or_else(|| KeyStoreError::Rejected {
             what: format!(
                 "TPM handle 0x{h:08x} is not one of the handles configured for device keys"
             ),
             hint: "pass --tpm-primary-handle / --tpm-secondary-handle".into(),
         })?;
         if self.persistent_exists(h)? {
-            return Err(occupied(h, role, staged));
+            return Err(occupied(h, slot));
         }
         self.check_supported(alg)?;
         let srk = self.srk()?;
@@ -305,7 +299,7 @@ impl KeyStore for TpmKeyStore {
         let public_der = key::public_der(&created.out_public, alg)?;
 
         let mut undo = Undo::default();
-        match self.install(srk, uri, (role, staged), &created, record, &mut undo) {
+        match self.install(srk, uri, slot, &created, record, &mut undo) {
             Ok(object) => Ok(Box::new(self.key(object, h, alg, public_der))),
             Err(e) => {
                 self.rollback(undo);
@@ -327,9 +321,7 @@ impl KeyStore for TpmKeyStore {
                 what: format!(
                     "TPM handle 0x{h:08x} does not hold a signing key sdv-provision can use"
                 ),
-                hint: "supported: rsa-2048, rsa-3072, ecdsa-p256, ecdsa-p384; run \
-                       `sdv-provision provision --force` to make a new identity"
-                    .into(),
+                hint: format!("{}; {}", Fix::Supported, Fix::NewIdentity),
             });
         };
         match key::public_der(&public, alg) {
@@ -344,20 +336,17 @@ impl KeyStore for TpmKeyStore {
     fn remove(&mut self, uri: &KeyUri) -> Result<(), KeyStoreError> {
         let h = tpm_handle(uri)?;
         if h == self.srk {
-            return Err(KeyStoreError::Rejected {
-                what: format!("refusing to remove the storage root key 0x{h:08x}"),
-                hint: "only device keys are removed".into(),
-            });
+            return Err(srk_refused(h));
         }
         let present = self.read_persistent(h)?;
         // The blobs follow the handle. A handle outside the configured slots (chosen
         // by a flag on an earlier run) keeps the blobs whose public area is its key.
-        let slots: Vec<(Role, bool)> = match (self.slot_of(h), &present) {
+        let slots: Vec<Slot> = match (self.slot_of(h), &present) {
             (Some(slot), _) => vec![slot],
             (None, Some((_, public))) => {
                 let mut found = Vec::new();
-                for slot in Role::ALL.into_iter().flat_map(|r| [(r, false), (r, true)]) {
-                    let (p, _) = self.host_blobs(slot.0, slot.1);
+                for slot in Slot::ALL {
+                    let (p, _) = self.host_blobs(slot);
                     if matches!(self.read_public_blob(&p), Ok(Some(b)) if &b == public) {
                         found.push(slot);
                     }
@@ -374,24 +363,21 @@ impl KeyStore for TpmKeyStore {
             // public blob equal to the handle's public area shows the key is ours;
             // no blob, or an unreadable one, proves nothing.
             let foreign = match self.slot_of(h) {
-                Some((role, staged)) => !matches!(
-                    self.read_public_blob(&self.host_blobs(role, staged).0),
+                Some(slot) => !matches!(
+                    self.read_public_blob(&self.host_blobs(slot).0),
                     Ok(Some(blob)) if blob == public
                 ),
                 None => false,
             };
             if foreign {
                 self.close(object);
-                crate::output::warning(&format!(
-                    "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
-                     left in place (evict it yourself if it is not needed)"
-                ));
+                warn_foreign(h);
             } else {
                 self.evict(object, h)?;
             }
         }
-        for (role, staged) in slots {
-            let (p, s) = self.host_blobs(role, staged);
+        for slot in slots {
+            let (p, s) = self.host_blobs(slot);
             for f in [s, p] {
                 fsutil::remove_file(&f)
                     .map_err(|e| KeyStoreError::backend("remove the key blob", e.to_string()))?;
@@ -421,10 +407,7 @@ impl KeyStore for TpmKeyStore {
             // persisting and writing the blobs has none).
             Some(now) if &now == recorded => {
                 if h == self.srk {
-                    return Err(KeyStoreError::Rejected {
-                        what: format!("refusing to remove the storage root key 0x{h:08x}"),
-                        hint: "only device keys are removed".into(),
-                    });
+                    return Err(srk_refused(h));
                 }
                 if let Some((object, _)) = self.read_persistent(h)? {
                     self.evict(object, h)?;
@@ -432,10 +415,7 @@ impl KeyStore for TpmKeyStore {
                 self.remove_slot_blobs(h).map(|()| true)
             }
             Some(_) => {
-                crate::output::warning(&format!(
-                    "TPM handle 0x{h:08x} holds a key sdv-provision did not make; \
-                     left in place (evict it yourself if it is not needed)"
-                ));
+                warn_foreign(h);
                 self.remove_slot_blobs(h)?;
                 Ok(false)
             }
@@ -447,13 +427,13 @@ impl KeyStore for TpmKeyStore {
     /// the one in the slot's public blob (written by that run beside the key).
     fn prove(&mut self, uri: &KeyUri) -> Result<Option<OwnedKey>, KeyStoreError> {
         let h = tpm_handle(uri)?;
-        let Some((role, staged)) = self.slot_of(h) else {
+        let Some(slot) = self.slot_of(h) else {
             return Ok(None);
         };
         let Some((object, public)) = self.read_persistent(h)? else {
             return Ok(None);
         };
-        let blob = self.read_public_blob(&self.host_blobs(role, staged).0);
+        let blob = self.read_public_blob(&self.host_blobs(slot).0);
         let proven = matches!(&blob, Ok(Some(b)) if *b == public);
         let name = if proven {
             Some(self.name_of(object))
@@ -524,12 +504,12 @@ mod tests {
 
     #[test]
     fn occupied_names_the_flag() {
-        let e = occupied(0x8100_0011, Role::Secondary, false).to_string();
+        let e = occupied(0x8100_0011, Slot::live(Role::Secondary)).to_string();
         assert!(
             e.contains("0x81000011") && e.contains("--tpm-secondary-handle"),
             "{e}"
         );
-        let e = occupied(0x8100_0110, Role::Primary, true).to_string();
+        let e = occupied(0x8100_0110, Slot::staged(Role::Primary)).to_string();
         assert!(e.contains("--tpm-primary-handle"), "{e}");
     }
 

@@ -237,7 +237,7 @@ impl TpmKeyStore {
         &mut self,
         srk: ObjectHandle,
         uri: &KeyUri,
-        (role, staged): (Role, bool),
+        slot: Slot,
         created: &tss_esapi::structures::CreateKeyResult,
         record: &mut dyn FnMut(&OwnedKey) -> Result<(), KeyStoreError>,
         undo: &mut Undo,
@@ -255,13 +255,7 @@ impl TpmKeyStore {
             tpm_name: Some(name),
         })?;
         let object = self.persist_loaded(transient, h, undo)?;
-        self.write_blobs(
-            role,
-            staged,
-            &created.out_public,
-            &created.out_private,
-            undo,
-        )?;
+        self.write_blobs(slot, &created.out_public, &created.out_private, undo)?;
         Ok(object)
     }
 

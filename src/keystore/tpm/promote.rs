@@ -10,7 +10,7 @@ impl TpmKeyStore {
         role: Role,
     ) -> Result<KeyUri, KeyStoreError> {
         let from_h = tpm_handle(from)?;
-        let to_h = self.handle_for(role, false);
+        let to_h = self.handle_for(Slot::live(role));
         let to = KeyUri::TpmHandle(to_h);
         if from_h == to_h {
             return Ok(to);
@@ -27,18 +27,18 @@ impl TpmKeyStore {
     fn move_object(
         &mut self,
         from: &KeyUri,
-        (from_role, from_staged): (Role, bool),
+        from_slot: Slot,
         role: Role,
     ) -> Result<Public, KeyStoreError> {
         let from_h = tpm_handle(from)?;
-        let to_h = self.handle_for(role, false);
+        let to_h = self.handle_for(Slot::live(role));
         let staged = self.read_persistent(from_h)?;
         let live = self.read_persistent(to_h)?;
         match (staged, live) {
             (Some((s_obj, s_pub)), None) => {
                 // The move proper: reload the staged key's blobs, persist at the live
                 // handle, then drop the staging slot.
-                let (staged_pub, staged_priv) = self.host_blobs(from_role, from_staged);
+                let (staged_pub, staged_priv) = self.host_blobs(from_slot);
                 let blob_pub = self.read_public_blob(&staged_pub)?;
                 if blob_pub.as_ref() != Some(&s_pub) {
                     self.close(s_obj);
@@ -47,7 +47,7 @@ impl TpmKeyStore {
                             "{} does not hold the key at TPM handle 0x{from_h:08x}",
                             staged_pub.display()
                         ),
-                        hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                        hint: Fix::NewIdentity.into(),
                     });
                 }
                 let private = self.read_private_blob(&staged_priv)?;
@@ -73,7 +73,7 @@ impl TpmKeyStore {
             (Some((s_obj, _)), Some((l_obj, _))) => {
                 self.close(s_obj);
                 self.close(l_obj);
-                Err(occupied(to_h, role, false))
+                Err(occupied(to_h, Slot::live(role)))
             }
             (None, Some((l_obj, l_pub))) => {
                 self.close(l_obj);
@@ -89,13 +89,14 @@ impl TpmKeyStore {
     /// means the move is unfinished. The live blobs must end holding `live_public`.
     fn move_blobs(
         &mut self,
-        (from_role, from_staged): (Role, bool),
+        from_slot: Slot,
         role: Role,
         live_public: &Public,
     ) -> Result<(), KeyStoreError> {
-        let to_h = self.handle_for(role, false);
-        let (staged_pub, staged_priv) = self.host_blobs(from_role, from_staged);
-        let (live_pub, live_priv) = self.host_blobs(role, false);
+        let to = Slot::live(role);
+        let to_h = self.handle_for(to);
+        let (staged_pub, staged_priv) = self.host_blobs(from_slot);
+        let (live_pub, live_priv) = self.host_blobs(to);
         if let Some(p) = self.read_public_blob(&staged_pub)? {
             if &p != live_public {
                 return Err(KeyStoreError::Rejected {
@@ -103,7 +104,7 @@ impl TpmKeyStore {
                         "{} does not hold the key at TPM handle 0x{to_h:08x}",
                         staged_pub.display()
                     ),
-                    hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                    hint: Fix::NewIdentity.into(),
                 });
             }
             let mv = |e: crate::Error| KeyStoreError::backend("move the key blobs", e.to_string());
@@ -119,7 +120,7 @@ impl TpmKeyStore {
                     "the key blobs for TPM handle 0x{to_h:08x} ({}) are missing or stale",
                     live_pub.display()
                 ),
-                hint: "run `sdv-provision provision --force` to make a new identity".into(),
+                hint: Fix::NewIdentity.into(),
             }),
         }
     }

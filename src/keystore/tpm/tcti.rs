@@ -150,19 +150,18 @@ pub fn owner_auth() -> Result<Option<Auth>, KeyStoreError> {
         Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v))
     } else if let Some(path) = std::env::var_os(OWNER_AUTH_FILE_ENV) {
         let path = std::path::PathBuf::from(path);
+        let fix = || {
+            format!("fix {OWNER_AUTH_FILE_ENV}, or unset it if the owner hierarchy has no password")
+        };
         let mut bytes = crate::fsutil::read_optional(&path)
             .map_err(|e| KeyStoreError::Rejected {
                 what: format!("cannot read the TPM owner password file: {e}"),
-                hint: format!(
-                    "fix {OWNER_AUTH_FILE_ENV}, or unset it if the owner hierarchy has no password"
-                ),
+                hint: fix(),
             })?
             .map(Zeroizing::new)
             .ok_or_else(|| KeyStoreError::Rejected {
                 what: format!("TPM owner password file {} does not exist", path.display()),
-                hint: format!(
-                    "fix {OWNER_AUTH_FILE_ENV}, or unset it if the owner hierarchy has no password"
-                ),
+                hint: fix(),
             })?;
         while matches!(bytes.last(), Some(b'\n' | b'\r')) {
             bytes.pop();
