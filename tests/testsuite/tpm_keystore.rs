@@ -47,11 +47,10 @@ fn open(tpm: &Swtpm, root: &Path) -> TpmKeyStore {
 fn provision(
     ks: &mut TpmKeyStore,
     root: &Path,
-    role: Role,
-    staged: bool,
+    slot: Slot,
     alg: Algorithm,
 ) -> (KeyUri, std::path::PathBuf) {
-    let uri = ks.plan(Slot { role, staged }).expect("plan");
+    let uri = ks.plan(slot).expect("plan");
     let key = ks.generate(&uri, alg).expect("generate");
     assert_eq!(key.uri(), uri);
     assert_eq!(key.alg(), alg);
@@ -59,7 +58,7 @@ fn provision(
     let info = CertInfo::from_pem(Path::new("new"), pem.as_bytes()).unwrap();
     assert_eq!(info.algorithm(), Some(alg));
     assert!(cert::key_matches(key.as_ref(), &info.spki).unwrap());
-    let stem = Slot { role, staged }.stem();
+    let stem = slot.stem();
     let path = cert_file(root, &format!("{stem}.crt"));
     std::fs::write(&path, pem).unwrap();
     (uri, path)
@@ -71,7 +70,12 @@ fn primary_at(tpm: &Swtpm, root: &Path, handle: u32) -> (TpmKeyStore, KeyUri) {
     let mut cfg = config(&tpm.tcti());
     cfg.primary_handle = Some(handle);
     let mut ks = TpmKeyStore::open(&cfg, &Layout::new(root)).unwrap();
-    let (uri, _) = provision(&mut ks, root, Role::Primary, false, Algorithm::EcdsaP256);
+    let (uri, _) = provision(
+        &mut ks,
+        root,
+        Slot::live(Role::Primary),
+        Algorithm::EcdsaP256,
+    );
     (ks, uri)
 }
 
@@ -105,10 +109,10 @@ fn mode(path: &Path) -> u32 {
 fn algorithm_round_trip(alg: Algorithm) {
     let Some(d) = device() else { return };
     let tpm = d.tpm();
-    let root = &d.fr;
-    let mut ks = open(tpm, root.path());
-    let (p_uri, p_crt) = provision(&mut ks, root.path(), Role::Primary, false, alg);
-    let (s_uri, s_crt) = provision(&mut ks, root.path(), Role::Secondary, false, alg);
+    let root = d.fr.path();
+    let mut ks = open(tpm, root);
+    let (p_uri, p_crt) = provision(&mut ks, root, Slot::live(Role::Primary), alg);
+    let (s_uri, s_crt) = provision(&mut ks, root, Slot::live(Role::Secondary), alg);
     assert_eq!(p_uri, KeyUri::TpmHandle(PRIMARY));
     assert_eq!(s_uri, KeyUri::TpmHandle(SECONDARY));
     assert_eq!(
@@ -141,15 +145,12 @@ fn algorithm_round_trip(alg: Algorithm) {
         common::openssl_verify(crt);
     }
     for stem in ["device", "device2"] {
-        tpm2_load_blobs(tpm, root.path(), stem);
-        assert_eq!(
-            mode(&cert_file(root.path(), &format!("{stem}.tpm.priv"))),
-            0o600
-        );
+        tpm2_load_blobs(tpm, root, stem);
+        assert_eq!(mode(&cert_file(root, &format!("{stem}.tpm.priv"))), 0o600);
     }
 
     // A later run finds and reuses the same persistent keys.
-    let mut ks = open(tpm, root.path());
+    let mut ks = open(tpm, root);
     for (uri, crt) in [(&p_uri, &p_crt), (&s_uri, &s_crt)] {
         let key = ks.open(uri).expect("re-open the persisted key");
         assert_eq!(key.alg(), alg);
@@ -173,20 +174,13 @@ fn mutual_tls13_with_provider_through_abrmd() {
         return;
     };
     let tpm = d.tpm();
-    let root = &d.fr;
-    let mut ks = open(tpm, root.path());
-    let (p_uri, p_crt) = provision(
-        &mut ks,
-        root.path(),
-        Role::Primary,
-        false,
-        Algorithm::Rsa2048,
-    );
+    let root = d.fr.path();
+    let mut ks = open(tpm, root);
+    let (p_uri, p_crt) = provision(&mut ks, root, Slot::live(Role::Primary), Algorithm::Rsa2048);
     let (s_uri, s_crt) = provision(
         &mut ks,
-        root.path(),
-        Role::Secondary,
-        false,
+        root,
+        Slot::live(Role::Secondary),
         Algorithm::EcdsaP256,
     );
     drop(ks);
@@ -203,8 +197,8 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
     let tpm = d.tpm();
     foreign_key_at(tpm, PRIMARY, true);
     let before = tpm_pubkey_pem(tpm, PRIMARY);
-    let root = &d.fr;
-    let mut ks = open(tpm, root.path());
+    let root = d.fr.path();
+    let mut ks = open(tpm, root);
     let err = ks.plan(Slot::live(Role::Primary)).unwrap_err();
     assert!(matches!(err, KeyStoreError::Occupied { .. }), "{err}");
     let msg = err.to_string();
@@ -224,10 +218,10 @@ fn occupied_foreign_handle_is_refused_and_left_intact() {
     );
     drop(ks);
     assert_eq!(tpm_pubkey_pem(tpm, PRIMARY), before);
-    assert!(!cert_file(root.path(), "device.tpm.pub").exists());
+    assert!(!cert_file(root, "device.tpm.pub").exists());
 
     // With another handle chosen (what --tpm-primary-handle sets), it works.
-    let (_ks, uri) = primary_at(tpm, root.path(), 0x8100_0020);
+    let (_ks, uri) = primary_at(tpm, root, 0x8100_0020);
     assert_eq!(uri, KeyUri::TpmHandle(0x8100_0020));
 }
 
@@ -236,8 +230,8 @@ fn a_non_storage_key_at_the_srk_handle_is_refused() {
     let Some(d) = device() else { return };
     let tpm = d.tpm();
     foreign_key_at(tpm, SRK, true);
-    let root = &d.fr;
-    let mut ks = open(tpm, root.path());
+    let root = d.fr.path();
+    let mut ks = open(tpm, root);
     let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     let msg = match ks.generate(&uri, Algorithm::EcdsaP256) {
         Err(e @ KeyStoreError::Rejected { .. }) => e.to_string(),
@@ -316,13 +310,13 @@ fn malformed_tcti_gives_one_clear_error() {
 fn failure_after_create_leaves_no_orphans() {
     let Some(d) = device() else { return };
     let tpm = d.tpm();
-    let root = &d.fr;
-    let certs = cert_file(root.path(), "");
+    let root = d.fr.path();
+    let certs = cert_file(root, "");
     std::fs::create_dir_all(&certs).unwrap();
-    let trap = cert_file(root.path(), "device.tpm.priv");
+    let trap = cert_file(root, "device.tpm.priv");
     std::os::unix::fs::symlink("/dev/null", &trap).unwrap();
 
-    let mut ks = open(tpm, root.path());
+    let mut ks = open(tpm, root);
     let uri = ks.plan(Slot::live(Role::Primary)).unwrap();
     assert!(ks.generate(&uri, Algorithm::EcdsaP256).is_err());
     // The slot is free again: the key was evicted.
@@ -333,19 +327,18 @@ fn failure_after_create_leaves_no_orphans() {
         vec![SRK],
         "only the SRK may remain"
     );
-    assert!(!cert_file(root.path(), "device.tpm.pub").exists());
+    assert!(!cert_file(root, "device.tpm.pub").exists());
     assert!(
         trap.symlink_metadata().is_ok(),
         "a file we did not write stays"
     );
 
     std::fs::remove_file(&trap).unwrap();
-    let mut ks = open(tpm, root.path());
+    let mut ks = open(tpm, root);
     provision(
         &mut ks,
-        root.path(),
-        Role::Primary,
-        false,
+        root,
+        Slot::live(Role::Primary),
         Algorithm::EcdsaP256,
     );
 }
@@ -355,13 +348,12 @@ fn remove_evicts_only_the_named_key() {
     let Some(d) = device() else { return };
     let tpm = d.tpm();
     foreign_key_at(tpm, SECONDARY, true);
-    let root = &d.fr;
-    let mut ks = open(tpm, root.path());
+    let root = d.fr.path();
+    let mut ks = open(tpm, root);
     let (uri, _) = provision(
         &mut ks,
-        root.path(),
-        Role::Primary,
-        false,
+        root,
+        Slot::live(Role::Primary),
         Algorithm::EcdsaP256,
     );
     ks.remove(&uri).unwrap();
@@ -375,8 +367,8 @@ fn remove_evicts_only_the_named_key() {
     let mut handles = tpm.persistent_handles();
     handles.sort();
     assert_eq!(handles, vec![SRK, SECONDARY]);
-    assert!(!cert_file(root.path(), "device.tpm.pub").exists());
-    assert!(!cert_file(root.path(), "device.tpm.priv").exists());
+    assert!(!cert_file(root, "device.tpm.pub").exists());
+    assert!(!cert_file(root, "device.tpm.priv").exists());
 }
 
 /// Rotation: a staged key (live handle + 0x100, `device.next.*` blobs) is built while
@@ -386,24 +378,22 @@ fn remove_evicts_only_the_named_key() {
 fn promote_moves_a_staged_key_to_the_live_handle() {
     let Some(d) = device() else { return };
     let tpm = d.tpm();
-    let root = &d.fr;
-    let mut ks = open(tpm, root.path());
+    let root = d.fr.path();
+    let mut ks = open(tpm, root);
     let (old, _) = provision(
         &mut ks,
-        root.path(),
-        Role::Primary,
-        false,
+        root,
+        Slot::live(Role::Primary),
         Algorithm::EcdsaP256,
     );
     let (staged, staged_crt) = provision(
         &mut ks,
-        root.path(),
-        Role::Primary,
-        true,
+        root,
+        Slot::staged(Role::Primary),
         Algorithm::EcdsaP256,
     );
     assert_eq!(staged, KeyUri::TpmHandle(PRIMARY_STAGED));
-    assert!(cert_file(root.path(), "device.next.tpm.priv").exists());
+    assert!(cert_file(root, "device.next.tpm.priv").exists());
     // Live slot taken: promote refuses to overwrite it.
     assert!(matches!(
         ks.promote(&staged, Role::Primary),
@@ -420,13 +410,13 @@ fn promote_moves_a_staged_key_to_the_live_handle() {
         ks.open(&staged),
         Err(KeyStoreError::NotFound { .. })
     ));
-    assert!(!cert_file(root.path(), "device.next.tpm.pub").exists());
+    assert!(!cert_file(root, "device.next.tpm.pub").exists());
 
     // Killed between evicting the staging slot and moving the blobs: finish it.
     for ext in ["pub", "priv"] {
         std::fs::rename(
-            cert_file(root.path(), &format!("device.tpm.{ext}")),
-            cert_file(root.path(), &format!("device.next.tpm.{ext}")),
+            cert_file(root, &format!("device.tpm.{ext}")),
+            cert_file(root, &format!("device.next.tpm.{ext}")),
         )
         .unwrap();
     }
@@ -445,7 +435,7 @@ fn promote_moves_a_staged_key_to_the_live_handle() {
         common::openssl_cert_pubkey(&staged_crt),
         tpm_pubkey_pem(tpm, PRIMARY)
     );
-    tpm2_load_blobs(tpm, root.path(), "device");
+    tpm2_load_blobs(tpm, root, "device");
 }
 
 /// A key made at a handle chosen by flag, removed by a run without the flag (and
@@ -455,14 +445,14 @@ fn promote_moves_a_staged_key_to_the_live_handle() {
 fn remove_finds_the_blobs_of_a_handle_outside_the_configured_slots() {
     let Some(d) = device() else { return };
     let tpm = d.tpm();
-    let root = &d.fr;
-    let (ks, uri) = primary_at(tpm, root.path(), 0x8100_0030);
+    let root = d.fr.path();
+    let (ks, uri) = primary_at(tpm, root, 0x8100_0030);
     assert_eq!(ks.record().tpm().unwrap().primary_handle, Some(0x8100_0030));
     drop(ks);
-    let mut ks = open(tpm, root.path());
+    let mut ks = open(tpm, root);
     ks.remove(&uri).unwrap();
     drop(ks);
     assert_eq!(tpm.persistent_handles(), vec![SRK]);
-    assert!(!cert_file(root.path(), "device.tpm.pub").exists());
-    assert!(!cert_file(root.path(), "device.tpm.priv").exists());
+    assert!(!cert_file(root, "device.tpm.pub").exists());
+    assert!(!cert_file(root, "device.tpm.priv").exists());
 }
