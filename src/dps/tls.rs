@@ -244,18 +244,40 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+impl Tls {
+    /// The server's alert behind a connection it closed. Under TLS 1.3 the client's
+    /// handshake ends before the server has checked the client certificate; a server
+    /// that refuses it sends an alert and closes, and the request we send meanwhile
+    /// fails with a broken pipe or a reset, in `write` or in the write `read` does
+    /// first. The alert is still in the socket's receive queue: read it, so the error
+    /// says "refused the device certificate" instead of "cannot reach DPS".
+    fn alert_behind(&mut self, e: std::io::Error) -> std::io::Error {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        if !matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) {
+            return e;
+        }
+        let s = &mut self.0;
+        while let Ok(1..) = s.conn.read_tls(&mut s.sock) {
+            if let Err(alert) = s.conn.process_new_packets() {
+                return std::io::Error::new(std::io::ErrorKind::InvalidData, alert);
+            }
+        }
+        e
+    }
+}
+
 impl Read for Tls {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
+        self.0.read(buf).map_err(|e| self.alert_behind(e))
     }
 }
 
 impl Write for Tls {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
+        self.0.write(buf).map_err(|e| self.alert_behind(e))
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        self.0.flush().map_err(|e| self.alert_behind(e))
     }
 }
 
