@@ -169,6 +169,17 @@ pub enum TlsScheme {
 }
 
 impl TlsScheme {
+    /// The scheme a certificate or CSR is signed with: PKCS#1 v1.5 with SHA-256
+    /// (sha256WithRSAEncryption) or ECDSA with the curve's hash, the signature
+    /// algorithm [`Algorithm::rcgen`] names.
+    pub fn certificate(alg: Algorithm) -> TlsScheme {
+        match alg {
+            Algorithm::EcdsaP384 => TlsScheme::Ecdsa(Hash::Sha384),
+            Algorithm::EcdsaP256 => TlsScheme::Ecdsa(Hash::Sha256),
+            Algorithm::Rsa2048 | Algorithm::Rsa3072 => TlsScheme::RsaPkcs1(Hash::Sha256),
+        }
+    }
+
     pub fn hash(self) -> Hash {
         match self {
             TlsScheme::RsaPss(h) | TlsScheme::RsaPkcs1(h) | TlsScheme::Ecdsa(h) => h,

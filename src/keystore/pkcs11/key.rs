@@ -42,13 +42,7 @@ impl Pkcs11Key<'_> {
     /// - hashing stays in one place for both algorithms ([`Algorithm::digest`]), and only
     ///   51 bytes cross the token interface instead of the whole to-be-signed data.
     fn sign_in_token(&self, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
-        // Our RSA certificates are always sha256WithRSAEncryption (Algorithm::rcgen).
-        let scheme = match self.alg {
-            Algorithm::EcdsaP384 => TlsScheme::Ecdsa(Hash::Sha384),
-            Algorithm::EcdsaP256 => TlsScheme::Ecdsa(Hash::Sha256),
-            _ => TlsScheme::RsaPkcs1(Hash::Sha256),
-        };
-        self.sign_scheme(scheme, msg)
+        self.sign_scheme(TlsScheme::certificate(self.alg), msg)
     }
 
     /// Sign with an explicit scheme over a software digest: `CKM_RSA_PKCS` over a

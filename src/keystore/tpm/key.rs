@@ -220,12 +220,7 @@ impl TpmKey<'_> {
     /// Certificates: PKCS#1 v1.5 (sha256WithRSAEncryption) or ECDSA with the curve's
     /// hash, the signature algorithm [`Algorithm::rcgen`] names.
     fn tpm_sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyStoreError> {
-        let scheme = match self.alg {
-            Algorithm::EcdsaP384 => TlsScheme::Ecdsa(Hash::Sha384),
-            Algorithm::EcdsaP256 => TlsScheme::Ecdsa(Hash::Sha256),
-            _ => TlsScheme::RsaPkcs1(Hash::Sha256),
-        };
-        self.sign_scheme(scheme, msg)
+        self.sign_scheme(TlsScheme::certificate(self.alg), msg)
     }
 
     /// `TPM2_Sign` with an explicit scheme: the key's own scheme is Null, so the
