@@ -8,7 +8,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 
 use clap::builder::PossibleValue;
 
-use crate::model::{Algorithm, Confirmation, Role, Rotation};
+use crate::model::{Algorithm, Confirmation, KeystoreKind, Role, Rotation};
 
 // The domain types (crate::model) carry no clap; their flag values are their names.
 impl clap::ValueEnum for Role {
@@ -195,6 +195,18 @@ pub enum KeystoreChoice {
     Tpm,
     Pkcs11,
     File,
+}
+
+impl KeystoreChoice {
+    /// The keystore chosen, or `None` for `auto` (decided once the config is known).
+    pub fn kind(self) -> Option<KeystoreKind> {
+        match self {
+            KeystoreChoice::Auto => None,
+            KeystoreChoice::Tpm => Some(KeystoreKind::Tpm),
+            KeystoreChoice::Pkcs11 => Some(KeystoreKind::Pkcs11),
+            KeystoreChoice::File => Some(KeystoreKind::File),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use crate::cli::{Cli, Command, KeystoreChoice};
+use crate::cli::{Cli, Command};
 use crate::cloud::Cloud;
 use crate::connector::{self, Change};
 use crate::error::{Error, Fix, Result};
@@ -36,15 +36,25 @@ pub struct Ctx {
     pub keystore: Option<KeystoreKind>,
     pub ks_config: KeystoreConfig,
     pub json: bool,
-    pub interactive: bool,
+    /// May the run ask (backend, PIN, confirmations)? Decided here only.
+    pub prompt: keystore::Prompt,
     pub restart: bool,
     pub out: Out,
 }
 
 impl Ctx {
+    /// Whether this run may ask the user.
+    pub fn may_prompt(&self) -> bool {
+        self.prompt == keystore::Prompt::Allowed
+    }
+
     pub fn from_cli(cli: &Cli) -> Ctx {
         let g = &cli.global;
-        let interactive = !g.non_interactive && std::io::stdin().is_terminal();
+        // Prompts go to stderr (dialoguer): `--json` keeps stdout to its one document.
+        let prompt = match !g.non_interactive && std::io::stdin().is_terminal() {
+            true => keystore::Prompt::Allowed,
+            false => keystore::Prompt::Never,
+        };
         let tcti = g
             .tcti
             .clone()
@@ -54,12 +64,7 @@ impl Ctx {
         Ctx {
             // Absolute, so every printed path can be opened from anywhere.
             layout: Layout::new(std::fs::canonicalize(&g.root).unwrap_or_else(|_| g.root.clone())),
-            keystore: match g.keystore {
-                KeystoreChoice::Auto => None,
-                KeystoreChoice::Tpm => Some(KeystoreKind::Tpm),
-                KeystoreChoice::Pkcs11 => Some(KeystoreKind::Pkcs11),
-                KeystoreChoice::File => Some(KeystoreKind::File),
-            },
+            keystore: g.keystore.kind(),
             ks_config: KeystoreConfig {
                 tpm: keystore::TpmConfig {
                     tcti,
@@ -76,17 +81,13 @@ impl Ctx {
                     } else {
                         keystore::BlankToken::Refuse
                     },
-                    prompt: if interactive {
-                        keystore::Prompt::Allowed
-                    } else {
-                        keystore::Prompt::Never
-                    },
+                    prompt,
                     purpose: Purpose::Change,
                     recorded: Default::default(),
                 },
             },
             json: g.json,
-            interactive,
+            prompt,
             restart: !g.no_restart,
             out: {
                 crate::output::set_quiet(g.quiet);

@@ -140,7 +140,7 @@ fn choose_cloud(
             });
             c.clone()
         }
-        (None, None) if ctx.interactive => crate::interactive::ask_cloud(out, device_id)?,
+        (None, None) if ctx.may_prompt() => crate::interactive::ask_cloud(out, device_id)?,
         (None, None) => {
             return Err(Error::MissingAnswer {
                 what: "the cloud backend (DPS ID scope or IoT Hub connection string)".into(),

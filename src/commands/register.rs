@@ -209,7 +209,7 @@ pub fn provision_step(
             Err(Error::Dps(e)) => {
                 next_step(ctx, &state, id_scope, &e);
                 // On a terminal the user may enroll now and retry here.
-                let retry = ctx.interactive
+                let retry = ctx.may_prompt()
                     && matches!(e, DpsError::NotEnrolled { .. })
                     && crate::interactive::confirm(
                         "Enrolled the device? Retry the DPS registration now",

@@ -21,7 +21,7 @@ use super::{existing_state, recover, Ctx};
 pub fn run(ctx: &Ctx, confirmation: Confirmation) -> Result<i32> {
     ctx.check_root()?;
     if confirmation == Confirmation::Ask {
-        if !ctx.interactive {
+        if !ctx.may_prompt() {
             return Err(Error::MissingAnswer {
                 what: "confirmation to remove the device identity".into(),
                 flag: "--yes".into(),

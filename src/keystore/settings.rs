@@ -132,8 +132,7 @@ pub enum Purpose {
 pub enum Prompt {
     /// Interactive run on a terminal.
     Allowed,
-    /// `--non-interactive`, `--json` or no TTY: a missing PIN is an error naming the
-    /// flag.
+    /// `--non-interactive` or no TTY: a missing PIN is an error naming the flag.
     #[default]
     Never,
 }
