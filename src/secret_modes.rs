@@ -42,9 +42,7 @@ fn candidates(layout: &Layout) -> Vec<PathBuf> {
     let mut names = vec![CONNECTION_STRING_FILE.to_string(), PKCS11_PIN_FILE.into()];
     for role in Role::ALL {
         for slot in [Slot::live(role), Slot::staged(role)] {
-            let s = slot.stem();
-            names.push(format!("{s}.key"));
-            names.push(format!("{s}.tpm.priv"));
+            names.extend([slot.key_file(), slot.tpm_blobs().1]);
         }
     }
     let mut paths: Vec<PathBuf> = names.iter().map(|n| layout.host_cert_file(n)).collect();

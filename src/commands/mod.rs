@@ -231,9 +231,8 @@ fn refuse_planted_links(layout: &Layout) -> Result<()> {
     .map(String::from)
     .to_vec();
     for slot in Role::ALL.map(|r| [Slot::live(r), Slot::staged(r)]).concat() {
-        for ext in ["crt", "key", "tpm.pub", "tpm.priv"] {
-            names.push(format!("{}.{ext}", slot.stem()));
-        }
+        let (tpm_pub, tpm_priv) = slot.tpm_blobs();
+        names.extend([slot.cert_file(), slot.key_file(), tpm_pub, tpm_priv]);
     }
     for name in names {
         let path = layout.host_cert_file(&name);
@@ -301,7 +300,7 @@ fn check_slots(ctx: &Ctx, journal: &Journal, state: Option<&State>) -> Result<()
             tpm.live_handle(Role::Primary),
             tpm.live_handle(Role::Secondary),
         );
-        allowed.extend([p, s, p + 0x100, s + 0x100]);
+        allowed.extend(Slot::ALL.map(|slot| slot.tpm_handle(p, s)));
     }
     let bad = |detail: String| Error::InvalidState {
         path: ctx.layout.host_cert_file(identity::JOURNAL_FILE),
